@@ -1,0 +1,203 @@
+"""Tube geometry: the one home of grids, centres, footprints and token offsets.
+
+A tube is a strided 3D patch sampler (a Conv3d with kernel k, stride s, applied to the
+video cropped at offset o, no padding). Everything that needs to know where a tube reads
+or where its tokens land (the reference tokenizer, the kernels' launchers, the position
+embedding, the audit and the benchmarks' byte counts) asks this module.
+
+Axis order is always (t, h, w).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+Triple = tuple[int, int, int]
+
+
+def _triple(name: str, value, minimum: int) -> Triple:
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"TubeSpec.{name} must be three ints (t, h, w), got {value!r}") from None
+    if len(items) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"TubeSpec.{name} must be three ints (t, h, w), got {value!r}")
+    items = tuple(int(v) for v in items)
+    if any(v < minimum for v in items):
+        raise ValueError(f"TubeSpec.{name} entries must be >= {minimum}, got {items}")
+    return items
+
+
+@dataclass(frozen=True)
+class TubeSpec:
+    """One tube: Conv3d(kernel, stride) over the video cropped at `offset`."""
+
+    kernel: Triple
+    stride: Triple
+    offset: Triple = (0, 0, 0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "kernel", _triple("kernel", self.kernel, 1))
+        object.__setattr__(self, "stride", _triple("stride", self.stride, 1))
+        object.__setattr__(self, "offset", _triple("offset", self.offset, 0))
+
+    @property
+    def is_2d(self) -> bool:
+        """A tube that reads a single frame: the one images go through."""
+        return self.kernel[0] == 1
+
+    def patch_size(self, in_channels: int) -> int:
+        """Length of one flattened patch, C * kt * kh * kw (the GEMM's K)."""
+        kt, kh, kw = self.kernel
+        return in_channels * kt * kh * kw
+
+    def grid(self, size: Sequence[int]) -> Triple:
+        """Tokens per axis: floor((L - offset - kernel) / stride) + 1, or 0 if it does not fit."""
+        size = _size(size)
+        return tuple(
+            (length - o - k) // s + 1 if length >= o + k else 0
+            for length, k, s, o in zip(size, self.kernel, self.stride, self.offset)
+        )
+
+    def fits(self, size: Sequence[int]) -> bool:
+        return all(n > 0 for n in self.grid(size))
+
+    def num_tokens(self, size: Sequence[int]) -> int:
+        return math.prod(self.grid(size))
+
+    def centres(self, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-axis token centres in input pixels, float64: o + i * s + (k - 1) / 2."""
+        return tuple(
+            o + np.arange(n, dtype=np.float64) * s + (k - 1) / 2.0
+            for n, k, s, o in zip(self.grid(size), self.kernel, self.stride, self.offset)
+        )
+
+    def footprint(self, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sorted indices of the frames, rows and columns this tube reads."""
+        return tuple(
+            np.unique((o + np.arange(n)[:, None] * s + np.arange(k)[None, :]).ravel())
+            if n > 0 else np.zeros(0, dtype=np.int64)
+            for n, k, s, o in zip(self.grid(size), self.kernel, self.stride, self.offset)
+        )
+
+    def overlaps_itself(self) -> bool:
+        """True when neighbouring tokens read shared pixels (stride < kernel on some axis)."""
+        return any(s < k for k, s in zip(self.kernel, self.stride))
+
+    def as_image_tube(self) -> "TubeSpec":
+        """The tube as used on a single image: temporal offset ignored."""
+        if not self.is_2d:
+            raise ValueError(f"{self} has temporal kernel {self.kernel[0]} and cannot read an image")
+        return TubeSpec(self.kernel, self.stride, (0, self.offset[1], self.offset[2]))
+
+    def __str__(self) -> str:
+        return f"TubeSpec(kernel={self.kernel}, stride={self.stride}, offset={self.offset})"
+
+
+# The four tubes of the paper's main results (shared/TUBEVIT.md), in that order.
+PAPER_TUBES: tuple[TubeSpec, ...] = (
+    TubeSpec(kernel=(8, 8, 8), stride=(16, 32, 32), offset=(0, 0, 0)),
+    TubeSpec(kernel=(16, 4, 4), stride=(6, 32, 32), offset=(4, 8, 8)),
+    TubeSpec(kernel=(4, 12, 12), stride=(16, 32, 32), offset=(0, 16, 16)),
+    TubeSpec(kernel=(1, 16, 16), stride=(32, 16, 16), offset=(0, 0, 0)),
+)
+
+
+def _size(size: Sequence[int]) -> Triple:
+    items = tuple(size)
+    if len(items) != 3 or not all(isinstance(v, (int, np.integer)) for v in items):
+        raise TypeError(f"input size must be three ints (T, H, W), got {size!r}")
+    return tuple(int(v) for v in items)
+
+
+def as_tubes(tubes: Iterable[TubeSpec]) -> tuple[TubeSpec, ...]:
+    """Validate a tube list: non-empty, TubeSpec items only."""
+    if isinstance(tubes, TubeSpec):
+        tubes = (tubes,)
+    tubes = tuple(tubes)
+    if not tubes:
+        raise ValueError("the tube list is empty: give at least one TubeSpec")
+    for i, tube in enumerate(tubes):
+        if not isinstance(tube, TubeSpec):
+            raise TypeError(f"tube {i} must be a TubeSpec, got {type(tube).__name__}: {tube!r}")
+    return tubes
+
+
+def image_tubes(tubes: Sequence[TubeSpec]) -> tuple[TubeSpec, ...]:
+    """The tubes an image goes through: those with kt == 1, temporal offset dropped."""
+    picked = tuple(t.as_image_tube() for t in as_tubes(tubes) if t.is_2d)
+    if not picked:
+        raise ValueError(f"none of the tubes has a temporal kernel of 1, so images cannot be embedded: {list(map(str, tubes))}")
+    return picked
+
+
+def check_fits(tubes: Sequence[TubeSpec], size: Sequence[int]) -> None:
+    """Raise ValueError naming the first tube that does not fit in an input of `size`."""
+    size = _size(size)
+    for i, tube in enumerate(as_tubes(tubes)):
+        if not tube.fits(size):
+            need = tuple(o + k for k, o in zip(tube.kernel, tube.offset))
+            raise ValueError(
+                f"input of size (T, H, W) = {size} is too small for tube {i} ({tube}): "
+                f"it needs at least {need}"
+            )
+
+
+def token_offsets(tubes: Sequence[TubeSpec], size: Sequence[int]) -> list[int]:
+    """Where each tube's tokens start in the concatenated sequence, plus the total at the end."""
+    starts = [0]
+    for tube in as_tubes(tubes):
+        starts.append(starts[-1] + tube.num_tokens(size))
+    return starts
+
+
+def num_tokens(tubes: Sequence[TubeSpec], size: Sequence[int]) -> int:
+    return token_offsets(tubes, size)[-1]
+
+
+def token_centres(tubes: Sequence[TubeSpec], size: Sequence[int]) -> np.ndarray:
+    """(N, 3) float64 centres (t, h, w) of every token, in sequence order."""
+    rows = []
+    for tube in as_tubes(tubes):
+        ct, ch, cw = tube.centres(size)
+        grid = np.stack(np.meshgrid(ct, ch, cw, indexing="ij"), axis=-1)
+        rows.append(grid.reshape(-1, 3))
+    return np.concatenate(rows, axis=0)
+
+
+def read_mask(tubes: Sequence[TubeSpec], size: Sequence[int]) -> np.ndarray:
+    """Boolean (T, H, W) mask of the pixels at least one tube reads."""
+    size = _size(size)
+    mask = np.zeros(size, dtype=bool)
+    for tube in as_tubes(tubes):
+        per_axis = []
+        for n, k, s, o, length in zip(tube.grid(size), tube.kernel, tube.stride, tube.offset, size):
+            hit = np.zeros(length, dtype=bool)
+            if n > 0:
+                hit[(o + np.arange(n)[:, None] * s + np.arange(k)[None, :]).ravel()] = True
+            per_axis.append(hit)
+        mask |= per_axis[0][:, None, None] & per_axis[1][None, :, None] & per_axis[2][None, None, :]
+    return mask
+
+
+def pixel_fraction(tubes: Sequence[TubeSpec], size: Sequence[int]) -> float:
+    """Fraction of the video's pixels that any tube reads (the sparsity a gather exploits)."""
+    return float(read_mask(tubes, size).mean())
+
+
+def pack_tubes(tubes: Sequence[TubeSpec]) -> list[int]:
+    """Flatten tubes to 9 ints each (kernel, stride, offset): the form custom ops take."""
+    return [v for tube in as_tubes(tubes) for v in (*tube.kernel, *tube.stride, *tube.offset)]
+
+
+def unpack_tubes(packed: Sequence[int]) -> tuple[TubeSpec, ...]:
+    packed = list(packed)
+    if len(packed) % 9:
+        raise ValueError(f"packed tube list must hold 9 ints per tube, got {len(packed)}")
+    return tuple(
+        TubeSpec(tuple(packed[i:i + 3]), tuple(packed[i + 3:i + 6]), tuple(packed[i + 6:i + 9]))
+        for i in range(0, len(packed), 9)
+    )
