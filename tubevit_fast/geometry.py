@@ -76,11 +76,13 @@ class TubeSpec:
         )
 
     def footprint(self, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sorted indices of the frames, rows and columns this tube reads."""
+        """Sorted indices of the frames, rows and columns this tube reads (empty if it does not fit)."""
+        grid = self.grid(size)
+        if not all(grid):
+            return tuple(np.zeros(0, dtype=np.int64) for _ in range(3))
         return tuple(
             np.unique((o + np.arange(n)[:, None] * s + np.arange(k)[None, :]).ravel())
-            if n > 0 else np.zeros(0, dtype=np.int64)
-            for n, k, s, o in zip(self.grid(size), self.kernel, self.stride, self.offset)
+            for n, k, s, o in zip(grid, self.kernel, self.stride, self.offset)
         )
 
     def overlaps_itself(self) -> bool:
@@ -108,9 +110,10 @@ PAPER_TUBES: tuple[TubeSpec, ...] = (
 
 def _size(size: Sequence[int]) -> Triple:
     items = tuple(size)
-    if len(items) != 3 or not all(isinstance(v, (int, np.integer)) for v in items):
+    # Symbolic ints (torch.compile's dynamic shapes) pass through untouched.
+    if len(items) != 3 or any(isinstance(v, (float, bool)) for v in items):
         raise TypeError(f"input size must be three ints (T, H, W), got {size!r}")
-    return tuple(int(v) for v in items)
+    return items
 
 
 def as_tubes(tubes: Iterable[TubeSpec]) -> tuple[TubeSpec, ...]:
@@ -174,10 +177,9 @@ def read_mask(tubes: Sequence[TubeSpec], size: Sequence[int]) -> np.ndarray:
     mask = np.zeros(size, dtype=bool)
     for tube in as_tubes(tubes):
         per_axis = []
-        for n, k, s, o, length in zip(tube.grid(size), tube.kernel, tube.stride, tube.offset, size):
+        for read, length in zip(tube.footprint(size), size):
             hit = np.zeros(length, dtype=bool)
-            if n > 0:
-                hit[(o + np.arange(n)[:, None] * s + np.arange(k)[None, :]).ravel()] = True
+            hit[read] = True
             per_axis.append(hit)
         mask |= per_axis[0][:, None, None] & per_axis[1][None, :, None] & per_axis[2][None, None, :]
     return mask

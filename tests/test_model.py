@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from tubevit_fast import TubeSpec, TubeViT, patch
+from tubevit_fast.reference import model as reference
+from tubevit_fast.reference.model import PRESETS
+
+TINY = dict(num_classes=5, dim=24, depth=2, heads=2, mlp_ratio=2.0, tubes=(
+    TubeSpec((2, 4, 4), (2, 4, 4)),
+    TubeSpec((4, 2, 2), (2, 5, 5), (1, 1, 1)),
+    TubeSpec((1, 4, 4), (4, 4, 4)),
+))
+
+
+def tiny_reference():
+    torch.manual_seed(0)
+    return reference.TubeViT(**TINY)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 12, 12), (2, 3, 12, 12)], ids=["video", "image"])
+def test_reference_forward_backward(shape):
+    model = tiny_reference()
+    x = torch.randn(*shape, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    used = [0, 1, 2] if len(shape) == 5 else [2]
+    for i, w in enumerate(model.tube_embed.weights):
+        assert (w.grad is not None and w.grad.abs().sum() > 0) == (i in used)
+    for name, p in model.named_parameters():
+        if not name.startswith("tube_embed"):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_samples_are_independent():
+    model = tiny_reference().eval()
+    x = torch.randn(3, 3, 8, 12, 12)
+    torch.testing.assert_close(model(x)[1:2], model(x[1:2]), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_parameter_names():
+    names = set(dict(tiny_reference().named_parameters()))
+    for name in ["blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias",
+                 "blocks.1.norm2.bias", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.bias", "norm.weight",
+                 "attn_pool.latent", "attn_pool.q.weight", "attn_pool.kv.weight", "attn_pool.proj.weight",
+                 "attn_pool.norm.weight", "attn_pool.mlp.fc1.weight", "head.weight",
+                 "tube_embed.weights.0", "tube_embed.biases.2"]:
+        assert name in names, name
+
+
+@pytest.mark.parametrize("name, dim, depth, heads, head_dim", [
+    ("B", 768, 12, 12, 64), ("L", 1024, 24, 16, 64), ("H", 1280, 32, 16, 80)])
+def test_presets_are_constructible(name, dim, depth, heads, head_dim):
+    with torch.device("meta"):  # no memory, no init cost: only the structure is checked
+        model = TubeViT.preset(name, num_classes=400, backend="reference")
+    assert PRESETS[name] == dict(dim=dim, depth=depth, heads=heads)
+    assert len(model.blocks) == depth and model.blocks[0].attn.head_dim == head_dim
+    assert model.tube_embed.weights[0].shape == (dim, 3, 8, 8, 8)
+    assert model.head.out_features == 400
+    with pytest.raises(ValueError, match="unknown preset 'XL'"):
+        TubeViT.preset("XL")
+
+
+def test_fast_model_has_reference_state_dict_and_outputs():
+    ref = tiny_reference()
+    fast = TubeViT(**TINY, backend="torch")
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 8, 12, 12)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_patch_swaps_layers_in_place():
+    model = tiny_reference()
+    x = torch.randn(2, 3, 8, 12, 12)
+    before = model(x)
+    params = [p for p in model.parameters()]
+    patch(model, backend="torch")
+    assert type(model.tube_embed).__module__ == "tubevit_fast.modules"
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown backend"):
+        patch(model, backend="gpu")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dim=24, heads=5), "not divisible by num_heads 5"),
+    (dict(depth=0), "depth must be an int >= 1"),
+    (dict(num_classes=0), "num_classes must be an int >= 1"),
+])
+def test_bad_model_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        reference.TubeViT(**{**TINY, **kwargs})

@@ -1,0 +1,33 @@
+"""Input checks shared by the reference and the fast layers: a clear error, never a crash."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def check_tube_input(x, in_channels: int, params: Sequence[torch.Tensor]) -> bool:
+    """Validate a video (B, C, T, H, W) or image (B, C, H, W) batch; return True for an image."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor video (B, C, T, H, W) or image (B, C, H, W), got {type(x).__name__}")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"expected a video (B, C, T, H, W) or an image (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"input has {x.shape[1]} channels (shape {tuple(x.shape)}) but the layer expects {in_channels}")
+    if x.shape[0] == 0:
+        raise ValueError(f"input batch is empty (shape {tuple(x.shape)})")
+    for p in params:
+        if p.device != x.device:
+            raise ValueError(f"input is on {x.device} but the layer's parameters are on {p.device}")
+        if p.dtype != x.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's parameter dtype {p.dtype}; "
+                            f"cast one of them (e.g. layer.to({x.dtype}))")
+    return x.dim() == 4
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
