@@ -129,7 +129,7 @@ def test_selfcheck_falls_back_or_raises(monkeypatch):
 
     monkeypatch.setattr(backends, "selfcheck_enabled", lambda device: True)
     monkeypatch.setattr(backends, "_checked", {})
-    monkeypatch.setattr(torch_impl, "tube_embed_forward", lambda video, w, b, pos, tubes: original(video, w, b, pos, tubes) + 1)
+    monkeypatch.setattr(torch_impl, "tube_embed_forward", lambda video, w, b, pos, tubes: original(video, w, b, tubes, pos) + 1)
     from tubevit_fast.reference.tube_embed import tube_embed_reference as original
     embed = random_embed(TubeEmbed)
     x = torch.randn(1, 3, *SMALL_SIZE)
