@@ -5,7 +5,7 @@ from tubevit_fast import TubeSpec, TubeViT, patch
 from tubevit_fast.reference import model as reference
 from tubevit_fast.reference.model import PRESETS
 
-TINY = dict(num_classes=5, dim=24, depth=2, heads=2, mlp_ratio=2.0, tubes=(
+TINY = dict(num_classes=5, dim=64, depth=2, heads=2, mlp_ratio=2.0, tubes=(  # head dim 32
     TubeSpec((2, 4, 4), (2, 4, 4)),
     TubeSpec((4, 2, 2), (2, 5, 5), (1, 1, 1)),
     TubeSpec((1, 4, 4), (4, 4, 4)),
@@ -78,6 +78,8 @@ def test_patch_swaps_layers_in_place():
     params = [p for p in model.parameters()]
     patch(model, backend="torch")
     assert type(model.tube_embed).__module__ == "tubevit_fast.modules"
+    assert type(model.blocks[0].attn).__module__ == "tubevit_fast.modules"
+    assert type(model.attn_pool).__module__ == "tubevit_fast.modules"
     assert all(a is b for a, b in zip(params, model.parameters()))
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="unknown backend"):
@@ -85,10 +87,68 @@ def test_patch_swaps_layers_in_place():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(dim=24, heads=5), "not divisible by num_heads 5"),
+    (dict(dim=64, heads=5), "not divisible by num_heads 5"),
     (dict(depth=0), "depth must be an int >= 1"),
     (dict(num_classes=0), "num_classes must be an int >= 1"),
 ])
 def test_bad_model_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         reference.TubeViT(**{**TINY, **kwargs})
+
+
+def mixed_samples():
+    torch.manual_seed(1)
+    return [torch.randn(3, 12, 12), torch.randn(3, 8, 12, 12), torch.randn(3, 16, 20),
+            torch.randn(3, 12, 16, 12), torch.randn(3, 8, 12, 12), torch.randn(3, 12, 12)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_packed_batch_equals_each_sample_alone(backend):
+    model = TubeViT(**TINY, backend=backend).eval()
+    samples = mixed_samples()
+    packed = model(samples)
+    alone = torch.cat([model(s.unsqueeze(0)) for s in samples])
+    assert packed.shape == (len(samples), 5)
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_batch_gradients_match_per_sample():
+    model = TubeViT(**TINY, backend="torch")
+    samples = mixed_samples()
+    model(samples).square().sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sum(model(s.unsqueeze(0)).square().sum() for s in samples).backward()
+    for a, p in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_packing_records_segments():
+    model = tiny_reference()
+    samples = mixed_samples()
+    tokens, cu_seqlens, max_seqlen = model.pack(samples)
+    lengths = [model.tube_embed.num_tokens(s.shape[1:]) for s in samples]
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    assert tokens.shape == (sum(lengths), 64) and max_seqlen == max(lengths)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "non-empty list"),
+    ([torch.randn(3, 12)], r"sample 0 must be a \(C, H, W\) image"),
+    ([torch.randn(3, 12, 12), "video"], "sample 1 must be"),
+])
+def test_bad_packed_batches(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_reference()(bad)
+
+
+def test_torch_compile_fullgraph_whole_model():
+    model = TubeViT(**TINY, backend="torch")
+    x = torch.randn(2, 3, 8, 12, 12)
+    expected = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())

@@ -1,7 +1,8 @@
 """tubevit_fast: fused kernels for TubeViT (sparse video tubes, CVPR 2023)."""
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec
 from tubevit_fast.model import TubeViT, patch
+from tubevit_fast.ops.attention import attention
 from tubevit_fast.modules import TubeEmbed
 from tubevit_fast.posembed import tube_position_embedding
 
-__all__ = ["PAPER_TUBES", "TubeSpec", "TubeEmbed", "TubeViT", "patch", "tube_position_embedding"]
+__all__ = ["attention", "PAPER_TUBES", "TubeSpec", "TubeEmbed", "TubeViT", "patch", "tube_position_embedding"]

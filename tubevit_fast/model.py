@@ -9,6 +9,8 @@ from tubevit_fast.reference import model as reference
 # Reference layer -> its fast twin (same parameters; only forward differs).
 FAST_LAYERS = {
     reference.TubeEmbed: modules.TubeEmbed,
+    reference.Attention: modules.Attention,
+    reference.AttentionPoolLatent: modules.AttentionPoolLatent,
 }
 
 

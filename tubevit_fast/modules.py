@@ -6,6 +6,7 @@ from typing import Sequence
 
 from tubevit_fast import backends
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec
+from tubevit_fast.ops.attention import attention
 from tubevit_fast.ops.tube_embed import tube_embed
 from tubevit_fast.reference import model as reference
 
@@ -32,3 +33,20 @@ class TubeEmbed(reference.TubeEmbed):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
+
+
+class _FastAttend:
+    """Routes a reference attention layer's core through `tubevit_fast.attention`."""
+
+    backend = "auto"
+
+    def _attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+        return attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend=self.backend)
+
+
+class Attention(_FastAttend, reference.Attention):
+    """Self-attention on the fused attention op; same parameters as the reference layer."""
+
+
+class AttentionPoolLatent(_FastAttend, reference.AttentionPoolLatent):
+    """Attention pooling head on the fused attention op; same parameters as the reference layer."""

@@ -77,7 +77,10 @@ class TubeEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the whole token set."""
+    """Multi-head self-attention over the whole token set.
+
+    x is (B, N, dim), or packed (total, dim) with int32 cu_seqlens marking each sample's tokens.
+    """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -87,14 +90,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        # (B, N, 3, H, Dh): timm's channel order, and the (B, N, H, Dh) layout attention takes.
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.proj(self._attend(q, k, v).reshape(B, N, C))
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        tokens = x.shape[:-1]
+        # (..., 3, H, Dh): timm's channel order; q/k/v come out in the (B, N, H, Dh) or
+        # (total, H, Dh) layout attention takes.
+        q, k, v = self.qkv(x).view(*tokens, 3, self.num_heads, self.head_dim).unbind(-3)
+        out = self._attend(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+        return self.proj(out.reshape(*tokens, -1))
 
-    def _attend(self, q, k, v):
-        return attention_reference(q, k, v)
+    def _attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+        return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k)
 
 
 class Mlp(nn.Module):
@@ -116,8 +122,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
         return x + self.mlp(self.norm2(x))
 
 
@@ -137,16 +143,27 @@ class AttentionPoolLatent(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q = self.q(self.latent.expand(B, -1, -1)).view(B, 1, self.num_heads, self.head_dim)
-        k, v = self.kv(x).view(B, N, 2, self.num_heads, self.head_dim).unbind(2)
-        x = self.proj(self._attend(q, k, v).reshape(B, 1, C))
-        x = x + self.mlp(self.norm(x))
-        return x[:, 0]
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """(B, N, dim) tokens, or packed (total, dim) with cu_seqlens -> (batch, dim)."""
+        H, Dh = self.num_heads, self.head_dim
+        if cu_seqlens is None:
+            batch = x.shape[0]
+            q = self.q(self.latent).expand(batch, 1, -1).view(batch, 1, H, Dh)
+            k, v = self.kv(x).view(*x.shape[:2], 2, H, Dh).unbind(2)
+            out = self._attend(q, k, v)
+        else:
+            # One query per sample: a packed query sequence with segments of length 1.
+            batch = cu_seqlens.numel() - 1
+            q = self.q(self.latent[0]).expand(batch, -1).view(batch, H, Dh)
+            k, v = self.kv(x).view(x.shape[0], 2, H, Dh).unbind(1)
+            cu_q = torch.arange(batch + 1, dtype=torch.int32, device=x.device)
+            out = self._attend(q, k, v, cu_q, cu_seqlens, 1, max_seqlen)
+        x = self.proj(out.reshape(batch, -1))
+        return x + self.mlp(self.norm(x))
 
-    def _attend(self, q, k, v):
-        return attention_reference(q, k, v)
+    def _attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+        return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k)
 
 
 class TubeViT(nn.Module):
@@ -173,9 +190,40 @@ class TubeViT(nn.Module):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(num_classes=num_classes, **{**PRESETS[name], **kwargs})
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, dim) tokens after the encoder's final norm."""
-        return self.norm(self.blocks(self.tube_embed(x)))
+    def forward_features(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                         max_seqlen: int | None = None) -> torch.Tensor:
+        """Encoder on (B, N, dim) tokens or packed (total, dim) ones; ends with the final norm."""
+        for block in self.blocks:
+            x = block(x, cu_seqlens, max_seqlen)
+        return self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.attn_pool(self.forward_features(x)))
+    def pack(self, samples: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Tokenize a list of images (C, H, W) and videos (C, T, H, W) of any sizes into one packed
+        sequence: (total, dim) tokens, int32 cu_seqlens (len(samples) + 1) and the longest length.
+        Samples of the same shape are embedded together as one batch."""
+        if not isinstance(samples, (list, tuple)) or not samples:
+            raise ValueError("a packed batch is a non-empty list of (C, H, W) images and (C, T, H, W) videos")
+        groups: dict[tuple, list[int]] = {}
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, torch.Tensor) or sample.dim() not in (3, 4):
+                shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+                raise ValueError(f"sample {i} must be a (C, H, W) image or a (C, T, H, W) video, got {shape}")
+            groups.setdefault(tuple(sample.shape), []).append(i)
+        tokens: list[torch.Tensor | None] = [None] * len(samples)
+        for index in groups.values():
+            embedded = self.tube_embed(torch.stack([samples[i] for i in index]))
+            for row, i in enumerate(index):
+                tokens[i] = embedded[row]
+        lengths = [t.shape[0] for t in tokens]
+        cu_seqlens = torch.tensor([0] + lengths, device=tokens[0].device).cumsum(0).to(torch.int32)
+        return torch.cat(tokens), cu_seqlens, max(lengths)
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, num_classes) of a (B, C, T, H, W) video or (B, C, H, W) image batch, or of a
+        list mixing images and videos of different sizes: their tokens are packed into one
+        sequence without padding, the encoder runs once, and each sample is pooled on its own."""
+        if isinstance(x, (list, tuple)):
+            tokens, cu_seqlens, max_seqlen = self.pack(x)
+            features = self.forward_features(tokens, cu_seqlens, max_seqlen)
+            return self.head(self.attn_pool(features, cu_seqlens, max_seqlen))
+        return self.head(self.attn_pool(self.forward_features(self.tube_embed(x))))
