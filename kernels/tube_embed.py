@@ -17,24 +17,27 @@ backward pass is
 
 Work. Forward FLOPs = 2 * B * sum_i N_i * K_i * dim (each backward GEMM is the same again).
 Minimum forward bytes = the pixels some tube reads (`geometry.read_mask`, once per sample and
-channel) + every tube's weights and bias + pos (N*dim fp32) + B*N*dim output tokens. The
-forward kernel re-reads a pixel once per (token, dim tile) that covers it, so overlapping tubes
-and dim > BLOCK_N cost extra reads, mostly absorbed by L2.
+channel) + every tube's weights and bias + pos (N*dim fp32) + B*N*dim output tokens. This kernel
+gathers sum_i B*N_i*K_i elements (more than the pixels where tokens overlap) once per dim tile;
+the dim tiles of one M tile run next to each other, so the repeats, like the re-reads of the
+packed weight and of pos by every M tile, are meant to hit in L2.
 
 Kernels (one Triton program per output tile, fp32 accumulation everywhere):
-  _tube_embed_fwd_kernel         grid (M tiles of all tubes, dim tiles); A gathered straight
-                                 from x (masks, no padding or copies), W^T from the packed
-                                 weight, epilogue adds bias and pos and stores into `out`.
-  _tube_embed_bwd_weight_kernel  grid (K tiles of all tubes, dim tiles, SPLIT); each program
-                                 reduces a strided share of the M tiles into an fp32 partial;
+  _tube_embed_fwd_kernel         grid: M tiles of all tubes x dim tiles (flat, dim tile
+                                 fastest). A gathered straight from x (masks, no copies), W^T
+                                 from the packed weight; bias and pos added in the epilogue,
+                                 stored straight into `out`.
+  _tube_embed_bwd_weight_kernel  grid: (K tiles of all tubes, dim tiles, SPLIT). Each program
+                                 reduces every SPLIT-th M tile of its tube into an fp32 partial;
                                  the host sums the SPLIT partials (deterministic, no atomics).
-  _tube_embed_bwd_input_kernel   grid (M tiles, K tiles); dY @ W then scatter-add into an fp32
-                                 buffer, with atomics (one launch) or, in deterministic mode,
-                                 one launch per tube and phase with plain read-add-write.
+  _tube_embed_bwd_input_kernel   grid: M tiles x K tiles (flat, K tile fastest). dY @ W, then
+                                 scatter-add into an fp32 buffer: atomics (one launch), or in
+                                 deterministic mode one launch per tube and phase with plain
+                                 read-add-write.
 
-Tubes are described to the kernels by a small int32 table (one row per tube, columns below),
-built from `geometry` on the host. Tile -> tube lookup is done in the kernel by scanning the
-table, because the tile counts depend on the autotuned block sizes.
+Tubes reach the kernels as a small int32 table (one row per tube, columns `_COLUMNS`) built
+from `geometry`. Each program finds its tube by scanning the table; tile counts are computed
+there too, because they depend on the autotuned block sizes.
 """
 from __future__ import annotations
 
@@ -53,9 +56,10 @@ from .audit_spec import AuditTarget
 # The interpreter (CPU) decides at decoration time; autotuning there would only cost time.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Geometry table columns (int32, one row per tube).
-GEO_COLS = 16
-_COLUMNS = ("start", "ntok", "nt", "nh", "nw", "kt", "kh", "kw", "st", "sh", "sw", "ot", "oh", "ow", "K", "kcol")
+# Geometry table columns (int32, one row per tube); the kernels index them by position.
+_COLUMNS = ("start", "ntok", "nt", "nh", "nw", "kt", "kh", "kw", "st", "sh", "sw", "ot", "oh", "ow",
+            "K", "kcol")
+GEO_COLS = len(_COLUMNS)  # 16, the row stride the kernels use
 
 
 # ----------------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ def _tube_row(geo_ptr, tube):
     return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
             tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
             tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
-            tl.load(row + 15))
+            tl.multiple_of(tl.load(row + 15), 16))  # kcol: the host aligns it (_KCOL_ALIGN)
 
 
 @triton.jit
@@ -153,37 +157,56 @@ def _cfg(bm, bn, bk, warps, stages):
 # One small config under the interpreter: several tiles per axis even on tiny test shapes.
 _INTERPRET_CONFIGS = [_cfg(16, 16, 16, 4, 1)]
 
-# Register budget: the gathered A tile needs one 64-bit address per element, so
-# BLOCK_M * BLOCK_K / threads stays <= 32; accumulators stay <= 64 fp32 per thread.
+# fp16/bf16 (tensor cores). Every config here compiles for sm_80 and sm_90 without spills
+# (STACK 0 in cuobjdump's resource usage, no STL/LDL), for contiguous, channels-last and
+# odd-sized inputs, dims not multiples of 16 and stride-0 grads: gathered or scattered tiles
+# cost one 64-bit address per element (and unaligned dims make the epilogue's accesses
+# scalar), hence mostly 8 warps for the larger tiles.
 _FWD_CONFIGS = [
-    _cfg(128, 128, 32, 8, 3),
-    _cfg(64, 128, 32, 4, 3),
-    _cfg(128, 64, 32, 4, 3),
-    _cfg(64, 64, 64, 4, 2),
+    _cfg(64, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 8, 3),
+    _cfg(64, 64, 64, 8, 2),
+    _cfg(64, 64, 32, 4, 3),
 ]
 # Weight gradient: M is the reduction axis, (BLOCK_N, BLOCK_K) the output tile.
 _BWD_W_CONFIGS = [
     _cfg(64, 128, 64, 8, 3),
-    _cfg(64, 128, 32, 4, 3),
+    _cfg(64, 128, 32, 8, 3),
     _cfg(64, 64, 64, 4, 2),
 ]
 # Input gradient: BLOCK_N chunks the dim reduction, (BLOCK_M, BLOCK_K) the scattered tile.
 _BWD_X_CONFIGS = [
-    _cfg(64, 64, 64, 4, 3),
-    _cfg(128, 64, 32, 4, 3),
-    _cfg(64, 128, 32, 4, 2),
+    _cfg(64, 64, 64, 8, 3),
+    _cfg(64, 128, 32, 8, 2),
+    _cfg(64, 64, 32, 8, 3),
 ]
+# fp32 inputs take the exact ("ieee") dot, done with FMAs in registers: the 16-bit tiles
+# spill heavily there; these do not (same checks as above).
+_FWD_CONFIGS_FP32 = [_cfg(64, 64, 16, 4, 2), _cfg(32, 64, 32, 4, 2)]
+_BWD_W_CONFIGS_FP32 = [_cfg(64, 64, 16, 8, 2), _cfg(32, 32, 32, 4, 2)]
+_BWD_X_CONFIGS_FP32 = [_cfg(64, 64, 16, 4, 2), _cfg(32, 64, 32, 4, 2)]
 
 
-def _configs(configs):
-    return _INTERPRET_CONFIGS if _INTERPRET else configs
+def _configs(half, single):
+    return _INTERPRET_CONFIGS if _INTERPRET else half + single
+
+
+def _by_precision(single):
+    """early_config_prune: keep the configs meant for the launch's dot precision."""
+    ids = {id(c) for c in single}
+
+    def prune(configs, named_args, **kwargs):
+        ieee = kwargs.get("DOT_PRECISION") == "ieee"
+        return [c for c in configs if (id(c) in ids) == ieee] or configs
+    return prune
 
 
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS), key=["DIM", "KTOT"])
+@triton.autotune(configs=_configs(_FWD_CONFIGS, _FWD_CONFIGS_FP32), key=["DIM", "KTOT"],
+                 prune_configs_by={"early_config_prune": _by_precision(_FWD_CONFIGS_FP32)})
 @triton.jit
 def _tube_embed_fwd_kernel(
     x_ptr, w_ptr, b_ptr, pos_ptr, out_ptr, geo_ptr,
@@ -196,8 +219,11 @@ def _tube_embed_fwd_kernel(
     NUM_TUBES: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Flat grid, dim tile fastest: the programs that share a gathered A tile run together and
+    # hit it in L2 (and a 1D grid has no 65535 limit on the M tile count).
+    n_tiles = tl.cdiv(DIM, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles
+    pid_n = tl.program_id(0) % n_tiles
     tube, first = _locate(geo_ptr, pid_m, B, 0, 0, 0, 1, 1, 1, BLOCK_M, NUM_TUBES, False)
     start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
 
@@ -213,20 +239,23 @@ def _tube_embed_fwd_kernel(
         mask_k = offs_k < K
         cols = _patch_cols(offs_k, kt, kh, kw, sxc, sxt, sxh, sxw)
         a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # No K mask: columns past K_i are the tube's zero padding (_KCOL_ALIGN).
         wt = tl.load(w_ptr + (kcol + offs_k)[:, None] * swk + offs_d[None, :] * swd,
-                     mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+                     mask=mask_d[None, :], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
 
     acc += tl.load(b_ptr + tube * sbt + offs_d * sbd, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     tok = start + n
     mask = mask_m[:, None] & mask_d[None, :]
     if HAS_POS:
-        acc += tl.load(pos_ptr + tok[:, None] * spn + offs_d[None, :] * spd, mask=mask, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + tok[:, None] * spn + offs_d[None, :] * spd, mask=mask, other=0.0)
+        acc += pos.to(tl.float32)
     out = out_ptr + b.to(tl.int64)[:, None] * sob + tok.to(tl.int64)[:, None] * son + offs_d[None, :] * sod
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(_BWD_W_CONFIGS), key=["DIM", "KTOT"])
+@triton.autotune(configs=_configs(_BWD_W_CONFIGS, _BWD_W_CONFIGS_FP32), key=["DIM", "KTOT"],
+                 prune_configs_by={"early_config_prune": _by_precision(_BWD_W_CONFIGS_FP32)})
 @triton.jit
 def _tube_embed_bwd_weight_kernel(
     x_ptr, dy_ptr, dw_ptr, db_ptr, geo_ptr,
@@ -269,11 +298,14 @@ def _tube_embed_bwd_weight_kernel(
     tl.store(db_ptr + pid_s * sbs + tube * sbt + offs_d * sbd, db, mask=mask_d & (pid_k == first))
 
 
-@triton.autotune(configs=_configs(_BWD_X_CONFIGS), key=["DIM", "KTOT"], restore_value=["dx_ptr"])
+# restore_value: benchmarking a config must not leave its scatter-adds in dx.
+@triton.autotune(configs=_configs(_BWD_X_CONFIGS, _BWD_X_CONFIGS_FP32), key=["DIM", "KTOT"],
+                 restore_value=["dx_ptr"],
+                 prune_configs_by={"early_config_prune": _by_precision(_BWD_X_CONFIGS_FP32)})
 @triton.jit
 def _tube_embed_bwd_input_kernel(
     dy_ptr, w_ptr, dx_ptr, geo_ptr,
-    B, DIM, KTOT,
+    B, DIM, KTOT, KMAX,
     pt, ph, pw, PT, PH, PW,
     syb, syn, syd,
     swd, swk,
@@ -281,8 +313,10 @@ def _tube_embed_bwd_input_kernel(
     NUM_TUBES: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # Flat grid, K tile fastest: the programs that share a dY tile run together (L2 reuse).
+    k_tiles = tl.cdiv(KMAX, BLOCK_K)
+    pid_m = tl.program_id(0) // k_tiles
+    pid_k = tl.program_id(0) % k_tiles
     tube, first = _locate(geo_ptr, pid_m, B, pt, ph, pw, PT, PH, PW, BLOCK_M, NUM_TUBES, False)
     start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
     # The K axis of the grid covers the largest tube; smaller tubes have nothing here.
@@ -299,9 +333,10 @@ def _tube_embed_bwd_input_kernel(
     for d0 in range(0, DIM, BLOCK_N):
         offs_d = d0 + tl.arange(0, BLOCK_N)
         mask_d = offs_d < DIM
-        dy = tl.load(dy_rows[:, None] + offs_d[None, :] * syd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        dy = tl.load(dy_rows[:, None] + offs_d[None, :] * syd, mask=mask_m[:, None] & mask_d[None, :],
+                     other=0.0)
         w = tl.load(w_ptr + offs_d[:, None] * swd + (kcol + offs_k)[None, :] * swk,
-                    mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+                    mask=mask_d[:, None], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
 
     rows = _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw)
@@ -319,16 +354,26 @@ def _tube_embed_bwd_input_kernel(
 # Host side
 # ----------------------------------------------------------------------------------------
 
+# Each tube's block of columns in the packed weight (and dW buffer) is zero-padded to a
+# multiple of this (a multiple of every BLOCK_K): W tiles then need no K mask and start
+# 16-element aligned, so they load as 16-byte vectors.
+_KCOL_ALIGN = 64
+
+
+def _column_starts(tubes, channels: int) -> list[int]:
+    """Start column of each tube in the packed (dim, Kpad) weight, plus Kpad at the end."""
+    ks = [t.patch_size(channels) for t in tubes]
+    return list(itertools.accumulate((triton.cdiv(k, _KCOL_ALIGN) * _KCOL_ALIGN for k in ks), initial=0))
+
+
 @functools.lru_cache(maxsize=64)
 def _geometry_table(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], channels: int,
                     device: torch.device) -> torch.Tensor:
     starts = token_offsets(tubes, size)
-    rows, kcol = [], 0
-    for i, tube in enumerate(tubes):
-        k = tube.patch_size(channels)
-        rows.append([starts[i], tube.num_tokens(size), *tube.grid(size), *tube.kernel, *tube.stride,
-                     *tube.offset, k, kcol])
-        kcol += k
+    kcols = _column_starts(tubes, channels)
+    rows = [[starts[i], tube.num_tokens(size), *tube.grid(size), *tube.kernel, *tube.stride, *tube.offset,
+             tube.patch_size(channels), kcols[i]] for i, tube in enumerate(tubes)]
+    assert all(len(r) == GEO_COLS for r in rows)
     return torch.tensor(rows, dtype=torch.int32).to(device)
 
 
@@ -338,42 +383,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _pack_weights(weights) -> torch.Tensor:
-    return torch.cat([w.reshape(w.shape[0], -1) for w in weights], dim=1).contiguous()
+    """(dim, Kpad): tube i's W_i.reshape(dim, K_i) from its start column, then zeros to the next."""
+    flat = [w.reshape(w.shape[0], -1) for w in weights]
+    pads = [(-f.shape[1]) % _KCOL_ALIGN for f in flat]
+    return torch.cat([torch.nn.functional.pad(f, (0, p)) if p else f for f, p in zip(flat, pads)], dim=1)
 
 
 def _m_tiles(rows: int, block: int) -> int:
     return triton.cdiv(rows, block)
-
-
-def tube_embed_forward(video, weights, biases, pos, tubes):
-    """(B, C, T, H, W) video -> (B, N, dim) tokens of all tubes, bias and pos added, one launch."""
-    tubes = tuple(tubes)
-    B, C, T, H, W = video.shape
-    size = (T, H, W)
-    dim = weights[0].shape[0]
-    geo = _geometry_table(tubes, size, C, video.device)
-    counts = [t.num_tokens(size) for t in tubes]
-    w = _pack_weights(weights)
-    bias = torch.stack([b.reshape(-1) for b in biases])
-    out = torch.empty((B, sum(counts), dim), device=video.device, dtype=video.dtype)
-    has_pos = pos is not None
-    pos_arg = pos if has_pos else bias  # never read when HAS_POS is False
-    spn, spd = (pos.stride(0), pos.stride(1)) if has_pos else (0, 0)
-
-    def grid(meta):
-        return (sum(_m_tiles(B * n, meta["BLOCK_M"]) for n in counts), triton.cdiv(dim, meta["BLOCK_N"]))
-
-    _tube_embed_fwd_kernel[grid](
-        video, w, bias, pos_arg, out, geo,
-        B, dim, w.shape[1],
-        *video.stride(),
-        *w.stride(),
-        *bias.stride(),
-        spn, spd,
-        *out.stride(),
-        NUM_TUBES=len(tubes), HAS_POS=has_pos, DOT_PRECISION=_dot_precision(video.dtype),
-    )
-    return out
 
 
 def _split_count(B: int, counts, dim: int, ktot: int, device: torch.device) -> int:
@@ -386,102 +403,164 @@ def _split_count(B: int, counts, dim: int, ktot: int, device: torch.device) -> i
     return max(1, min(8, max_tiles, triton.cdiv(2 * sms, programs)))
 
 
+def _launch(kernel, grid, args, flags):
+    """Autotuned launch; in deterministic mode the first config, fixed, because the rounding
+    depends on the block sizes and a timing-based choice may differ from process to process."""
+    if torch.are_deterministic_algorithms_enabled():
+        configs = kernel.configs
+        if kernel.early_config_prune is not None:
+            configs = kernel.early_config_prune(configs, {}, **flags)
+        cfg = configs[0]
+        kernel.fn[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        kernel[grid](*args, **flags)
+
+
+# Argument lists, shared by the launches and the AOT audit (which must compile what runs).
+
+def _fwd_args(video, w, bias, pos, out, geo, ntubes):
+    has_pos = pos is not None
+    args = (video, w, bias, pos if has_pos else bias, out, geo,  # pos_ptr unread without HAS_POS
+            video.shape[0], w.shape[0], w.shape[1],
+            *video.stride(), *w.stride(), *bias.stride(),
+            *(pos.stride() if has_pos else (0, 0)), *out.stride())
+    flags = dict(NUM_TUBES=ntubes, HAS_POS=has_pos, DOT_PRECISION=_dot_precision(video.dtype))
+    return args, flags
+
+
+def _bwd_weight_args(video, grad_out, dw_part, db_part, geo, ntubes):
+    args = (video, grad_out, dw_part, db_part, geo,
+            video.shape[0], dw_part.shape[1], dw_part.shape[2], dw_part.shape[0],
+            *video.stride(), *grad_out.stride(), *dw_part.stride(), *db_part.stride())
+    return args, dict(NUM_TUBES=ntubes, DOT_PRECISION=_dot_precision(video.dtype))
+
+
+def _bwd_input_args(grad_out, w, dx, geo, ntubes, kmax, phase, period, atomic):
+    args = (grad_out, w, dx, geo,
+            dx.shape[0], w.shape[0], w.shape[1], kmax, *phase, *period,
+            *grad_out.stride(), *w.stride(), *dx.stride())
+    return args, dict(NUM_TUBES=ntubes, ATOMIC=atomic, DOT_PRECISION=_dot_precision(w.dtype))
+
+
+def tube_embed_forward(video, weights, biases, pos, tubes):
+    """(B, C, T, H, W) video -> (B, N, dim) tokens of all tubes, bias and pos added, one launch."""
+    tubes = tuple(tubes)
+    B, C, T, H, W = video.shape
+    counts = [t.num_tokens((T, H, W)) for t in tubes]
+    dim = weights[0].shape[0]
+    geo = _geometry_table(tubes, (T, H, W), C, video.device)
+    w = _pack_weights(weights)
+    bias = torch.stack([b.reshape(-1) for b in biases])
+    out = torch.empty((B, sum(counts), dim), device=video.device, dtype=video.dtype)
+    args, flags = _fwd_args(video, w, bias, pos, out, geo, len(tubes))
+
+    def grid(meta):
+        return (sum(_m_tiles(B * n, meta["BLOCK_M"]) for n in counts) * triton.cdiv(dim, meta["BLOCK_N"]),)
+
+    _launch(_tube_embed_fwd_kernel, grid, args, flags)
+    return out
+
+
 def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
     """Gradients of tube_embed_forward: (grad_video or None, grad_weights, grad_biases)."""
     tubes = tuple(tubes)
     B, C, T, H, W = video.shape
-    size = (T, H, W)
+    counts = [t.num_tokens((T, H, W)) for t in tubes]
+    ks = [t.patch_size(C) for t in tubes]
+    kcols = _column_starts(tubes, C)
     dim = weights[0].shape[0]
     if grad_out.dtype != video.dtype:
         grad_out = grad_out.to(video.dtype)
-    geo = _geometry_table(tubes, size, C, video.device)
-    counts = [t.num_tokens(size) for t in tubes]
-    ks = [t.patch_size(C) for t in tubes]
-    ktot = sum(ks)
-    precision = _dot_precision(video.dtype)
+    geo = _geometry_table(tubes, (T, H, W), C, video.device)
 
-    split = _split_count(B, counts, dim, ktot, video.device)
-    dw_part = torch.empty((split, dim, ktot), device=video.device, dtype=torch.float32)
+    split = _split_count(B, counts, dim, kcols[-1], video.device)
+    # Every entry read below is written (a split without M tiles stores zeros); the pad
+    # columns between tubes stay unwritten and unread.
+    dw_part = torch.empty((split, dim, kcols[-1]), device=video.device, dtype=torch.float32)
     db_part = torch.empty((split, len(tubes), dim), device=video.device, dtype=torch.float32)
+    args, flags = _bwd_weight_args(video, grad_out, dw_part, db_part, geo, len(tubes))
 
     def grid_w(meta):
         return (sum(triton.cdiv(k, meta["BLOCK_K"]) for k in ks), triton.cdiv(dim, meta["BLOCK_N"]), split)
 
-    _tube_embed_bwd_weight_kernel[grid_w](
-        video, grad_out, dw_part, db_part, geo,
-        B, dim, ktot, split,
-        *video.stride(),
-        *grad_out.stride(),
-        *dw_part.stride(),
-        *db_part.stride(),
-        NUM_TUBES=len(tubes), DOT_PRECISION=precision,
-    )
+    _launch(_tube_embed_bwd_weight_kernel, grid_w, args, flags)
     dw = dw_part.sum(0)
     db = db_part.sum(0)
-    cuts = list(itertools.accumulate(ks, initial=0))
-    grad_weights = [dw[:, cuts[i]:cuts[i + 1]].reshape(w.shape).to(w.dtype) for i, w in enumerate(weights)]
-    grad_biases = [db[i].to(weights[i].dtype) for i in range(len(tubes))]
+    grad_weights = [dw[:, kcols[i]:kcols[i] + ks[i]].reshape(w.shape).to(w.dtype)
+                    for i, w in enumerate(weights)]
+    grad_biases = [db[i].to(w.dtype) for i, w in enumerate(weights)]
 
     grad_video = None
     if input_requires_grad:
-        grad_video = _input_grad(grad_out, video, weights, tubes, geo, counts, ks, precision)
+        grad_video = _input_grad(grad_out, video, weights, tubes, geo, counts, ks)
     return grad_video, grad_weights, grad_biases
 
 
-def _input_grad(grad_out, video, weights, tubes, geo, counts, ks, precision):
+def _input_grad(grad_out, video, weights, tubes, geo, counts, ks):
     B, C, T, H, W = video.shape
-    dim = weights[0].shape[0]
     w = _pack_weights(weights)
     dx = torch.zeros(video.shape, device=video.device, dtype=torch.float32)
-    common = (grad_out.stride(), w.stride(), dx.stride())
 
     def launch(geo_rows, ntubes, rows_per_tube, kmax, phase, period, atomic):
-        def grid(meta):
-            return (sum(_m_tiles(r, meta["BLOCK_M"]) for r in rows_per_tube), triton.cdiv(kmax, meta["BLOCK_K"]))
+        args, flags = _bwd_input_args(grad_out, w, dx, geo_rows, ntubes, kmax, phase, period, atomic)
 
-        _tube_embed_bwd_input_kernel[grid](
-            grad_out, w, dx, geo_rows,
-            B, dim, w.shape[1],
-            *phase, *period,
-            *common[0], *common[1], *common[2],
-            NUM_TUBES=ntubes, ATOMIC=atomic, DOT_PRECISION=precision,
-        )
+        def grid(meta):
+            m_tiles = sum(_m_tiles(r, meta["BLOCK_M"]) for r in rows_per_tube)
+            return (m_tiles * triton.cdiv(kmax, meta["BLOCK_K"]),)
+
+        _launch(_tube_embed_bwd_input_kernel, grid, args, flags)
 
     if not torch.are_deterministic_algorithms_enabled():
         launch(geo, len(tubes), [B * n for n in counts], max(ks), (0, 0, 0), (1, 1, 1), True)
     else:
         # Colouring: tokens whose grid indices agree modulo P_a = ceil(k_a / s_a) on every axis
         # are at least k_a apart, so their footprints are disjoint. One launch per tube and phase,
-        # in a fixed order, makes every pixel's sum order fixed: bitwise reproducible.
-        size = (T, H, W)
+        # in a fixed order, fixes every pixel's summation order: bitwise reproducible.
         for i, tube in enumerate(tubes):
-            grid3 = tube.grid(size)
-            period = tuple(-(-k // s) for k, s in zip(tube.kernel, tube.stride))
-            for phase in itertools.product(*(range(min(P, n)) for P, n in zip(period, grid3))):
-                tokens = 1
-                for n, p, P in zip(grid3, phase, period):
-                    tokens *= -(-(n - p) // P)
+            grid3 = tube.grid((T, H, W))
+            for phase, period, tokens in _phases(tube, grid3):
                 launch(geo[i:i + 1], 1, [B * tokens], ks[i], phase, period, False)
     return dx.to(video.dtype)
+
+
+def _phases(tube: TubeSpec, grid3):
+    """(phase, period, tokens in the phase) for every non-empty phase of a tube, in fixed order."""
+    period = tuple(-(-k // s) for k, s in zip(tube.kernel, tube.stride))
+    for phase in itertools.product(*(range(min(P, n)) for P, n in zip(period, grid3))):
+        tokens = 1
+        for n, p, P in zip(grid3, phase, period):
+            tokens *= -(-(n - p) // P)
+        yield phase, period, tokens
 
 
 # ----------------------------------------------------------------------------------------
 # Ahead-of-time audit
 # ----------------------------------------------------------------------------------------
 
-_AUDIT_TUBES = 4  # the paper's tube count
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
 
 
-def _signature(fn, pointers: dict, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
+def _specialise(fn, args, constexprs):
+    """ASTSource signature, constexprs and attrs for positional `args`, the way Triton's JIT
+    specialises at launch: ints equal to 1 become constexprs, ints divisible by 16 and
+    (fresh, aligned) tensors get a divisibility-16 hint."""
+    sig, cx, attrs = {}, dict(constexprs), {}
+    names = [n for n in fn.arg_names if n not in constexprs]
+    assert len(names) == len(args), (fn.__name__, len(names), len(args))
+    for name, value in zip(names, args):
+        index = (fn.arg_names.index(name),)
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + _TORCH_TO_TRITON[value.dtype]
+            attrs[index] = [["tt.divisibility", 16]]
+        elif value == 1:
+            sig[name], cx[name] = "constexpr", 1
         else:
-            sig[name] = "i32"
-    return sig
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[index] = [["tt.divisibility", 16]]
+    for name in constexprs:
+        sig[name] = "constexpr"
+    return {n: sig[n] for n in fn.arg_names}, cx, attrs
 
 
 def _label(cfg) -> str:
@@ -490,35 +569,54 @@ def _label(cfg) -> str:
 
 
 def audit_targets(dtype: str) -> list[AuditTarget]:
-    """Every kernel x kept autotune config, for AOT compilation with ASTSource (dtype fp16/bf16)."""
-    if dtype not in ("fp16", "bf16"):
-        raise ValueError(f"audit dtype must be 'fp16' or 'bf16', got {dtype!r}")
-    p = "*" + dtype
-    kernels = [
-        (_tube_embed_fwd_kernel, _FWD_CONFIGS,
-         {"x_ptr": p, "w_ptr": p, "b_ptr": p, "pos_ptr": "*fp32", "out_ptr": p, "geo_ptr": "*i32"},
-         [{"NUM_TUBES": _AUDIT_TUBES, "HAS_POS": True, "DOT_PRECISION": "tf32"}]),
-        (_tube_embed_bwd_weight_kernel, _BWD_W_CONFIGS,
-         {"x_ptr": p, "dy_ptr": p, "dw_ptr": "*fp32", "db_ptr": "*fp32", "geo_ptr": "*i32"},
-         [{"NUM_TUBES": _AUDIT_TUBES, "DOT_PRECISION": "tf32"}]),
-        (_tube_embed_bwd_input_kernel, _BWD_X_CONFIGS,
-         {"dy_ptr": p, "w_ptr": p, "dx_ptr": "*fp32", "geo_ptr": "*i32"},
-         # The atomic launch (all tubes) and the deterministic one (one tube, plain stores).
-         [{"NUM_TUBES": _AUDIT_TUBES, "ATOMIC": True, "DOT_PRECISION": "tf32"},
-          {"NUM_TUBES": 1, "ATOMIC": False, "DOT_PRECISION": "tf32"}]),
+    """Every kernel x kept autotune config, specialised as the launches specialise them for the
+    paper's setting (PAPER_TUBES, B=32, 3x32x224x224, dim 768, contiguous tensors).
+
+    "fp32" is accepted too: its configs use FMAs (exact dot), so there matmul is False."""
+    from tubevit_fast.geometry import PAPER_TUBES
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise ValueError(f"audit dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    dt = dtypes[dtype]
+    single = dt == torch.float32
+    meta = torch.device("meta")
+    tubes, (B, C, T, H, W), dim = PAPER_TUBES, (32, 3, 32, 224, 224), 768
+    counts = [t.num_tokens((T, H, W)) for t in tubes]
+    kcols = _column_starts(tubes, C)
+    ks = [t.patch_size(C) for t in tubes]
+    geo = torch.empty((len(tubes), GEO_COLS), dtype=torch.int32, device=meta)
+    video = torch.empty((B, C, T, H, W), dtype=dt, device=meta)
+    w = torch.empty((dim, kcols[-1]), dtype=dt, device=meta)
+    bias = torch.empty((len(tubes), dim), dtype=dt, device=meta)
+    tokens = torch.empty((B, sum(counts), dim), dtype=dt, device=meta)
+    pos = torch.empty((sum(counts), dim), dtype=torch.float32, device=meta)
+    split = 2
+    dw_part = torch.empty((split, dim, kcols[-1]), dtype=torch.float32, device=meta)
+    db_part = torch.empty((split, len(tubes), dim), dtype=torch.float32, device=meta)
+    dx = torch.empty(video.shape, dtype=torch.float32, device=meta)
+    # Deterministic dX: one phase of the tube that overlaps itself in time (period (3, 1, 1)).
+    phase, period, _ = list(_phases(tubes[1], tubes[1].grid((T, H, W))))[-1]
+
+    fwd, bwd_w, bwd_x = ((_FWD_CONFIGS_FP32, _BWD_W_CONFIGS_FP32, _BWD_X_CONFIGS_FP32) if single
+                         else (_FWD_CONFIGS, _BWD_W_CONFIGS, _BWD_X_CONFIGS))
+    launches = [
+        ("", _tube_embed_fwd_kernel, fwd, _fwd_args(video, w, bias, pos, tokens, geo, len(tubes))),
+        ("", _tube_embed_bwd_weight_kernel, bwd_w,
+         _bwd_weight_args(video, tokens, dw_part, db_part, geo, len(tubes))),
+        ("-atomic", _tube_embed_bwd_input_kernel, bwd_x,
+         _bwd_input_args(tokens, w, dx, geo, len(tubes), max(ks), (0, 0, 0), (1, 1, 1), True)),
+        ("-deterministic", _tube_embed_bwd_input_kernel, bwd_x,
+         _bwd_input_args(tokens, w, dx, geo[1:2], 1, ks[1], phase, period, False)),
     ]
     targets = []
-    for autotuner, configs, pointers, variants in kernels:
+    for suffix, autotuner, configs, (args, flags) in launches:
         fn = autotuner.fn
         for cfg in configs:
-            for flags in variants:
-                constexprs = {**flags, **cfg.kwargs}
-                label = _label(cfg)
-                if "ATOMIC" in flags:
-                    label += "-atomic" if flags["ATOMIC"] else "-deterministic"
-                targets.append(AuditTarget(
-                    kernel=fn.__name__, fn=fn, signature=_signature(fn, pointers, constexprs),
-                    constexprs=constexprs, config=label, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages, matmul=True,
-                ))
+            signature, constexprs, attrs = _specialise(fn, args, {**flags, **cfg.kwargs})
+            targets.append(AuditTarget(
+                kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
+                config=_label(cfg) + suffix, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                matmul=not single, attrs=attrs,
+            ))
     return targets

@@ -1,0 +1,224 @@
+"""Fused Triton tube-embedding kernels (kernels/tube_embed.py) against a float64 golden result.
+
+Without a GPU these run the kernels through the Triton interpreter on CPU tensors (conftest
+sets TRITON_INTERPRET=1), so shapes stay tiny. bf16 is not tested here: the interpreter's
+bf16 tl.dot is wrong; the AOT audit compiles the bf16 kernels instead.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TRITON_DEVICE, assert_close_to_golden, dtype_atol
+from tubevit_fast.geometry import TubeSpec, num_tokens
+from tubevit_fast.kernels import tube_embed as te
+from tubevit_fast.reference.tube_embed import tube_embed_reference
+
+pytestmark = pytest.mark.interpreter
+
+# Overlapping tokens (tube 0, every axis), offsets, a kt == 1 tube, odd sizes; 36 + 12 + 12 tokens
+# on (4, 9, 10).
+MIXED_TUBES = (
+    TubeSpec(kernel=(2, 3, 3), stride=(1, 2, 2), offset=(0, 1, 0)),
+    TubeSpec(kernel=(1, 4, 3), stride=(2, 3, 4), offset=(1, 0, 2)),
+    TubeSpec(kernel=(3, 2, 4), stride=(2, 4, 3), offset=(0, 2, 1)),
+)
+
+
+def _make_inputs(tubes, B, C, size, dim, with_pos=True, seed=0):
+    """float64 video, weights, biases and float32 pos; weights scaled so outputs are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(B, C, *size, generator=g, dtype=torch.float64)
+    weights = [torch.randn(dim, C, *t.kernel, generator=g, dtype=torch.float64) / math.sqrt(t.patch_size(C))
+               for t in tubes]
+    biases = [torch.randn(dim, generator=g, dtype=torch.float64) for _ in tubes]
+    pos = torch.randn(num_tokens(tubes, size), dim, generator=g, dtype=torch.float32) if with_pos else None
+    return video, weights, biases, pos
+
+
+def _reference(video, weights, biases, pos, tubes, grad_out, dtype, input_grad=True):
+    """PyTorch's own result (forward and grads) with every input cast to `dtype`."""
+    x = video.detach().to("cpu", dtype, copy=True).requires_grad_(input_grad)
+    ws = [w.detach().to(dtype, copy=True).requires_grad_() for w in weights]
+    bs = [b.detach().to(dtype, copy=True).requires_grad_() for b in biases]
+    out = tube_embed_reference(x, ws, bs, tubes, None if pos is None else pos.to(dtype))
+    out.backward(grad_out.to("cpu", dtype))
+    return out.detach(), (x.grad if input_grad else None), [w.grad for w in ws], [b.grad for b in bs]
+
+
+def _fast(video, weights, biases, pos, tubes, grad_out, dtype, input_grad=True):
+    # .to() is a no-op for tensors already on the device in `dtype`: strided views stay views.
+    dev = TRITON_DEVICE
+    x = video.to(device=dev, dtype=dtype)
+    ws = [w.to(device=dev, dtype=dtype) for w in weights]
+    bs = [b.to(device=dev, dtype=dtype) for b in biases]
+    p = None if pos is None else pos.to(dev)
+    out = te.tube_embed_forward(x, ws, bs, p, tubes)
+    gx, gw, gb = te.tube_embed_backward(grad_out.to(device=dev, dtype=dtype), x, ws, tubes, input_grad)
+    return out, gx, gw, gb
+
+
+def _check(tubes, B, C, size, dim, dtype, *, video=None, grad_out=None, with_pos=True, input_grad=True,
+           seed=0):
+    """Forward and every gradient within 2x PyTorch's own error (same dtype) of float64."""
+    base, weights, biases, pos = _make_inputs(tubes, B, C, size, dim, with_pos, seed)
+    video = base if video is None else video
+    n = num_tokens(tubes, size)
+    if grad_out is None:
+        g = torch.Generator().manual_seed(seed + 1)
+        grad_out = torch.randn(B, n, dim, generator=g, dtype=torch.float64)
+    golden = _reference(video, weights, biases, pos, tubes, grad_out, torch.float64, input_grad)
+    same = _reference(video, weights, biases, pos, tubes, grad_out, dtype, input_grad)
+    fast = _fast(video, weights, biases, pos, tubes, grad_out, dtype, input_grad)
+
+    def close(f, g, s, name):
+        assert f.dtype == dtype and f.device.type == TRITON_DEVICE.type, name
+        atol = dtype_atol(dtype, max(1.0, g.abs().max().item()))
+        assert_close_to_golden(f.cpu(), g, s, atol=atol, name=name)
+
+    close(fast[0], golden[0], same[0], "out")
+    if input_grad:
+        close(fast[1], golden[1], same[1], "grad_video")
+    else:
+        assert fast[1] is None
+    for i in range(len(tubes)):
+        assert fast[2][i].shape == weights[i].shape
+        close(fast[2][i], golden[2][i], same[2][i], f"grad_weight[{i}]")
+        close(fast[3][i], golden[3][i], same[3][i], f"grad_bias[{i}]")
+    return fast
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled tensors: any element the kernels leave unwritten shows."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mixed_tubes_forward_and_grads(dtype, poisoned_empty):
+    # dim 20: two dim tiles, the second partly masked; K = 54, 36, 72: several K tiles.
+    _check(MIXED_TUBES, 2, 3, (4, 9, 10), 20, dtype)
+
+
+def test_eight_tubes():
+    # The largest tube count the op takes: the tile -> tube scan runs over all eight rows.
+    tubes = tuple(TubeSpec((1 + i % 2, 2 + i % 3, 3 - i % 2), (2, 2 + i % 2, 3), (i % 2, i % 3, 0))
+                  for i in range(8))
+    _check(tubes, 1, 2, (4, 8, 8), 16, torch.float32, seed=17)
+
+
+def test_no_pos_no_input_grad():
+    _check(MIXED_TUBES[:2], 1, 2, (4, 8, 9), 16, torch.float32, with_pos=False, input_grad=False, seed=3)
+
+
+def _tube_strategy(size):
+    """A random tube that fits in `size` (kt == 1 when T == 1)."""
+    @st.composite
+    def tube(draw):
+        kernel, stride, offset = [], [], []
+        for axis, length in enumerate(size):
+            k = 1 if length == 1 else draw(st.integers(1, min(4, length)))
+            o = draw(st.integers(0, length - k))
+            s = draw(st.integers(1, 4))
+            kernel.append(k)
+            stride.append(s)
+            offset.append(o)
+        return TubeSpec(tuple(kernel), tuple(stride), tuple(offset))
+    return tube()
+
+
+@st.composite
+def _problem(draw):
+    T = draw(st.sampled_from([1, 3, 5]))
+    size = (T, draw(st.integers(4, 9)), draw(st.integers(4, 9)))
+    tubes = tuple(draw(st.lists(_tube_strategy(size), min_size=1, max_size=5)))
+    return dict(tubes=tubes, B=draw(st.integers(1, 2)), C=draw(st.integers(1, 4)), size=size,
+                dim=draw(st.sampled_from([8, 17, 24])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float16])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_problem())
+def test_random_geometries(problem):
+    _check(problem["tubes"], problem["B"], problem["C"], problem["size"], problem["dim"], problem["dtype"],
+           seed=problem["seed"])
+
+
+def test_image_tubes_on_single_frame():
+    tubes = (TubeSpec((1, 4, 4), (1, 4, 4)), TubeSpec((1, 3, 5), (1, 2, 3), (0, 1, 1)))
+    _check(tubes, 2, 3, (1, 9, 11), 24, torch.float16, seed=5)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_non_contiguous_video(layout):
+    size = (4, 9, 10)
+    # Made in the kernel's dtype on its device, so the kernel gets this very view.
+    kw = dict(dtype=torch.float32, device=TRITON_DEVICE)
+    if layout == "channels_last":
+        video = torch.randn(2, *size, 3, **kw).permute(0, 4, 1, 2, 3)
+    else:
+        video = torch.randn(2, 5, size[0] + 1, size[1], size[2] + 3, **kw)[:, 1:4, 1:, :, 2:-1]
+    assert not video.is_contiguous()
+    _check(MIXED_TUBES, 2, 3, size, 20, torch.float32, video=video, seed=7)
+
+
+def test_grad_out_with_zero_strides():
+    size = (4, 9, 10)
+    shape = (2, num_tokens(MIXED_TUBES, size), 20)
+    # What out.sum().backward() sends, already in the kernel's dtype and device so it arrives as is.
+    grad_out = torch.ones(1, dtype=torch.float32, device=TRITON_DEVICE).expand(shape)
+    assert grad_out.stride() == (0, 0, 0)
+    _check(MIXED_TUBES, 2, 3, size, 20, torch.float32, grad_out=grad_out, seed=11)
+
+
+def test_deterministic_input_grad_is_bitwise_reproducible():
+    # Period (2, 2, 2) and (1, 2, 1): several phases per tube, tokens overlapping on every axis.
+    tubes = (TubeSpec((2, 3, 3), (1, 2, 2)), TubeSpec((1, 4, 2), (2, 3, 2), (1, 0, 1)))
+    size, dim = (4, 8, 9), 20
+    video, weights, biases, pos = _make_inputs(tubes, 2, 2, size, dim, seed=13)
+    grad_out = torch.randn(2, num_tokens(tubes, size), dim, dtype=torch.float64)
+    x = video.float().to(TRITON_DEVICE)
+    ws = [w.float().to(TRITON_DEVICE) for w in weights]
+    g = grad_out.float().to(TRITON_DEVICE)
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = te.tube_embed_backward(g, x, ws, tubes, True)
+        second = te.tube_embed_backward(g, x, ws, tubes, True)
+    finally:
+        torch.use_deterministic_algorithms(was_enabled)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1] + first[2], second[1] + second[2]):
+        assert torch.equal(a, b)
+    golden = _reference(video, weights, biases, pos, tubes, grad_out, torch.float64)
+    same = _reference(video, weights, biases, pos, tubes, grad_out, torch.float32)
+    assert_close_to_golden(first[0].cpu(), golden[1], same[1], atol=dtype_atol(torch.float32, 4.0),
+                           name="grad_video")
+
+
+def test_audit_targets_cover_every_kernel_and_config():
+    for dtype in ("fp16", "bf16"):
+        targets = te.audit_targets(dtype)
+        per_kernel = {}
+        for t in targets:
+            per_kernel.setdefault(t.kernel, []).append(t)
+            assert set(t.signature) == set(t.fn.arg_names)
+            assert all(t.signature[k] == "constexpr" for k in t.constexprs)
+            assert t.signature["x_ptr" if "x_ptr" in t.signature else "dy_ptr"] == "*" + dtype
+            assert t.matmul and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(t.constexprs)
+        assert len(per_kernel["_tube_embed_fwd_kernel"]) == len(te._FWD_CONFIGS)
+        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == len(te._BWD_W_CONFIGS)
+        assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 2 * len(te._BWD_X_CONFIGS)
