@@ -1,0 +1,353 @@
+"""The AOT compile + SASS audit tool (tubevit_fast.audit).
+
+Parser and occupancy tests run on canned text. The aot tests run the real CLI in a subprocess
+with TRITON_INTERPRET removed from the environment (conftest sets it for this process, and
+@triton.jit under the interpreter cannot be compiled ahead of time).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tubevit_fast import audit as A
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------------------
+# Parsers on canned cuobjdump / ptxas output
+# --------------------------------------------------------------------------------------
+
+# Shaped like `cuobjdump --dump-resource-usage --dump-sass x.cubin` (one call, both reports),
+# with a second function to check that the right one is picked.
+CANNED_DUMP = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function other_kernel:
+  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:392 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function my_kernel:
+  REG:168 STACK:24 SHARED:1024 LOCAL:16 CONSTANT[0]:416 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+\tcode for sm_90a
+\t\tFunction : other_kernel
+\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS EF_CUDA_SM90"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                               /* 0x00000a00ff017b82 */
+        /*0010*/                   HMMA.16816.F32 R0, R4, R8, R0 ;                      /* 0x0000000804007a3c */
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;                     /* 0x0000000402047981 */
+        /*0030*/                   EXIT ;                                               /* 0x000000000000794d */
+\t\t..........
+
+\t\tFunction : my_kernel
+\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS EF_CUDA_SM90"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                               /* 0x00000a00ff017b82 */
+                                                                                        /* 0x000fe20000000800 */
+        /*0010*/               @P3 LDG.E.U16 R84, desc[UR10][R68.64] ;                  /* 0x0000000a44543981 */
+        /*0020*/              @!P4 LDG.E.S16 R82, desc[UR10][R70.64] ;                  /* 0x0000000a46524981 */
+        /*0030*/                   LDG.E R5, desc[UR10][R72.64] ;                       /* 0x0000000a48057981 */
+        /*0040*/                   LDG.E.64.CONSTANT R6, desc[UR10][R72.64] ;           /* 0x0000000a48067981 */
+        /*0050*/                   LDG.E.128 R8, desc[UR10][R74.64] ;                   /* 0x0000000a4a087981 */
+        /*0060*/               @P0 LDG.E.LTC128B.128 R12, desc[UR10][R76.64] ;          /* 0x0000000a4c0c0981 */
+        /*0070*/                   LDG.E.U8 R16, desc[UR10][R78.64] ;                   /* 0x0000000a4e107981 */
+        /*0080*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], desc[UR10][R80.64] ; /* 0x000000005003 */
+        /*0090*/              @!PT LDGSTS.E.BYPASS.LTC128B.128 [R3+0x800], desc[UR10][R82.64] ; /* 0x00000 */
+        /*00a0*/                   LDGSTS.E [R3+0x1000], desc[UR10][R84.64] ;           /* 0x000000005403 */
+        /*00b0*/                   UTMALDG.2D [UR8], [UR6] ;                            /* 0x00000008060075b4 */
+        /*00c0*/                   WARPGROUP.ARRIVE ;                                   /* 0x00000000000079cd */
+        /*00d0*/                   HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ, !UPT ;       /* 0x00e00000041879f0 */
+        /*00e0*/                   HGMMA.64x64x16.F32 R24, gdesc[UR8], R24, gsb0 ;      /* 0x00e00000081879f0 */
+        /*00f0*/                   HMMA.16816.F32.BF16 R40, R44, R48, R40 ;             /* 0x000000302c28723c */
+        /*0100*/                   STG.E.U16 desc[UR10][R2.64], R24 ;                   /* 0x0000001802007986 */
+        /*0110*/               @UP0 LDS.64 R50, [R52] ;                                 /* 0x0000000034327984 */
+        /*0120*/                   EXIT ;                                               /* 0x000000000000794d */
+        /*0130*/                   BRA 0x130;                                           /* 0xfffffff000007947 */
+\t\t..........
+"""
+
+CANNED_PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'my_kernel' for 'sm_80'
+ptxas info    : Function properties for my_kernel
+    376 bytes stack frame, 380 bytes spill stores, 372 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 376 bytes cumulative stack size, 416 bytes cmem[0]
+ptxas info    : Compile time = 36.065 ms
+"""
+
+
+def test_parse_resource_usage_picks_the_function():
+    res = A.parse_resource_usage(CANNED_DUMP, "my_kernel")
+    assert res["REG"] == 168 and res["STACK"] == 24 and res["LOCAL"] == 16 and res["SHARED"] == 1024
+    assert res["CONSTANT[0]"] == 416
+    assert A.parse_resource_usage(CANNED_DUMP, "other_kernel")["REG"] == 40
+    with pytest.raises(A.AuditError):
+        A.parse_resource_usage(CANNED_DUMP)          # two functions: a name is required
+    with pytest.raises(A.AuditError):
+        A.parse_resource_usage(CANNED_DUMP, "absent")
+
+
+def test_parse_sass_counts_mma_and_load_widths():
+    s = A.parse_sass(CANNED_DUMP, "my_kernel")
+    assert (s.hmma, s.hgmma, s.mma, s.tma) == (1, 2, 3, 1)
+    # LDG: U16 + S16 -> 16, plain -> 32, .64 -> 64, .128 and .LTC128B.128 -> 128, U8 -> 8
+    assert s.ldg == {16: 2, 32: 1, 64: 1, 128: 2, 8: 1}
+    assert s.ldgsts == {128: 2, 32: 1}
+    assert s.load_widths == {8: 1, 16: 2, 32: 2, 64: 1, 128: 4}
+    assert list(s.load_widths) == sorted(s.load_widths)
+    assert s.instructions == 20                      # 0x0000..0x0130; encoding-only lines do not count
+    other = A.parse_sass(CANNED_DUMP, "other_kernel")
+    assert (other.hmma, other.hgmma, other.load_widths) == (1, 0, {128: 1})
+
+
+@pytest.mark.parametrize("opcode, width", [
+    ("LDG.E.128", 128), ("LDG.E.64", 64), ("LDG.E", 32), ("LDG.E.U16", 16), ("LDG.E.S16", 16),
+    ("LDG.E.U8", 8), ("LDG.E.S8", 8), ("LDG.E.EF.128", 128), ("LDG.E.LTC128B", 32),
+    ("LDGSTS.E.BYPASS.LTC128B.128", 128), ("LDGSTS.E.64", 64), ("LDGSTS.E", 32),
+])
+def test_load_width(opcode, width):
+    assert A.load_width(opcode) == width
+
+
+def test_parse_ptxas_log():
+    rep = A.parse_ptxas_log(CANNED_PTXAS, "my_kernel")
+    assert rep == {"stack": 376, "spill_stores": 380, "spill_loads": 372, "registers": 255}
+    assert A.parse_ptxas_log(CANNED_PTXAS) == rep
+    assert A.parse_ptxas_log("", "my_kernel") is None
+    assert A.parse_ptxas_log(CANNED_PTXAS, "other") is None
+
+
+# --------------------------------------------------------------------------------------
+# Occupancy on hand-computed numbers
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, regs, smem, warps, expected", [
+    # 168 regs x 32 = 5376 per warp (= 21 x 256); 16384 per register quarter -> 3 warps per
+    # quarter -> 12 warps -> 3 blocks of 4; smem (8192 + 1024 reserved) allows 18: 12/64.
+    ("sm_80", 168, 8192, 4, 12 / 64),
+    # 32 regs -> 1024 per warp -> 64 warps; no smem; 16 blocks of 4 warps = the 64-warp cap.
+    ("sm_80", 32, 0, 4, 1.0),
+    # smem-bound: 64 KB + 1 KB per block; sm_80 has 164 KB -> 2 blocks, sm_90 228 KB -> 3
+    # blocks; regs (64 -> 2048/warp -> 32 warps -> 4 blocks of 8) do not bind.
+    ("sm_80", 64, 65536, 8, 16 / 64),
+    ("sm_90", 64, 65536, 8, 24 / 64),
+    # 192 regs -> 6144 per warp: 2 warps per quarter -> 8 warps -> 4 blocks of 2 warps
+    # (a pooled 65536 / 6144 = 10 warps would wrongly give 5 blocks).
+    ("sm_90", 192, 0, 2, 8 / 64),
+    # 1 warp per block hits the 32-blocks-per-SM cap: 32 warps.
+    ("sm_90", 16, 0, 1, 32 / 64),
+    # 33 regs round up to 1280 per warp: 12 warps per quarter -> 48 warps -> 12 blocks of 4.
+    ("sm_80", 33, 0, 4, 48 / 64),
+    # cannot launch: more shared memory than a block may have, or more than 255 registers.
+    ("sm_80", 32, 163 * 1024 + 1, 4, 0.0),
+    ("sm_90", 32, 163 * 1024 + 1, 4, 4 / 64),   # but fits sm_90 (227 KB max): 1 block of 4 warps
+    ("sm_80", 256, 0, 4, 0.0),
+])
+def test_estimate_occupancy(arch, regs, smem, warps, expected):
+    assert A.estimate_occupancy(arch, regs, smem, warps) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------------
+# In-process behaviour that needs no compilation
+# --------------------------------------------------------------------------------------
+
+def test_refuses_interpreted_function():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from tubevit_fast.kernels.audit_spec import AuditTarget
+
+    def raw(x_ptr):
+        pass
+
+    target = AuditTarget(kernel="raw", fn=InterpretedFunction(raw), signature={"x_ptr": "*fp16"},
+                         constexprs={}, config="c")
+    with pytest.raises(A.AuditError, match="TRITON_INTERPRET"):
+        A.audit_target(target, "fp16", "sm_80")
+
+
+def test_missing_module_is_a_failed_row():
+    rows = A.audit(modules=["tubevit_fast.kernels._no_such_kernel_module"])
+    assert len(rows) == 1
+    assert rows[0]["config"] == A.MISSING and rows[0]["ok"] is False
+    assert set(A.ROW_KEYS) <= set(rows[0])
+
+
+def test_broken_import_is_an_error_not_missing(tmp_path, monkeypatch):
+    # Only a ModuleNotFoundError for the audited module itself means "missing"; a kernel
+    # module that exists but imports something absent must fail loudly.
+    (tmp_path / "_audit_broken_kernels.py").write_text("import _audit_no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="_audit_no_such_dependency_xyz"):
+        A.audit(modules=["_audit_broken_kernels"])
+    with pytest.raises(ModuleNotFoundError):
+        A.audit(modules=["_audit_no_such_parent_pkg_xyz.child"])
+
+
+def test_bad_arch_and_dtype_rejected():
+    with pytest.raises(A.AuditError):
+        A.audit(archs=["sm_75"], modules=[])
+    with pytest.raises(A.AuditError):
+        A.audit(dtypes=["fp32"], modules=[])
+
+
+def test_external_rows_are_added_and_checked():
+    row = {k: None for k in A.ROW_KEYS}
+    row.update(kernel="csrc_flash_fwd", config="nvcc", dtype="fp16", arch="sm_80", spill_bytes=0,
+               mma_instructions=10, load_widths={128: 4}, matmul=True, ok=True)
+
+    def good(archs, dtypes):
+        return [dict(row)]
+
+    def bad(archs, dtypes):
+        return [{"kernel": "x"}]
+
+    A.register_external(good)
+    try:
+        rows = A.audit(modules=[])
+        assert [r["kernel"] for r in rows] == ["csrc_flash_fwd"]
+        assert A.audit(modules=[], kernels=["other*"]) == []
+        A.register_external(bad)
+        with pytest.raises(A.AuditError, match="without"):
+            A.audit(modules=[])
+    finally:
+        for fn in (good, bad):
+            if fn in A._EXTERNAL:
+                A._EXTERNAL.remove(fn)
+
+
+def test_table_renders_all_row_kinds():
+    ok_row = {"kernel": "k", "config": "c", "dtype": "fp16", "arch": "sm_80", "registers": 32,
+              "spill_bytes": 0, "shared_bytes": 0, "occupancy": 1.0, "mma_instructions": 4,
+              "load_widths": {128: 2}, "matmul": True, "ok": True,
+              "details": {"hmma": 4, "hgmma": 0, "ldg_widths": {128: 2}, "ldgsts_widths": {}, "tma": 0}}
+    missing = A._empty_row("mod.x", A.MISSING, None, None, False, error="module mod.x does not exist")
+    text = A.format_table([ok_row, missing])
+    assert "4 HMMA" in text and "128b x2" in text and "MISSING" in text and "100.0" in text
+
+
+# --------------------------------------------------------------------------------------
+# The CLI, compiling for real (in a subprocess without TRITON_INTERPRET)
+# --------------------------------------------------------------------------------------
+
+def _run_cli(*args: str, interpret: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"     # the CLI must drop it itself
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-m", "tubevit_fast.audit", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(proc: subprocess.CompletedProcess) -> list[dict]:
+    rows = json.loads(proc.stdout)
+    for r in rows:
+        assert tuple(r) == A.ROW_KEYS, f"row keys {tuple(r)}"
+    return rows
+
+
+@pytest.mark.aot
+def test_probe_kernels_audit_can_fail():
+    """A declared matmul without tl.dot has no HMMA/HGMMA: the audit must flag it."""
+    proc = _run_cli("--module", "_audit_probe_kernel", "--json", "--strict")
+    assert proc.returncode == 1, proc.stderr
+    rows = _rows(proc)
+    assert {(r["kernel"], r["dtype"], r["arch"]) for r in rows} == {
+        (k, d, a) for k in ("probe_dot_matmul", "probe_nodot_matmul") for d in A.DTYPES for a in A.ARCHS}
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["registers"] > 0 and 0 < r["occupancy"] <= 1, r
+        assert r["load_widths"] and all(int(w) in (8, 16, 32, 64, 128) for w in r["load_widths"]), r
+        if r["kernel"] == "probe_dot_matmul":
+            assert r["ok"] and r["mma_instructions"] > 0, r
+            assert r["shared_bytes"] > 0, r        # tl.dot operands are staged in shared memory
+        else:
+            assert not r["ok"] and r["mma_instructions"] == 0 and r["matmul"], r
+    assert "matmul without HMMA/HGMMA" in proc.stderr
+    # Without --strict the same findings exit 0.
+    lenient = _run_cli("--module", "_audit_probe_kernel", "--json", "--kernel", "probe_nodot_*",
+                       "--arch", "sm_80", "--dtype", "fp16")
+    assert lenient.returncode == 0, lenient.stderr
+    assert [(r["kernel"], r["ok"]) for r in _rows(lenient)] == [("probe_nodot_matmul", False)]
+
+
+SPILL_SCRIPT = """
+import dataclasses, json
+import tubevit_fast.audit as A
+import _audit_probe_kernel as P
+t = P.audit_targets("fp16")[0]
+# A 128x128 fp32 accumulator held by a single warp: 512 values per thread cannot fit in registers.
+t = dataclasses.replace(t, constexprs={"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=1,
+                        num_stages=1, config="BM128-BN128-BK32-w1-s1")
+row = A.audit_target(t, "fp16", "sm_80")
+print(json.dumps({"row": {k: row[k] for k in A.ROW_KEYS if k != "load_widths"}, "details": row["details"],
+                  "why": A.why_not_ok(row)}))
+"""
+
+
+@pytest.mark.aot
+def test_spills_are_detected():
+    """cuobjdump books ptxas' spill slots as STACK (LOCAL stays 0): the audit must still see them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
+    proc = subprocess.run([sys.executable, "-c", SPILL_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    row, det = out["row"], out["details"]
+    assert row["spill_bytes"] > 0 and not row["ok"], out
+    assert row["mma_instructions"] > 0, out           # not ok because of the spill alone
+    assert det["ptxas"]["spill_stores"] > 0, out
+    assert row["spill_bytes"] == det["stack_bytes"] + det["local_bytes"]
+    assert "spills" in out["why"]
+
+
+@pytest.mark.aot
+def test_cli_drops_triton_interpret_and_reports_missing_modules():
+    proc = _run_cli("--module", "_audit_probe_kernel", "--module", "tubevit_fast.kernels._no_such_kernel",
+                    "--kernel", "probe_dot_matmul", "--arch", "sm_90", "--dtype", "bf16", "--json", "--strict",
+                    interpret=True)
+    assert proc.returncode == 1, proc.stderr          # the missing module fails --strict
+    rows = _rows(proc)
+    probe = [r for r in rows if r["kernel"] == "probe_dot_matmul"]
+    assert len(probe) == 1 and probe[0]["ok"] and probe[0]["mma_instructions"] > 0, rows
+    assert [r["config"] for r in rows if r["kernel"] == "tubevit_fast.kernels._no_such_kernel"] == [A.MISSING]
+    table = _run_cli("--module", "_audit_probe_kernel", "--kernel", "probe_dot_matmul", "--arch", "sm_80",
+                     "--dtype", "fp16")
+    assert table.returncode == 0, table.stderr
+    assert "probe_dot_matmul" in table.stdout and "HMMA" in table.stdout and "occ %" in table.stdout
+
+
+@pytest.mark.aot
+def test_full_audit_of_library_kernels():
+    """Every kept config of every library kernel compiles for sm_80 and sm_90 in fp16 and bf16
+    with no spills, and every matmul kernel uses the tensor cores."""
+    proc = _run_cli("--json", "--strict")
+    rows = _rows(proc)
+    assert not [r for r in rows if r["config"] in (A.MISSING, A.NO_TARGETS)], proc.stderr
+    assert {r["arch"] for r in rows} == set(A.ARCHS)
+    assert {r["dtype"] for r in rows} == set(A.DTYPES)
+    problems = []
+    for r in rows:
+        where = f"{r['kernel']} {r['config']} {r['dtype']} {r['arch']}"
+        if r["registers"] is None:
+            problems.append(f"{where}: did not compile")
+            continue
+        if r["spill_bytes"] != 0:
+            problems.append(f"{where}: {r['spill_bytes']} B of local memory (spills) at {r['registers']} registers")
+        if r["matmul"] and not r["mma_instructions"] > 0:
+            problems.append(f"{where}: matmul kernel without HMMA/HGMMA")
+    assert not problems, "\n".join(problems)
+    # Every module's every target shows up for both dtypes and both archs.
+    seen = {(r["kernel"], r["config"], r["dtype"], r["arch"]) for r in rows}
+    for name in A.AUDITED_MODULES:
+        module = importlib.import_module(name)
+        for dtype in A.DTYPES:
+            targets = module.audit_targets(dtype)
+            assert targets, f"{name}.audit_targets({dtype!r}) is empty"
+            for t in targets:
+                for arch in A.ARCHS:
+                    assert (t.kernel, t.config, dtype, arch) in seen, f"{name}: {t.kernel} {t.config} {dtype} {arch}"
+    assert proc.returncode == 0, proc.stderr[-3000:]
