@@ -1,0 +1,4 @@
+// Forward attention kernels for head dim 80 (fp16 and bf16). See attention_kernels.cuh.
+#include "attention_kernels.cuh"
+
+TVF_INSTANTIATE_FWD(80)
