@@ -1,0 +1,1 @@
+"""Fast pure-PyTorch backend: the CPU path (it also runs on CUDA tensors)."""
