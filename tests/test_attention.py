@@ -246,13 +246,26 @@ def test_auto_and_env_override_on_cpu(monkeypatch):
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v), rtol=0, atol=0)
 
 
-def test_cuda_backend_is_a_clear_error_here():
-    q = torch.randn(1, 4, 2, 32)
-    with pytest.raises(RuntimeError, match="cuda"):
+def test_cuda_backend_is_a_clear_error_on_cpu_tensors():
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs CUDA tensors"):
         attention(q, q, q, backend="cuda")
-    # The op itself refuses "cuda" until the extension's attention is connected.
-    with pytest.raises(RuntimeError, match="not connected"):
-        _attention_fwd_op(q, q, q, None, None, 4, 4, 0.5, "cuda")
+
+
+def test_unsupported_inputs_are_skipped_by_auto_and_refused_by_name(monkeypatch):
+    """The extension runs fp16/bf16 at its compiled head dims only: "auto" passes over it for
+    other inputs, naming it raises. (Device availability is faked: there is no GPU here.)"""
+    from tubevit_fast import extension
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda op, backend, device: None)
+    monkeypatch.setattr(backends, "_PREFERENCE", {"attention": {"cpu": ("cuda", "torch")}})
+    monkeypatch.setattr(extension, "supported_head_dims", lambda: (64, 128))
+    q = torch.randn(1, 4, 2, 32)
+    torch.testing.assert_close(attention(q, q, q), attention(q, q, q, backend="torch"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"backend 'cuda' runs float16/bfloat16 only"):
+        attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match=r"built for head dims \(64, 128\), got 32"):
+        attention(q.half(), q.half(), q.half(), backend="cuda")
 
 
 # ---- torch.library / torch.compile ---------------------------------------------------------------

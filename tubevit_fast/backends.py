@@ -101,14 +101,21 @@ def passes_selfcheck(key: tuple, check: Callable[[], None]) -> bool:
 
 
 def pick(op: str, requested: str, device: torch.device, key: tuple,
-         make_check: Callable[[str], Callable[[], None]]) -> str:
+         make_check: Callable[[str], Callable[[], None]],
+         unsupported: Callable[[str], str | None] = lambda backend: None) -> str:
     """Resolve `requested` to one backend, self-checking fast backends on real GPUs.
 
-    With "auto" a backend that fails its check is skipped with a warning; a backend named
-    explicitly that fails raises.
+    `unsupported(backend)` names what a backend cannot do with these particular inputs (a
+    dtype, a head dim): "auto" skips it, naming it explicitly raises ValueError. With "auto"
+    a backend that fails its self-check is skipped with a warning; a named one raises.
     """
     order, explicit = candidates(op, requested, device)
     for backend in order:
+        reason = unsupported(backend)
+        if reason is not None:
+            if explicit:
+                raise ValueError(f"{op}: backend {backend!r} {reason}")
+            continue
         if backend == "reference" or not selfcheck_enabled(device):
             return backend
         if passes_selfcheck((op, backend, device.type, device.index) + key, make_check(backend)):
@@ -116,6 +123,4 @@ def pick(op: str, requested: str, device: torch.device, key: tuple,
         if explicit:
             raise RuntimeError(f"{op}: backend {backend!r} disagrees with the reference on this device "
                                f"(self-check {key}); set {ENV_SELFCHECK}=0 to skip the check")
-    if explicit:
-        raise AssertionError("unreachable")
     return "reference"

@@ -2,7 +2,7 @@
 
 Backends: "reference" (tubevit_fast.reference.attention, plain autograd), "torch"
 (tubevit_fast.torch_backend.attention: SDPA), "triton" (tubevit_fast.kernels.attention),
-"cuda" (the csrc/ extension; not wired in yet). The fast ones run behind two torch.library
+"cuda" (the csrc/ extension, tubevit_fast.extension: fp16/bf16 and the head dims it was built for). The fast ones run behind two torch.library
 custom ops with fake kernels and registered autograd, so torch.compile traces them without a
 graph break (not triton_op: its fake path runs the kernels on meta tensors):
 
@@ -31,16 +31,25 @@ from tubevit_fast.reference.attention import attention_reference
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_IMPL_MODULES = {"torch": "tubevit_fast.torch_backend.attention", "triton": "tubevit_fast.kernels.attention"}
+_IMPL_MODULES = {"torch": "tubevit_fast.torch_backend.attention", "triton": "tubevit_fast.kernels.attention",
+                 "cuda": "tubevit_fast.extension"}
 
 
 def _impl(backend: str):
-    if backend == "cuda":
-        # backends.pick refuses "cuda" while tubevit_fast._C is missing; this guards the day the
-        # extension loads but its attention has not been connected here.
-        raise RuntimeError("attention: backend 'cuda' is not connected to the compiled extension yet; "
-                           "use backend='triton' or 'torch'")
     return importlib.import_module(_IMPL_MODULES[backend])
+
+
+def _unsupported(backend: str, q: torch.Tensor) -> str | None:
+    """What `backend` cannot do with inputs like q (None if it can)."""
+    if backend != "cuda":
+        return None
+    from tubevit_fast import extension
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"runs float16/bfloat16 only (tensor-core kernels), got {q.dtype}"
+    if q.shape[-1] not in extension.supported_head_dims():
+        return f"was built for head dims {extension.supported_head_dims()}, got {q.shape[-1]}"
+    return None
 
 
 # ---- custom ops ------------------------------------------------------------------------------
@@ -245,7 +254,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
                                                  max_seqlen_k, softmax_scale)
     varlen = cu_seqlens_q is not None
     chosen = backends.pick("attention", backend, q.device, (q.dtype, q.shape[-1], varlen),
-                           lambda b: _make_selfcheck(b, q.dtype, q.shape[-1], varlen, q.device))
+                           lambda b: _make_selfcheck(b, q.dtype, q.shape[-1], varlen, q.device),
+                           lambda b: _unsupported(b, q))
     if chosen == "reference":
         return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
     return _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, chosen)[0]
