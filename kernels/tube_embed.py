@@ -486,9 +486,10 @@ def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
     _launch(_tube_embed_bwd_weight_kernel, grid_w, args, flags)
     dw = dw_part.sum(0)
     db = db_part.sum(0)
-    grad_weights = [dw[:, kcols[i]:kcols[i] + ks[i]].reshape(w.shape).to(w.dtype)
+    # copy=True: each gradient gets its own storage (a custom op's outputs may not alias).
+    grad_weights = [dw[:, kcols[i]:kcols[i] + ks[i]].reshape(w.shape).to(w.dtype, copy=True)
                     for i, w in enumerate(weights)]
-    grad_biases = [db[i].to(w.dtype) for i, w in enumerate(weights)]
+    grad_biases = [db[i].to(w.dtype, copy=True) for i, w in enumerate(weights)]
 
     grad_video = None
     if input_requires_grad:

@@ -156,6 +156,26 @@ def test_opcheck_torch_backend():
     torch.library.opcheck(_tube_embed_op, (x.detach(), ws, bs, None, pack_tubes(SMALL_TUBES), "torch"))
 
 
+@pytest.mark.interpreter
+def test_opcheck_triton_backend():
+    """Runs the fused kernels (interpreter on CPU): also catches outputs that alias each other."""
+    from conftest import TRITON_DEVICE
+    from tubevit_fast.geometry import pack_tubes
+    from tubevit_fast.ops.tube_embed import _tube_embed_op
+
+    torch.manual_seed(0)
+    size = (4, 9, 9)
+    x = torch.randn(1, 2, *size, device=TRITON_DEVICE, requires_grad=True)
+    tubes = SMALL_TUBES[:2]
+    ws = [torch.randn(8, 2, *t.kernel, device=TRITON_DEVICE, requires_grad=True) for t in tubes]
+    bs = [torch.randn(8, device=TRITON_DEVICE, requires_grad=True) for _ in tubes]
+    torch.library.opcheck(_tube_embed_op, (x, ws, bs, None, pack_tubes(tubes), "triton"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out = _tube_embed_op(x, ws, bs, None, pack_tubes(tubes), "triton")
+    out.sum().backward()
+    assert all(w.grad is not None for w in ws) and x.grad is not None
+
+
 def test_torch_compile_fullgraph_has_no_graph_break():
     embed = random_embed(TubeEmbed, backend="torch")
     x = torch.randn(2, 3, *SMALL_SIZE, requires_grad=True)
