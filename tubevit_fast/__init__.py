@@ -4,5 +4,6 @@ from tubevit_fast.model import TubeViT, patch
 from tubevit_fast.ops.attention import attention
 from tubevit_fast.modules import TubeEmbed
 from tubevit_fast.posembed import tube_position_embedding
+from tubevit_fast.convert import from_image_vit
 
-__all__ = ["attention", "PAPER_TUBES", "TubeSpec", "TubeEmbed", "TubeViT", "patch", "tube_position_embedding"]
+__all__ = ["attention", "from_image_vit", "PAPER_TUBES", "TubeSpec", "TubeEmbed", "TubeViT", "patch", "tube_position_embedding"]

@@ -21,11 +21,15 @@ class TubeEmbed(reference.TubeEmbed):
     """Sparse tube tokenizer on the fused kernels; same state_dict as the reference layer.
 
     backend: "auto" (best for the input's device), "reference", "torch" or "triton".
+    interpolated_from, space_to_depth: see the reference layer (the tube kernels are derived in
+    each forward and fed to the same fused op, on any backend).
     """
 
     def __init__(self, tubes: Sequence[TubeSpec] = PAPER_TUBES, in_channels: int = 3, dim: int = 768,
-                 pos_embed: bool = True, backend: str = "auto"):
-        super().__init__(tubes, in_channels, dim, pos_embed)
+                 pos_embed: bool = True, backend: str = "auto",
+                 interpolated_from: Sequence[int] | None = None, space_to_depth: Sequence | None = None):
+        super().__init__(tubes, in_channels, dim, pos_embed, interpolated_from=interpolated_from,
+                         space_to_depth=space_to_depth)
         self.backend = check_backend_name(backend)
 
     def _embed(self, video, weights, biases, tubes, pos):

@@ -129,7 +129,7 @@ def visualize(model, cfg: dict, out: str, video: str | None = None, max_filters:
     os.makedirs(out, exist_ok=True)
     embed = model.tube_embed
     written = []
-    for i, (tube, weight) in enumerate(zip(embed.tubes, embed.weights)):
+    for i, (tube, weight) in enumerate(zip(embed.tubes, embed.tube_kernels())):
         if tube.is_2d:
             written.append(plot_patch_kernels(weight, os.path.join(out, f"patch_kernels_tube{i}.png"), max_filters,
                                               f"tube {i}: 2D patch kernels {tube.kernel[1:]}"))

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tubevit_fast.checks import check_positive_int, check_tube_input
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec, as_tubes, check_fits, image_tubes, num_tokens
@@ -28,31 +29,101 @@ PRESETS = {
 
 
 class TubeEmbed(nn.Module):
-    """Sparse tube tokenizer: (B, C, T, H, W) -> (B, N, dim); (B, C, H, W) images use the 2D tubes."""
+    """Sparse tube tokenizer: (B, C, T, H, W) -> (B, N, dim); (B, C, H, W) images use the 2D tubes.
+
+    interpolated_from: None (default) gives every tube its own kernel, `weights[i]`
+        (dim, in_channels, kt, kh, kw). A size (bt, bh, bw), e.g. (8, 8, 8), switches on the
+        paper's interpolated kernels: the layer learns ONE base kernel `base_weight`
+        (dim, in_channels, bt, bh, bw) plus one bias per tube, and derives each tube's kernel in
+        every forward with ``F.interpolate(base_weight, size=kernel, mode="trilinear",
+        align_corners=False)`` (daniel-code/TubeViT's convention; a tube whose kernel equals the
+        base size uses the base itself, which that call would return unchanged). Gradients reach
+        `base_weight` through the interpolation. In this mode there is no `weights` attribute:
+        the state_dict holds `base_weight` and `biases.i` only. `tube_kernels()` returns the
+        kernels in use in either mode.
+    space_to_depth: None (default), or one entry per tube: None, or (axis, factor) with axis 0/1/2
+        (t/h/w) or "t"/"h"/"w" and factor >= 2 dividing dim. Such a tube projects to dim/factor
+        channels (`weights[i]` is (dim/factor, in_channels, kt, kh, kw), `biases[i]` (dim/factor,))
+        and every `factor` neighbouring tokens along `axis` are concatenated along channels (the
+        one nearer the grid origin first) into one token; a leftover partial group is dropped. The
+        given TubeSpec is the sampler before merging (choose its stride to get the token count
+        you want, e.g. halve it on `axis` for factor 2). The merged token's position embedding is
+        taken at its centre, the mean of the merged tokens' centres. Implementation: the merge is
+        exactly an ordinary tube TubeSpec(kernel + (factor-1)*stride, factor*stride, offset) on
+        `axis` whose kernel is block-structured (group j = the tube's kernel shifted by j*stride,
+        zeros elsewhere; bias repeated), built in each forward, so every backend runs it unchanged
+        and gradients reach the small kernel. The price is the zero blocks: the tube's GEMM is
+        (kernel + (factor-1)*stride) / kernel times larger on that axis. `op_tubes` lists the
+        effective tubes. Not combinable with interpolated_from.
+    """
 
     def __init__(self, tubes: Sequence[TubeSpec] = PAPER_TUBES, in_channels: int = 3, dim: int = 768,
-                 pos_embed: bool = True):
+                 pos_embed: bool = True, interpolated_from: Sequence[int] | None = None,
+                 space_to_depth: Sequence | None = None):
         super().__init__()
         self.tubes = as_tubes(tubes)
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.dim = check_positive_int("dim", dim, minimum=6)
         self.pos_embed = bool(pos_embed)
-        self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(dim, in_channels, *t.kernel)) for t in self.tubes])
-        self.biases = nn.ParameterList([nn.Parameter(torch.empty(dim)) for _ in self.tubes])
+        self.interpolated_from = _check_base_size(interpolated_from)
+        self.space_to_depth = _check_space_to_depth(space_to_depth, len(self.tubes), dim)
+        if self.space_to_depth is not None and self.interpolated_from is not None:
+            raise ValueError("space_to_depth and interpolated_from cannot be combined")
+        merges = self.space_to_depth or (None,) * len(self.tubes)
+        self.op_tubes = tuple(t if m is None else _merged_tube(t, *m) for t, m in zip(self.tubes, merges))
+        widths = [dim if m is None else dim // m[1] for m in merges]
+        if self.interpolated_from is None:
+            self.weights = nn.ParameterList(
+                [nn.Parameter(torch.empty(w, in_channels, *t.kernel)) for w, t in zip(widths, self.tubes)])
+        else:
+            self.base_weight = nn.Parameter(torch.empty(dim, in_channels, *self.interpolated_from))
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(w)) for w in widths])
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # nn.Conv3d's default initialisation, per tube.
-        for weight, bias in zip(self.weights, self.biases):
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        # nn.Conv3d's default initialisation, per tube; with interpolation the base kernel is
+        # initialised once and every tube's bias as a Conv3d of the base size would be.
+        if self.interpolated_from is None:
+            weights = list(self.weights)
+            for weight in weights:
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        else:
+            nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5))
+            weights = [self.base_weight] * len(self.tubes)
+        for weight, bias in zip(weights, self.biases):
             bound = 1 / math.sqrt(weight[0].numel())
             nn.init.uniform_(bias, -bound, bound)
 
+    def tube_kernels(self, index: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The kernels (dim, in_channels, kt, kh, kw) of the tubes in `index` (default: all): the
+        `weights` parameters, or the kernels derived from `base_weight` with interpolation on."""
+        index = range(len(self.tubes)) if index is None else index
+        if self.interpolated_from is not None:
+            return [interpolate_kernel(self.base_weight, self.tubes[i].kernel) for i in index]
+        if self.space_to_depth is not None:
+            merges = self.space_to_depth
+            return [self.weights[i] if merges[i] is None else
+                    space_to_depth_kernel(self.weights[i], self.tubes[i], *merges[i]) for i in index]
+        return [self.weights[i] for i in index]
+
+    def tube_biases(self, index: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The biases (dim,) of the tubes in `index` (default: all). A hook, like `tube_kernels`, for
+        subclasses that derive a tube's kernel and bias from other parameters."""
+        index = range(len(self.tubes)) if index is None else index
+        if self.space_to_depth is not None:
+            return [self.biases[i] if self.space_to_depth[i] is None else
+                    self.biases[i].repeat(self.space_to_depth[i][1]) for i in index]
+        return [self.biases[i] for i in index]
+
+    def _first_param(self) -> torch.Tensor:
+        return self.weights[0] if self.interpolated_from is None else self.base_weight
+
     def _tubes_for(self, is_image: bool) -> tuple[list[int], tuple[TubeSpec, ...]]:
+        # op_tubes == tubes unless space_to_depth merges tokens (then the merged tubes' geometry).
+        tubes = self.op_tubes
         if not is_image:
-            return list(range(len(self.tubes))), self.tubes
-        return [i for i, t in enumerate(self.tubes) if t.is_2d], image_tubes(self.tubes)
+            return list(range(len(tubes))), tubes
+        return [i for i, t in enumerate(tubes) if t.is_2d], image_tubes(tubes)
 
     def num_tokens(self, size: Sequence[int]) -> int:
         """Tokens for a (T, H, W) video or an (H, W) image."""
@@ -61,19 +132,97 @@ class TubeEmbed(nn.Module):
         return num_tokens(tubes, size if len(size) == 3 else (1, *size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        is_image = check_tube_input(x, self.in_channels, (self.weights[0],))
+        is_image = check_tube_input(x, self.in_channels, (self._first_param(),))
         video = x.unsqueeze(2) if is_image else x
         index, tubes = self._tubes_for(is_image)
         size = tuple(video.shape[2:])
         check_fits(tubes, size)
         pos = tube_position_embedding(tubes, size, self.dim, video.device) if self.pos_embed else None
-        return self._embed(video, [self.weights[i] for i in index], [self.biases[i] for i in index], tubes, pos)
+        return self._embed(video, self.tube_kernels(index), self.tube_biases(index), tubes, pos)
 
     def _embed(self, video, weights, biases, tubes, pos) -> torch.Tensor:
         return tube_embed_reference(video, weights, biases, tubes, pos)
 
     def extra_repr(self) -> str:
-        return f"tubes={len(self.tubes)}, in_channels={self.in_channels}, dim={self.dim}, pos_embed={self.pos_embed}"
+        text = (f"tubes={len(self.tubes)}, in_channels={self.in_channels}, dim={self.dim}, "
+                f"pos_embed={self.pos_embed}")
+        if self.interpolated_from is not None:
+            text += f", interpolated_from={self.interpolated_from}"
+        if self.space_to_depth is not None:
+            text += f", space_to_depth={self.space_to_depth}"
+        return text
+
+
+_AXES = {"t": 0, "h": 1, "w": 2}
+
+
+def _check_space_to_depth(entries, count: int, dim: int):
+    if entries is None:
+        return None
+    entries = list(entries)
+    if len(entries) != count:
+        raise ValueError(f"space_to_depth needs one entry per tube ({count}), got {len(entries)}")
+    out = []
+    for i, entry in enumerate(entries):
+        if entry is None:
+            out.append(None)
+            continue
+        try:
+            axis, factor = entry
+        except (TypeError, ValueError):
+            raise ValueError(f"space_to_depth[{i}] must be None or (axis, factor), got {entry!r}") from None
+        axis = _AXES.get(axis, axis) if isinstance(axis, str) else axis
+        if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1, 2):
+            raise ValueError(f"space_to_depth[{i}]: axis must be 0/1/2 or 't'/'h'/'w', got {entry[0]!r}")
+        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2 or dim % factor:
+            raise ValueError(f"space_to_depth[{i}]: factor must be an int >= 2 dividing dim {dim}, "
+                             f"got {factor!r}")
+        out.append((axis, factor))
+    return tuple(out) if any(e is not None for e in out) else None
+
+
+def _merged_tube(tube: TubeSpec, axis: int, factor: int) -> TubeSpec:
+    """The ordinary tube equal to `factor` neighbouring tokens of `tube` along `axis` merged: its
+    kernel spans their receptive fields, its stride is factor strides, its grid and centres are
+    the merged tokens' ones."""
+    kernel, stride = list(tube.kernel), list(tube.stride)
+    kernel[axis] += (factor - 1) * stride[axis]
+    stride[axis] *= factor
+    return TubeSpec(tuple(kernel), tuple(stride), tube.offset)
+
+
+def space_to_depth_kernel(weight: torch.Tensor, tube: TubeSpec, axis: int, factor: int) -> torch.Tensor:
+    """(dim/f, C, kt, kh, kw) -> the merged tube's (dim, C, *kernel') kernel: output group j is
+    `weight` shifted by j * stride along `axis`, zero elsewhere."""
+    k, s = tube.kernel[axis], tube.stride[axis]
+    span = k + (factor - 1) * s
+    groups = []
+    for j in range(factor):
+        pad = [0] * 6  # F.pad order: (w_lo, w_hi, h_lo, h_hi, t_lo, t_hi)
+        pad[2 * (2 - axis)], pad[2 * (2 - axis) + 1] = j * s, span - k - j * s
+        groups.append(F.pad(weight, pad))
+    return torch.cat(groups, 0)
+
+
+def _check_base_size(size) -> tuple[int, int, int] | None:
+    if size is None:
+        return None
+    try:
+        items = tuple(size)
+    except TypeError:
+        items = ()
+    if len(items) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
+        raise ValueError(f"interpolated_from must be None or three positive ints (t, h, w), got {size!r}")
+    return items
+
+
+def interpolate_kernel(base: torch.Tensor, kernel: Sequence[int]) -> torch.Tensor:
+    """A tube kernel derived from the base kernel (dim, C, bt, bh, bw): trilinear interpolation to
+    `kernel` with align_corners=False (daniel-code/TubeViT's convention). Same size: the base."""
+    kernel = tuple(kernel)
+    if tuple(base.shape[2:]) == kernel:
+        return base
+    return F.interpolate(base, size=kernel, mode="trilinear", align_corners=False)
 
 
 class Attention(nn.Module):
@@ -171,13 +320,16 @@ class TubeViT(nn.Module):
 
     def __init__(self, num_classes: int = 400, tubes: Sequence[TubeSpec] = PAPER_TUBES, in_channels: int = 3,
                  dim: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 pos_embed: bool = True):
+                 pos_embed: bool = True, interpolated_from: Sequence[int] | None = None,
+                 space_to_depth: Sequence | None = None):
+        """interpolated_from, space_to_depth: passed to TubeEmbed (paper options; see TubeEmbed)."""
         super().__init__()
         check_positive_int("num_classes", num_classes)
         check_positive_int("depth", depth)
         check_positive_int("heads", heads)
         self.num_classes, self.dim = num_classes, dim
-        self.tube_embed = TubeEmbed(tubes, in_channels, dim, pos_embed)
+        self.tube_embed = TubeEmbed(tubes, in_channels, dim, pos_embed, interpolated_from=interpolated_from,
+                                    space_to_depth=space_to_depth)
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn_pool = AttentionPoolLatent(dim, heads, mlp_ratio, qkv_bias)
