@@ -379,7 +379,7 @@ def _ptxas_rows() -> list[dict]:
     path = extension.ptxas_log_path()
     require(path is not None, "the build kept no ptxas report (_C.ptxas.log) next to tubevit_fast._C")
     with open(path) as f:
-        return extension.parse_ptxas_log(f.read())
+        return extension.ptxas_rows(f.read())
 
 
 @pytest.mark.aot
@@ -402,7 +402,8 @@ def test_ptxas_reports_no_spills_for_every_kernel():
 @pytest.fixture(scope="module")
 def audit():
     require_extension()
-    require(extension.cuobjdump_path() is not None, "cuobjdump not found (Triton's wheel or CUDA_HOME)")
+    from tubevit_fast.audit import cuobjdump_path
+    require(cuobjdump_path() is not None, "cuobjdump not found (Triton's wheel or CUDA_HOME)")
     return extension.audit_rows()
 
 
@@ -427,6 +428,46 @@ def test_sass_has_tensor_core_mma_on_both_archs(audit):
                     assert row["load_widths"].get(128, 0) > 0, f"no 128-bit cp.async/LDG: {row}"
                     assert row["spill_bytes"] == 0 and row["ok"], row
     assert all(r["ok"] for r in audit), [r for r in audit if not r["ok"]]
+
+
+@pytest.mark.aot
+def test_audit_rows_agree_with_the_ptxas_report_and_the_audit_rules(audit):
+    """The extension's rows are judged with tubevit_fast.audit's rules: spill_bytes is LOCAL +
+    STACK, occupancy is estimate_occupancy's, ok is row_ok's; registers match ptxas' report."""
+    from tubevit_fast import audit as A
+    for row in audit:
+        det = row["details"]
+        assert det["module"] == A.EXTENSION_MODULE
+        assert row["spill_bytes"] == det["stack_bytes"] + det["local_bytes"], row
+        assert row["shared_bytes"] == det["dynamic_shared_bytes"] + det["static_shared_bytes"], row
+        assert row["occupancy"] == round(A.estimate_occupancy(row["arch"], row["registers"], row["shared_bytes"],
+                                                              det["num_warps"]), 4), row
+        assert row["ok"] == A.row_ok(row["spill_bytes"], det["ptxas"], row["matmul"], row["mma_instructions"],
+                                     row["occupancy"]), row
+        assert det["ptxas"] is not None and det["ptxas"]["registers"] == row["registers"], row
+        assert row["load_widths"] == A.SassStats(ldg=det["ldg_widths"], ldgsts=det["ldgsts_widths"]).load_widths
+
+
+@pytest.mark.aot
+def test_audit_cli_lists_the_extension_rows():
+    """`python -m tubevit_fast.audit` audits the extension beside the Triton kernels: its rows have
+    exactly the ROW_KEYS, and --module tubevit_fast._C --strict passes on them alone."""
+    from tubevit_fast import audit as A
+    require_extension()
+    require(A.cuobjdump_path() is not None, "cuobjdump not found (Triton's wheel or CUDA_HOME)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-m", "tubevit_fast.audit", "--module", A.EXTENSION_MODULE,
+                           "--arch", "sm_90", "--dtype", "bf16", "--json", "--strict"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert rows and all(tuple(r) == A.ROW_KEYS for r in rows), rows[:1]
+    assert {(r["arch"], r["dtype"]) for r in rows} == {("sm_90", "bf16")}
+    expected = {(k, f"D{d}") for k in KERNELS for d in extension.supported_head_dims()}
+    assert {(r["kernel"], r["config"].split("-")[0]) for r in rows} == expected
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert "not auditing" not in proc.stderr
 
 
 # ---- (d) schemas, fake kernels, opcheck, registration ------------------------------------------------

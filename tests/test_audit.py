@@ -6,7 +6,6 @@ with TRITON_INTERPRET removed from the environment (conftest sets it for this pr
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -119,6 +118,82 @@ def test_parse_ptxas_log():
     assert A.parse_ptxas_log(CANNED_PTXAS) == rep
     assert A.parse_ptxas_log("", "my_kernel") is None
     assert A.parse_ptxas_log(CANNED_PTXAS, "other") is None
+    assert A.parse_ptxas_log(CANNED_PTXAS, "my_kernel", arch="sm_80") == rep
+    assert A.parse_ptxas_log(CANNED_PTXAS, "my_kernel", arch="sm_90a") is None
+
+
+# Shaped like an nvcc build's `-Xptxas -v` report: the same function for two archs, two functions.
+CANNED_NVCC_PTXAS = """=== source: a.cu
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1fv' for 'sm_80'
+ptxas info    : Function properties for _Z1fv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 688 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z1gv' for 'sm_80'
+ptxas info    : Function properties for _Z1gv
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 688 bytes cmem[0]
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z1fv' for 'sm_90a'
+ptxas info    : Function properties for _Z1fv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 688 bytes cmem[0]
+"""
+
+
+def test_parse_ptxas_entries_keeps_every_arch():
+    entries = A.parse_ptxas_entries(CANNED_NVCC_PTXAS)
+    assert [(e["function"], e["arch"], e["registers"]) for e in entries] == [
+        ("_Z1fv", "sm_80", 128), ("_Z1gv", "sm_80", 255), ("_Z1fv", "sm_90a", 168)]
+    assert entries[1] == {"function": "_Z1gv", "arch": "sm_80", "stack": 8, "spill_stores": 4,
+                          "spill_loads": 4, "registers": 255}
+    assert A.parse_ptxas_log(CANNED_NVCC_PTXAS, "_Z1fv", arch="sm_90a")["registers"] == 168
+    assert A.parse_ptxas_log(CANNED_NVCC_PTXAS, "_Z1fv", arch="sm_80")["registers"] == 128
+    with pytest.raises(A.AuditError):
+        A.parse_ptxas_log(CANNED_NVCC_PTXAS, arch="sm_80")   # two functions: a name is required
+
+
+def test_by_function_parsers_and_spill_bytes():
+    res = A.resource_usage_by_function(CANNED_DUMP)
+    assert set(res) == {"my_kernel", "other_kernel"}
+    assert res["my_kernel"] == A.parse_resource_usage(CANNED_DUMP, "my_kernel")
+    assert A.spill_bytes(res["my_kernel"]) == 24 + 16 and A.spill_bytes(res["other_kernel"]) == 0
+    sass = A.sass_by_function(CANNED_DUMP)
+    assert set(sass) == {"my_kernel", "other_kernel"}
+    assert sass["my_kernel"] == A.parse_sass(CANNED_DUMP, "my_kernel")
+    ldsm = A.parse_sass("\t\tFunction : k\n        /*0000*/  LDSM.16.M88.4 R4, [R2] ;\n"
+                        "        /*0010*/  @P0 LDSM.16.MT88.4 R8, [R2+0x10] ;\n")
+    assert ldsm.ldsm == 2 and ldsm.instructions == 2
+
+
+@pytest.mark.parametrize("spill, ptxas, matmul, mma, occ, ok", [
+    (0, None, True, 4, 0.5, True),
+    (0, {"spill_stores": 0, "spill_loads": 0}, False, 0, 0.5, True),      # no matmul: MMA not needed
+    (8, None, True, 4, 0.5, False),                                       # local memory
+    (0, {"spill_stores": 4, "spill_loads": 0}, True, 4, 0.5, False),      # ptxas-reported spill
+    (0, None, True, 0, 0.5, False),                                       # matmul without MMA
+    (0, None, False, 0, 0.0, False),                                      # cannot launch
+])
+def test_row_ok(spill, ptxas, matmul, mma, occ, ok):
+    assert A.row_ok(spill, ptxas, matmul, mma, occ) is ok
+
+
+def test_cuobjdump_path_prefers_the_wheel_then_cuda_home(tmp_path, monkeypatch):
+    try:
+        wheel = A._nvidia_bin("cuobjdump")
+    except A.AuditError:
+        wheel = None
+    if wheel is not None:
+        assert A.cuobjdump_path() == wheel
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "cuobjdump").write_text("")
+
+    def no_wheel_tool(tool):
+        raise A.AuditError("not in this wheel")
+
+    monkeypatch.setattr(A, "_nvidia_bin", no_wheel_tool)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert A.cuobjdump_path() == str(tmp_path / "bin" / "cuobjdump")
 
 
 # --------------------------------------------------------------------------------------
@@ -217,6 +292,72 @@ def test_external_rows_are_added_and_checked():
         for fn in (good, bad):
             if fn in A._EXTERNAL:
                 A._EXTERNAL.remove(fn)
+
+
+def _named_row(kernel):
+    row = {k: None for k in A.ROW_KEYS}
+    row.update(kernel=kernel, config="nvcc", dtype="fp16", arch="sm_80", registers=64, spill_bytes=0,
+               shared_bytes=0, occupancy=0.5, mma_instructions=10, load_widths={128: 4}, matmul=True, ok=True)
+    return row
+
+
+def test_named_external_is_audited_by_default_or_by_name(monkeypatch):
+    """An external registered with a module name (as the CUDA extension is) is audited by default
+    and by --module NAME, not when other modules are named; anonymous ones always."""
+    monkeypatch.setattr(A, "_EXTERNAL", [])
+    monkeypatch.setattr(A, "_EXTERNAL_MODULE", {})
+    monkeypatch.setattr(A, "AUDITED_MODULES", ())     # no Triton compilation here
+
+    def named(archs, dtypes):
+        return [_named_row("csrc_kernel")]
+
+    def anonymous(archs, dtypes):
+        return [_named_row("other_kernel")]
+
+    A.register_external(named, module="pkg._ext")
+    A.register_external(anonymous)
+    assert [r["kernel"] for r in A.audit()] == ["csrc_kernel", "other_kernel"]
+    assert [r["kernel"] for r in A.audit(modules=["pkg._ext"])] == ["csrc_kernel", "other_kernel"]
+    assert [r["kernel"] for r in A.audit(modules=[])] == ["other_kernel"]
+    assert A.audit(modules=["pkg._ext"], kernels="csrc_*")[0]["kernel"] == "csrc_kernel"
+
+
+def test_unbuilt_external_is_a_notice_or_a_missing_row(monkeypatch):
+    monkeypatch.setattr(A, "_EXTERNAL", [])
+    monkeypatch.setattr(A, "_EXTERNAL_MODULE", {})
+    monkeypatch.setattr(A, "AUDITED_MODULES", ())
+
+    def unbuilt(archs, dtypes):
+        raise A.ExternalUnavailable("pkg._ext is not available\n(no build)")
+
+    A.register_external(unbuilt, module="pkg._ext")
+    notices = []
+    assert A.audit(notice=notices.append) == []
+    assert len(notices) == 1 and "pkg._ext" in notices[0] and "\n" not in notices[0]
+    notices.clear()
+    [row] = A.audit(modules=["pkg._ext"], notice=notices.append)    # asked for by name: a failure
+    assert row["kernel"] == "pkg._ext" and row["config"] == A.MISSING and row["ok"] is False
+    assert set(A.ROW_KEYS) <= set(row) and "no build" in row["details"]["error"] and notices == []
+
+
+def test_extension_is_registered_and_unbuilt_is_one_line(monkeypatch, capsys):
+    """tubevit_fast._C is a named external of the audit; when it is not built the CLI prints one
+    line about it and --strict still passes (it only judges what is built)."""
+    from tubevit_fast import extension
+    assert A.extension_rows in A._EXTERNAL
+    assert A._EXTERNAL_MODULE[A.extension_rows] == A.EXTENSION_MODULE == "tubevit_fast._C"
+    monkeypatch.setattr(A, "_EXTERNAL", [A.extension_rows])
+    monkeypatch.setattr(A, "AUDITED_MODULES", ())
+    monkeypatch.setattr(extension, "unavailable_reason", lambda: "tubevit_fast._C is not available (test)")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # main() must not re-exec pytest
+    assert A.main(["--json", "--strict"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == []
+    lines = [line for line in err.splitlines() if "tubevit_fast._C" in line]
+    assert len(lines) == 1 and "not built" in lines[0], err
+    assert A.main(["--json", "--strict", "--module", "tubevit_fast._C"]) == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["kernel"], r["config"], r["ok"]) for r in rows] == [("tubevit_fast._C", A.MISSING, False)]
 
 
 def test_table_renders_all_row_kinds():
@@ -340,14 +481,29 @@ def test_full_audit_of_library_kernels():
         if r["matmul"] and not r["mma_instructions"] > 0:
             problems.append(f"{where}: matmul kernel without HMMA/HGMMA")
     assert not problems, "\n".join(problems)
-    # Every module's every target shows up for both dtypes and both archs.
+    # Every module's every target shows up for both dtypes and both archs. The targets are listed
+    # in a subprocess without TRITON_INTERPRET, like the CLI's: kernel modules read it at import
+    # (the interpreter keeps a single small autotune config) and conftest sets it here.
     seen = {(r["kernel"], r["config"], r["dtype"], r["arch"]) for r in rows}
-    for name in A.AUDITED_MODULES:
-        module = importlib.import_module(name)
-        for dtype in A.DTYPES:
-            targets = module.audit_targets(dtype)
-            assert targets, f"{name}.audit_targets({dtype!r}) is empty"
-            for t in targets:
-                for arch in A.ARCHS:
-                    assert (t.kernel, t.config, dtype, arch) in seen, f"{name}: {t.kernel} {t.config} {dtype} {arch}"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
+    listing = subprocess.run([sys.executable, "-c", TARGETS_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert listing.returncode == 0, listing.stderr
+    targets = json.loads(listing.stdout.strip().splitlines()[-1])
+    assert set(targets) == {f"{name} {dtype}" for name in A.AUDITED_MODULES for dtype in A.DTYPES}
+    for where, pairs in targets.items():
+        assert pairs, f"{where}: audit_targets is empty"
+        dtype = where.split()[1]
+        for kernel, config in pairs:
+            for arch in A.ARCHS:
+                assert (kernel, config, dtype, arch) in seen, f"{where}: {kernel} {config} {arch}"
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+TARGETS_SCRIPT = """
+import importlib, json
+import tubevit_fast.audit as A
+print(json.dumps({f"{name} {dtype}": [(t.kernel, t.config) for t in importlib.import_module(name).audit_targets(dtype)]
+                  for name in A.AUDITED_MODULES for dtype in A.DTYPES}))
+"""

@@ -44,8 +44,15 @@ TRITON_INTERPRET=1 is set at decoration time, so the CLI removes TRITON_INTERPRE
 environment before any kernel module is imported (re-executing itself if a kernel module
 was already imported under the interpreter), and the audit refuses interpreted functions.
 
-Later kernels that are not Triton (the csrc extension) add rows with `register_external(fn)`:
-`fn(archs=..., dtypes=...)` returns a list of row dicts with (at least) the ROW_KEYS.
+Kernels that are not Triton add rows with `register_external(fn, module=None)`:
+`fn(archs=..., dtypes=...)` returns a list of row dicts with (at least) the ROW_KEYS, or
+raises ExternalUnavailable when its kernels are not built. The compiled CUDA extension
+(tubevit_fast._C, rows from tubevit_fast.extension.audit_rows, which uses this module's
+cuobjdump runner, parsers, occupancy estimate and row_ok) is registered here under the module
+name EXTENSION_MODULE: its rows are listed beside the Triton ones by default and with
+`--module tubevit_fast._C`, and judged by --strict like them. When it is not built the audit
+prints one line saying so and goes on (not a failure), unless `--module tubevit_fast._C` asked
+for it by name, which gives a "missing" row.
 """
 from __future__ import annotations
 
@@ -135,6 +142,13 @@ def occupancy_limits(arch: str, registers: int, shared_bytes: int, num_warps: in
             "blocks": lim.max_blocks_per_sm}
 
 
+def row_ok(spill_bytes: int, ptxas: dict | None, matmul: bool, mma_instructions: int, occupancy: float) -> bool:
+    """The audit's verdict for one kernel: no local memory, no ptxas-reported spill, tensor-core
+    MMA in a matmul kernel, and the block can be launched at all."""
+    ptxas_spill = (ptxas or {}).get("spill_stores", 0) + (ptxas or {}).get("spill_loads", 0)
+    return bool(spill_bytes == 0 and ptxas_spill == 0 and (not matmul or mma_instructions > 0) and occupancy > 0)
+
+
 def estimate_occupancy(arch: str, registers: int, shared_bytes: int, num_warps: int) -> float:
     """Resident warps per SM / maximum warps per SM (0..1); 0 if the block cannot launch."""
     blocks = min(occupancy_limits(arch, registers, shared_bytes, num_warps).values())
@@ -155,6 +169,12 @@ def parse_resource_usage(text: str, function: str | None = None) -> dict[str, in
     Returns e.g. {"REG": 168, "STACK": 0, "SHARED": 0, "LOCAL": 0, "CONSTANT[0]": 416, ...}.
     With function=None the cubin must hold exactly one function.
     """
+    return _pick_function(resource_usage_by_function(text), function, "resource usage")
+
+
+def resource_usage_by_function(text: str) -> dict[str, dict[str, int]]:
+    """{function: its resource usage} for every function of one cubin's
+    `cuobjdump --dump-resource-usage` output (see parse_resource_usage)."""
     found: dict[str, dict[str, int]] = {}
     current = None
     for line in text.splitlines():
@@ -166,7 +186,7 @@ def parse_resource_usage(text: str, function: str | None = None) -> dict[str, in
         if current is not None and "REG:" in line:
             found[current].update({k: int(v) for k, v in _RES_FIELD.findall(line)})
             current = None
-    return _pick_function(found, function, "resource usage")
+    return found
 
 
 _SASS_FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)\s*$")
@@ -189,6 +209,7 @@ class SassStats:
     hmma: int = 0
     hgmma: int = 0
     tma: int = 0                        # UTMALDG / UBLKCP (bulk async copies into shared memory)
+    ldsm: int = 0                       # LDSM (ldmatrix: shared memory -> MMA fragments)
     ldg: dict = None                    # width -> count, plain global loads
     ldgsts: dict = None                 # width -> count, cp.async global -> shared
     instructions: int = 0
@@ -211,7 +232,13 @@ class SassStats:
 
 
 def parse_sass(text: str, function: str | None = None) -> SassStats:
-    """Count MMA instructions and global-load widths in `cuobjdump --dump-sass` output."""
+    """Count MMA instructions and global-load widths in `cuobjdump --dump-sass` output.
+    With function=None the cubin must hold exactly one function."""
+    return _pick_function(sass_by_function(text), function, "SASS")
+
+
+def sass_by_function(text: str) -> dict[str, SassStats]:
+    """{function: its SassStats} for every function of one cubin's `cuobjdump --dump-sass` output."""
     per_fn: dict[str, SassStats] = {}
     current = None
     for line in text.splitlines():
@@ -231,32 +258,60 @@ def parse_sass(text: str, function: str | None = None) -> SassStats:
             current.hgmma += 1
         elif base in ("UTMALDG", "UBLKCP"):
             current.tma += 1
+        elif base == "LDSM":
+            current.ldsm += 1
         elif base == "LDG":
             w = load_width(op)
             current.ldg[w] = current.ldg.get(w, 0) + 1
         elif base == "LDGSTS":
             w = load_width(op)
             current.ldgsts[w] = current.ldgsts.get(w, 0) + 1
-    return _pick_function(per_fn, function, "SASS")
+    return per_fn
 
 
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
 _PTXAS_PROPS = re.compile(
     r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
     r"(\d+) bytes spill loads")
-_PTXAS_REGS = re.compile(r"Compiling entry function '([^']+)'.*?Used (\d+) registers", re.S)
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
-def parse_ptxas_log(text: str, function: str | None = None) -> dict[str, int] | None:
+def parse_ptxas_entries(text: str) -> list[dict]:
+    """Every entry function of a `ptxas -v` log (one kernel or a whole nvcc build, several archs),
+    in log order: {"function", "arch" (as ptxas names it: sm_80, sm_90a), "stack", "spill_stores",
+    "spill_loads", "registers"}, the last four where the log reports them."""
+    starts = list(_PTXAS_ENTRY.finditer(text))
+    entries = []
+    for i, m in enumerate(starts):
+        chunk = text[m.end():starts[i + 1].start() if i + 1 < len(starts) else len(text)]
+        entry = {"function": m.group(1), "arch": m.group(2)}
+        for name, stack, stores, loads in _PTXAS_PROPS.findall(chunk):
+            if name == m.group(1):
+                entry.update(stack=int(stack), spill_stores=int(stores), spill_loads=int(loads))
+        regs = _PTXAS_REGS.search(chunk)
+        if regs:
+            entry["registers"] = int(regs.group(1))
+        entries.append(entry)
+    return entries
+
+
+def parse_ptxas_log(text: str, function: str | None = None, arch: str | None = None) -> dict[str, int] | None:
     """Parse a `ptxas -v` log: {"stack": ..., "spill_stores": ..., "spill_loads": ...,
-    "registers": ...} for the function, or None if the log says nothing about it."""
+    "registers": ...} for the function (compiled for arch, if given), or None if the log says
+    nothing about it. With function=None the log must hold exactly one entry function."""
     found: dict[str, dict[str, int]] = {}
-    for name, stack, stores, loads in _PTXAS_PROPS.findall(text):
-        found.setdefault(name, {}).update(stack=int(stack), spill_stores=int(stores), spill_loads=int(loads))
-    for name, regs in _PTXAS_REGS.findall(text):
-        found.setdefault(name, {})["registers"] = int(regs)
+    for entry in parse_ptxas_entries(text):
+        if arch is None or entry["arch"] == arch:
+            found[entry["function"]] = {k: v for k, v in entry.items() if k not in ("function", "arch")}
     if not found or (function is not None and function not in found):
         return None
     return _pick_function(found, function, "ptxas log")
+
+
+def spill_bytes(resource_usage: dict[str, int]) -> int:
+    """Local memory per thread from cuobjdump's resource usage: LOCAL + STACK (cuobjdump books
+    ptxas' spill slots in the STACK frame; LOCAL stays 0 for them)."""
+    return resource_usage.get("LOCAL", 0) + resource_usage.get("STACK", 0)
 
 
 def _pick_function(found: dict, function: str | None, what: str):
@@ -281,8 +336,25 @@ def _nvidia_bin(tool: str) -> str:
     return path
 
 
-def cuobjdump(cubin_path: str, *flags: str) -> str:
-    proc = subprocess.run([_nvidia_bin("cuobjdump"), *flags, cubin_path], capture_output=True, text=True)
+def cuobjdump_path() -> str | None:
+    """cuobjdump from Triton's wheel, else from $CUDA_HOME/bin or /usr/local/cuda/bin; None if none."""
+    candidates = []
+    try:
+        candidates.append(_nvidia_bin("cuobjdump"))
+    except (ImportError, AuditError):
+        pass
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "cuobjdump"))
+    return next((c for c in candidates if os.path.exists(c)), None)
+
+
+def cuobjdump(binary_path: str, *flags: str) -> str:
+    """stdout of `cuobjdump FLAGS binary_path` (a cubin, or a fat binary such as a .so)."""
+    tool = cuobjdump_path()
+    if tool is None:
+        raise AuditError("cuobjdump not found (looked in Triton's wheel, $CUDA_HOME/bin and /usr/local/cuda/bin)")
+    proc = subprocess.run([tool, *flags, binary_path], capture_output=True, text=True)
     if proc.returncode != 0:
         raise AuditError(f"cuobjdump {' '.join(flags)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -457,16 +529,15 @@ def audit_target(target, dtype: str, arch: str, workdir: str | None = None) -> d
     occ = estimate_occupancy(arch, res["REG"], shared, num_warps)
     # cuobjdump puts ptxas' spill slots in the STACK frame (LOCAL stays 0 for them), so the
     # local memory per thread is LOCAL + STACK; either way it must be 0.
-    spill = res.get("LOCAL", 0) + res.get("STACK", 0)
-    ptxas_spill = (ptxas or {}).get("spill_stores", 0) + (ptxas or {}).get("spill_loads", 0)
-    ok = spill == 0 and ptxas_spill == 0 and (not target.matmul or sass.mma > 0) and occ > 0
+    spill = spill_bytes(res)
+    ok = row_ok(spill, ptxas, target.matmul, sass.mma, occ)
     return {
         "kernel": target.kernel, "config": target.config, "dtype": dtype, "arch": arch,
         "registers": res["REG"], "spill_bytes": spill, "shared_bytes": shared,
         "occupancy": round(occ, 4), "mma_instructions": sass.mma, "load_widths": sass.load_widths,
-        "matmul": bool(target.matmul), "ok": bool(ok),
+        "matmul": bool(target.matmul), "ok": ok,
         "details": {
-            "hmma": sass.hmma, "hgmma": sass.hgmma, "tma": sass.tma,
+            "hmma": sass.hmma, "hgmma": sass.hgmma, "tma": sass.tma, "ldsm": sass.ldsm,
             "ldg_widths": dict(sorted(sass.ldg.items())), "ldgsts_widths": dict(sorted(sass.ldgsts.items())),
             "sass_instructions": sass.instructions, "stack_bytes": res.get("STACK", 0),
             "local_bytes": res.get("LOCAL", 0),
@@ -483,14 +554,40 @@ def audit_target(target, dtype: str, arch: str, workdir: str | None = None) -> d
 # --------------------------------------------------------------------------------------
 
 _EXTERNAL: list[Callable[..., list[dict]]] = []
+_EXTERNAL_MODULE: dict[Callable[..., list[dict]], str] = {}
 
 
-def register_external(fn: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+class ExternalUnavailable(Exception):
+    """Raised by an external auditor whose kernels are not built here (e.g. no tubevit_fast._C):
+    not a failure, unless its module was asked for by name."""
+
+
+def register_external(fn: Callable[..., list[dict]], module: str | None = None) -> Callable[..., list[dict]]:
     """Add rows from outside Triton (e.g. the csrc extension's nvcc build). `fn(archs=, dtypes=)`
-    returns row dicts with at least ROW_KEYS. Usable as a decorator; returns fn."""
+    returns row dicts with at least ROW_KEYS, or raises ExternalUnavailable. With a `module`
+    name the rows are audited by default and when `modules` names it (--module); without one,
+    always. Returns fn."""
     if fn not in _EXTERNAL:
         _EXTERNAL.append(fn)
+    if module is not None:
+        _EXTERNAL_MODULE[fn] = module
     return fn
+
+
+EXTENSION_MODULE = "tubevit_fast._C"
+
+
+def extension_rows(archs: Iterable[str] = tuple(ARCHS), dtypes: Iterable[str] = DTYPES) -> list[dict]:
+    """Rows of the compiled CUDA extension (tubevit_fast.extension.audit_rows); raises
+    ExternalUnavailable if tubevit_fast._C is not built. Imports torch, so only when called."""
+    from tubevit_fast import extension
+    reason = extension.unavailable_reason()
+    if reason is not None:
+        raise ExternalUnavailable(reason)
+    return extension.audit_rows(archs=tuple(archs), dtypes=tuple(dtypes))
+
+
+register_external(extension_rows, module=EXTENSION_MODULE)
 
 
 def _import_kernel_module(name: str):
@@ -509,9 +606,12 @@ def _selected(kernel: str, patterns: Sequence[str] | None) -> bool:
 
 def audit(kernels: Sequence[str] | str | None = None, archs: Iterable[str] = ("sm_80", "sm_90"),
           dtypes: Iterable[str] = DTYPES, modules: Sequence[str] | None = None,
-          progress: Callable[[dict], None] | None = None) -> list[dict]:
+          progress: Callable[[dict], None] | None = None,
+          notice: Callable[[str], None] | None = None) -> list[dict]:
     """Compile and audit every target of `modules` (default AUDITED_MODULES) plus the rows of the
-    registered external auditors. `kernels`: names or fnmatch patterns to keep (None: all).
+    registered external auditors (named ones only by default or when `modules` names them).
+    `kernels`: names or fnmatch patterns to keep (None: all). An unavailable external gives one
+    line to `notice` (default: stderr), or a "missing" row if `modules` names it.
     Returns a list of row dicts (ROW_KEYS + "details"); see the module docstring."""
     archs, dtypes = tuple(archs), tuple(dtypes)
     for arch in archs:
@@ -521,7 +621,14 @@ def audit(kernels: Sequence[str] | str | None = None, archs: Iterable[str] = ("s
         if dt not in DTYPES:
             raise AuditError(f"unknown dtype {dt!r}; choose from {list(DTYPES)}")
     patterns = [kernels] if isinstance(kernels, str) else kernels
-    modules = AUDITED_MODULES if modules is None else tuple(modules)
+    named = None if modules is None else set(modules)
+    externals = [fn for fn in _EXTERNAL
+                 if fn not in _EXTERNAL_MODULE or named is None or _EXTERNAL_MODULE[fn] in named]
+    external_names = set(_EXTERNAL_MODULE.values())
+    modules = AUDITED_MODULES if modules is None else tuple(m for m in modules if m not in external_names)
+    if notice is None:
+        def notice(text):
+            print(f"audit: {text}", file=sys.stderr)
     rows: list[dict] = []
 
     def emit(row):
@@ -551,8 +658,19 @@ def audit(kernels: Sequence[str] | str | None = None, archs: Iterable[str] = ("s
                         row = audit_target(target, dtype, arch, workdir)
                         row["details"]["module"] = mod_name
                         emit(row)
-        for external in _EXTERNAL:
-            for row in external(archs=archs, dtypes=dtypes):
+        for external in externals:
+            name = _EXTERNAL_MODULE.get(external)
+            try:
+                ext_rows = external(archs=archs, dtypes=dtypes)
+            except ExternalUnavailable as exc:
+                if named is not None and name in named:
+                    emit(_empty_row(name, MISSING, None, None, False, module=name, error=str(exc)))
+                else:
+                    reason = " ".join(str(exc).split()) or "unavailable"
+                    notice(f"not auditing {name or getattr(external, '__name__', external)}, it is not built: "
+                           f"{reason}")
+                continue
+            for row in ext_rows:
                 missing = [k for k in ROW_KEYS if k not in row]
                 if missing:
                     raise AuditError(f"external auditor {external!r} returned a row without {missing}")
@@ -660,8 +778,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="python -m tubevit_fast.audit",
-        description="Compile every Triton kernel ahead of time for sm_80/sm_90 and audit its SASS "
-                    "(registers, spills, shared memory, occupancy, tensor-core instructions, load widths).")
+        description="Compile every Triton kernel ahead of time for sm_80/sm_90 and audit its SASS, and "
+                    "that of the CUDA extension tubevit_fast._C if it is built (registers, spills, shared "
+                    "memory, occupancy, tensor-core instructions, load widths).")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
     parser.add_argument("--details", action="store_true", help="with --json: add each row's 'details'")
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS), help="repeatable; default both")
@@ -669,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", action="append", metavar="NAME",
                         help="kernel name or fnmatch pattern; repeatable")
     parser.add_argument("--module", action="append", metavar="MOD",
-                        help="audit these modules instead of AUDITED_MODULES; repeatable")
+                        help=f"audit these modules instead of AUDITED_MODULES and {EXTENSION_MODULE} "
+                             f"(which is one of the names accepted); repeatable")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 if any row is not ok or a module is missing")
     args = parser.parse_args(argv)

@@ -17,7 +17,9 @@ torch.library.opcheck on fake/meta tensors, and offers:
     attention_forward / attention_backward   the launchers, same signatures as the Triton ones
     unavailable_reason()                     None, or why the extension cannot be used
     supported_head_dims()                    head dims compiled into this build
-    ptxas_log_path(), audit_rows()           the build's ptxas report and a SASS audit of the .so
+    ptxas_log_path(), ptxas_rows(), audit_rows()
+                                             the build's ptxas report and its SASS audit (the
+                                             parsers and rules of tubevit_fast.audit)
 
 Layouts (as for the Triton launchers): dense q (B, Nq, H, D), k/v (B, Nk, H, D), lse (B, H, Nq);
 packed varlen q (total_q, H, D), k/v (total_k, H, D) with int32 cu_seqlens (batch + 1), lse
@@ -36,7 +38,6 @@ import json
 import math
 import os
 import re
-import subprocess
 
 import torch
 
@@ -170,183 +171,106 @@ def describe_kernel(mangled: str) -> dict | None:
             "dtype": "bf16" if "bfloat16" in m.group(3) else "fp16", "head_dim": int(m.group(4))}
 
 
-def parse_ptxas_log(text: str) -> list[dict]:
-    """Rows {kernel, dtype, head_dim, arch, registers, stack, spill_stores, spill_loads} from a
-    `ptxas -v` report (arch as ptxas names it: sm_80, sm_90a)."""
+def ptxas_rows(text: str) -> list[dict]:
+    """Rows {kernel, dtype, head_dim, arch, registers, stack, spill_stores, spill_loads} of a
+    `ptxas -v` report of this build (arch as ptxas names it: sm_80, sm_90a), one per entry
+    function; parsed by tubevit_fast.audit.parse_ptxas_entries, named by describe_kernel."""
+    from tubevit_fast.audit import parse_ptxas_entries
     rows = []
-    pattern = re.compile(
-        r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>[^']+)'.*?"
-        r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads.*?"
-        r"Used (?P<regs>\d+) registers", re.S)
-    for m in pattern.finditer(text):
-        info = describe_kernel(m.group("name"))
-        if info is None:
-            info = {"kernel": m.group("name"), "dtype": None, "head_dim": None}
-        rows.append({**info, "arch": m.group("arch"), "registers": int(m.group("regs")),
-                     "stack": int(m.group("stack")), "spill_stores": int(m.group("st")),
-                     "spill_loads": int(m.group("ld"))})
+    for entry in parse_ptxas_entries(text):
+        info = describe_kernel(entry["function"]) or {"kernel": entry["function"], "dtype": None, "head_dim": None}
+        rows.append({**info, "arch": entry["arch"], "registers": entry.get("registers"),
+                     "stack": entry.get("stack", 0), "spill_stores": entry.get("spill_stores", 0),
+                     "spill_loads": entry.get("spill_loads", 0)})
     return rows
 
 
-def cuobjdump_path() -> str | None:
-    """cuobjdump from Triton's wheel, else from CUDA_HOME or /usr/local/cuda."""
-    candidates = []
-    try:
-        import triton
-        wheel_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-        candidates.append(os.path.join(wheel_bin, "cuobjdump"))
-    except ImportError:
-        pass
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            candidates.append(os.path.join(home, "bin", "cuobjdump"))
-    return next((c for c in candidates if os.path.exists(c)), None)
-
-
-def _cuobjdump(*args: str) -> str:
-    tool = cuobjdump_path()
-    if tool is None:
-        raise RuntimeError("cuobjdump not found (looked in Triton's wheel and CUDA_HOME)")
-    proc = subprocess.run([tool, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"cuobjdump {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def _split_cubins(text: str, function_re: re.Pattern | None = None) -> dict[tuple, str]:
-    """cuobjdump output of a fat binary -> {(arch, identifier, function): that function's text}, or
-    with function_re=None {(arch, identifier, None): the whole cubin's text}. identifier names the
-    source file the cubin came from."""
-    out: dict[tuple, list[str]] = {}
-    arch = ident = func = None
+def _split_cubins(text: str) -> dict[tuple[str, str | None], str]:
+    """cuobjdump output of a fat binary -> {(arch, identifier): that cubin's part of the output}.
+    identifier names the source file the cubin came from; arch is cuobjdump's (sm_80, sm_90a)."""
+    cubins: list[list] = []    # [arch, identifier, lines]
     for line in text.splitlines():
         m = re.match(r"\s*arch = (sm_\w+)", line)
         if m:
-            arch, ident, func = m.group(1), None, None
+            cubins.append([m.group(1), None, []])
             continue
         m = re.match(r"\s*identifier = (.*)$", line)
-        if m:
-            ident = m.group(1).strip()
+        if m and cubins:
+            cubins[-1][1] = m.group(1).strip()
             continue
-        if function_re is not None:
-            m = function_re.match(line)
-            if m:
-                func = m.group(1)
-                continue
-            if func is None:
-                continue
-        out.setdefault((arch, ident, func), []).append(line)
-    return {key: "\n".join(lines) for key, lines in out.items()}
-
-
-_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_.]*)")
-
-
-def _sass_stats(sass: str) -> dict:
-    hmma = hgmma = 0
-    widths: dict[int, int] = {}
-    ldsm = 0
-    for line in sass.splitlines():
-        m = _OPCODE.match(line)
-        if m is None:
-            continue
-        op = m.group(1)
-        base = op.split(".")[0]
-        if base == "HMMA":
-            hmma += 1
-        elif base == "HGMMA":
-            hgmma += 1
-        elif base == "LDSM":
-            ldsm += 1
-        elif base in ("LDG", "LDGSTS"):
-            width = 32
-            for token in op.split(".")[1:]:
-                if token in ("U8", "S8"):
-                    width = 8
-                elif token in ("U16", "S16"):
-                    width = 16
-                elif token.isdigit():
-                    width = int(token)
-            widths[width] = widths.get(width, 0) + 1
-    return {"hmma": hmma, "hgmma": hgmma, "ldsm": ldsm, "load_widths": dict(sorted(widths.items()))}
-
-
-_ARCH_LIMITS = {  # shared memory per SM / opt-in per block (bytes); 1 KB reserved per block
-    "sm_80": (164 * 1024, 163 * 1024),
-    "sm_90": (228 * 1024, 227 * 1024),
-}
-
-
-def _occupancy(arch: str, registers: int, shared: int, threads: int) -> float:
-    """Resident warps / 64 from registers, shared memory and threads (occupancy-calculator model)."""
-    warps = threads // 32
-    if registers > 255 or shared > _ARCH_LIMITS[arch][1]:
-        return 0.0
-    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_regs = ((65536 // 4) // regs_per_warp) * 4 // warps
-    by_smem = _ARCH_LIMITS[arch][0] // (shared + 1024)
-    blocks = min(by_regs, by_smem, 64 // warps, 32)
-    return blocks * warps / 64
+        if cubins:
+            cubins[-1][2].append(line)
+    out: dict[tuple[str, str | None], str] = {}
+    for arch, ident, lines in cubins:
+        key = (arch, ident)
+        out[key] = out[key] + "\n" + "\n".join(lines) if key in out else "\n".join(lines)
+    return out
 
 
 def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
-    """One row per kernel x head dim x dtype x arch of the built .so, from cuobjdump
-    (--dump-resource-usage and --dump-sass) plus the build's ptxas report, with the keys of
-    tubevit_fast.audit.ROW_KEYS: kernel, config, dtype, arch ("sm_80"/"sm_90"), registers,
-    spill_bytes (LOCAL bytes per thread), shared_bytes (dynamic + static per block),
-    occupancy (0..1), mma_instructions (HMMA + HGMMA), load_widths ({bits: count} over LDG and
-    LDGSTS), matmul, ok; plus "details". Raises RuntimeError if the extension is not built."""
+    """One row per kernel x head dim x dtype x arch of the built .so, with the keys and meaning of
+    tubevit_fast.audit.ROW_KEYS (arch "sm_80"/"sm_90"; sm_90a cubins count as sm_90) plus
+    "details". One `cuobjdump --dump-resource-usage --dump-sass --dump-elf-symbols` of the .so,
+    split per cubin and parsed, judged and sized with tubevit_fast.audit's parsers, occupancy
+    estimate and ok rule, plus the build's ptxas report. python -m tubevit_fast.audit lists these
+    rows beside the Triton kernels'. Raises RuntimeError if the extension is not built."""
+    from tubevit_fast import audit as A
     lib = library_path()
     if lib is None or not os.path.exists(lib):
         raise RuntimeError(unavailable_reason() or "tubevit_fast._C is not built")
     configs = {(c["kernel"], c["head_dim"]): c for c in kernel_configs()}
-    resources = _split_cubins(_cuobjdump("--dump-resource-usage", lib),
-                              re.compile(r"^\s*Function (\S+):\s*$"))
-    sass = _split_cubins(_cuobjdump("--dump-sass", lib), re.compile(r"^\s*Function : (\S+)\s*$"))
-    # On sm_90 ptxas gives each cubin the driver's 1 KB per-block reservation as a static shared
-    # symbol, and cuobjdump counts it in SHARED; it is not the kernel's own.
-    reserved = {(a, i) for (a, i, _), body in _split_cubins(_cuobjdump("--dump-elf-symbols", lib)).items()
-                if "RESERVED_SHARED" in body}
+    dump = A.cuobjdump(lib, "--dump-resource-usage", "--dump-sass", "--dump-elf-symbols")
     log_path = ptxas_log_path()
     ptxas = {}
     if log_path is not None:
         with open(log_path) as f:
-            for r in parse_ptxas_log(f.read()):
+            for r in ptxas_rows(f.read()):
                 ptxas[(r["arch"].rstrip("a"), r["kernel"], r["dtype"], r["head_dim"])] = r
     rows = []
-    for (arch_full, ident, func), res_text in sorted(resources.items()):
+    for (arch_full, ident), cubin_text in sorted(_split_cubins(dump).items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
         arch = arch_full.rstrip("a")
-        info = describe_kernel(func)
-        if info is None or arch not in archs or info["dtype"] not in dtypes:
+        if arch not in archs:
             continue
-        res = {k: int(v) for k, v in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", res_text)}
-        cfg = configs.get((info["kernel"], info["head_dim"]), {})
-        threads = cfg.get("threads", 128)
-        static_smem = res.get("SHARED", 0)
-        if (arch_full, ident) in reserved:
-            static_smem = max(static_smem - 1024, 0)
-        shared = cfg.get("shared_bytes", 0) + static_smem
-        stats = _sass_stats(sass.get((arch_full, ident, func), ""))
-        log = ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"]))
-        ptxas_spill = (log["spill_stores"] + log["spill_loads"]) if log else 0
-        matmul = info["kernel"] != "attention_bwd_preprocess_kernel"
-        mma = stats["hmma"] + stats["hgmma"]
-        occupancy = _occupancy(arch, res.get("REG", 0), shared, threads)
-        config = f"D{info['head_dim']}"
-        if cfg.get("block_n"):
-            config += f"-BM{cfg['block_m']}-BN{cfg['block_n']}-s{cfg['stages']}"
-        config += f"-w{threads // 32}"
-        rows.append({
-            "kernel": info["kernel"], "config": config, "dtype": info["dtype"], "arch": arch,
-            "registers": res.get("REG", 0), "spill_bytes": res.get("LOCAL", 0), "shared_bytes": shared,
-            "occupancy": round(occupancy, 4), "mma_instructions": mma, "load_widths": stats["load_widths"],
-            "matmul": matmul,
-            "ok": res.get("LOCAL", 0) == 0 and ptxas_spill == 0 and (not matmul or mma > 0) and occupancy > 0,
-            "details": {"module": "tubevit_fast._C", "cubin_arch": arch_full, "function": func,
-                        "hmma": stats["hmma"], "hgmma": stats["hgmma"], "ldsm": stats["ldsm"],
-                        "stack_bytes": res.get("STACK", 0),
-                        "dynamic_shared_bytes": cfg.get("shared_bytes", 0),
-                        "static_shared_bytes": static_smem, "num_warps": threads // 32,
-                        "ptxas": log, "ptxas_log": log_path},
-        })
+        sass = A.sass_by_function(cubin_text)
+        # On sm_90 ptxas gives each cubin the driver's 1 KB per-block reservation as a static
+        # shared symbol, and cuobjdump counts it in SHARED; it is not the kernel's own.
+        reserved = "RESERVED_SHARED" in cubin_text
+        for func, res in sorted(A.resource_usage_by_function(cubin_text).items()):
+            info = describe_kernel(func)
+            if info is None or info["dtype"] not in dtypes:
+                continue
+            cfg = configs.get((info["kernel"], info["head_dim"]), {})
+            num_warps = cfg.get("threads", 128) // 32
+            static_smem = res.get("SHARED", 0)
+            if reserved:
+                static_smem = max(static_smem - A.ARCH_LIMITS[arch].reserved_smem_per_block, 0)
+            dynamic_smem = cfg.get("shared_bytes", 0)
+            shared = dynamic_smem + static_smem
+            stats = sass.get(func, A.SassStats())
+            log = ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"]))
+            matmul = info["kernel"] != "attention_bwd_preprocess_kernel"
+            registers = res.get("REG", 0)
+            occupancy = A.estimate_occupancy(arch, registers, shared, num_warps)
+            spill = A.spill_bytes(res)
+            config = f"D{info['head_dim']}"
+            if cfg.get("block_n"):
+                config += f"-BM{cfg['block_m']}-BN{cfg['block_n']}-s{cfg['stages']}"
+            config += f"-w{num_warps}"
+            rows.append({
+                "kernel": info["kernel"], "config": config, "dtype": info["dtype"], "arch": arch,
+                "registers": registers, "spill_bytes": spill, "shared_bytes": shared,
+                "occupancy": round(occupancy, 4), "mma_instructions": stats.mma,
+                "load_widths": stats.load_widths, "matmul": matmul,
+                "ok": A.row_ok(spill, log, matmul, stats.mma, occupancy),
+                "details": {"module": A.EXTENSION_MODULE, "cubin_arch": arch_full, "source": ident,
+                            "function": func, "head_dim": info["head_dim"], "hmma": stats.hmma, "hgmma": stats.hgmma, "tma": stats.tma,
+                            "ldsm": stats.ldsm, "ldg_widths": dict(sorted(stats.ldg.items())),
+                            "ldgsts_widths": dict(sorted(stats.ldgsts.items())),
+                            "sass_instructions": stats.instructions, "stack_bytes": res.get("STACK", 0),
+                            "local_bytes": res.get("LOCAL", 0), "dynamic_shared_bytes": dynamic_smem,
+                            "static_shared_bytes": static_smem, "num_warps": num_warps,
+                            "occupancy_blocks": A.occupancy_limits(arch, registers, shared, num_warps),
+                            "ptxas": log, "ptxas_log": log_path},
+            })
+    rows.sort(key=lambda r: (r["kernel"], r["details"]["head_dim"], r["dtype"], r["arch"]))
     return rows
