@@ -1,0 +1,219 @@
+"""Shared benchmark machinery: devices, FLOP and minimum-byte counts, same-run baselines and
+the end-of-session summary table.
+
+Run: `pytest benchmarks/ --benchmark-only`. CPU always; CUDA too when a GPU is visible.
+Benchmark files get the helpers through the `bench` fixture (a `BenchTools`), not by
+importing this module: tests/ has a conftest.py of its own, and a bare `import conftest`
+would pick whichever was imported last.
+
+Timing conventions:
+- CPU runs use BENCH_THREADS threads (default 2, the setting the performance targets are
+  stated for); CUDA timings synchronise the device before the clock stops.
+- A speedup is a ratio of medians measured in the same session: the baseline's median is
+  cached when its own benchmark runs, or measured on the spot when that benchmark was
+  deselected, so numbers from different machines or runs are never mixed.
+  `BenchTools.interleaved` measures several callables in a shuffled order per round: the
+  cross-check to read when the machine is shared and its load drifts between benchmarks.
+"""
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from tubevit_fast import geometry
+from tubevit_fast.geometry import TubeSpec
+
+BENCH_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+
+
+def bench_devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return devices
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- work counts --------------------------------------------------------------------------
+
+def tube_embed_flops(tubes: Sequence[TubeSpec], size: Sequence[int], batch: int, channels: int, dim: int,
+                     weight_grad: bool = False, input_grad: bool = False) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the tube GEMMs: tokens x patch length x dim.
+
+    Forward: one GEMM per tube. weight_grad adds dW = dY^T A (same count); input_grad adds
+    dA = dY W (same count). Bias, position and bias-gradient sums are O(N * dim) and left out.
+    """
+    macs = batch * dim * sum(t.num_tokens(size) * t.patch_size(channels) for t in geometry.as_tubes(tubes))
+    passes = 1 + int(weight_grad) + int(input_grad)
+    return 2 * macs * passes
+
+
+def tube_embed_min_bytes(tubes: Sequence[TubeSpec], size: Sequence[int], batch: int, channels: int, dim: int,
+                         itemsize: int, pos: bool = True, weight_grad: bool = False,
+                         input_grad: bool = False) -> int:
+    """Bytes an ideal implementation must move, each tensor touched once per pass.
+
+    Forward: the pixels some tube reads (geometry.read_mask, not the whole video), all
+    weights and biases, the fp32 position table, the tokens written.
+    Backward (weight_grad): grad_out read, the read pixels again, weight and bias
+    gradients written. input_grad: the weights again and the whole video gradient written
+    (zeros outside the read mask included: the result is a dense tensor).
+    """
+    tubes = geometry.as_tubes(tubes)
+    size = tuple(size)
+    n_tokens = geometry.num_tokens(tubes, size)
+    pixels = int(np.count_nonzero(geometry.read_mask(tubes, size))) * batch * channels
+    weights = sum(dim * t.patch_size(channels) for t in tubes) + dim * len(tubes)
+    tokens = batch * n_tokens * dim
+    total = (pixels + weights + tokens) * itemsize + (n_tokens * dim * 4 if pos else 0)
+    if weight_grad or input_grad:
+        total += tokens * itemsize  # grad_out
+    if weight_grad:
+        total += (pixels + weights) * itemsize
+    if input_grad:
+        total += (weights + batch * channels * int(np.prod(size))) * itemsize
+    return total
+
+
+# ---- same-session baselines and the summary -----------------------------------------------
+
+def median_seconds(fn: Callable[[], object], device: torch.device, rounds: int = 15, warmup: int = 2) -> float:
+    """Median wall time of fn(), synchronised: for baselines whose own benchmark did not run."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class SummaryRow:
+    op: str
+    device: str
+    dtype: str
+    ours: float            # seconds, median
+    baseline: float | None  # seconds, median
+    baseline_name: str
+    floor: float | None = None
+    notes: str = ""
+
+
+@dataclass
+class BenchTools:
+    """What benchmark files use: counts, baselines, extra_info filling and summary rows."""
+
+    baselines: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+
+    flops = staticmethod(tube_embed_flops)
+    min_bytes = staticmethod(tube_embed_min_bytes)
+    synchronize = staticmethod(synchronize)
+
+    @staticmethod
+    def median_of(benchmark) -> float | None:
+        """The median (s) of a finished pytest-benchmark run; None when benchmarking is disabled."""
+        stats = getattr(benchmark, "stats", None)
+        return None if stats is None else stats.stats.median
+
+    def record_baseline(self, key, benchmark) -> None:
+        median = self.median_of(benchmark)
+        if median is not None:
+            self.baselines[key] = median
+
+    def baseline(self, key, fn: Callable[[], object], device: torch.device) -> float:
+        """The cached median for `key`, timing fn here if its own benchmark did not run."""
+        if key not in self.baselines:
+            self.baselines[key] = median_seconds(fn, device)
+        return self.baselines[key]
+
+    @staticmethod
+    def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int = 15,
+                    seed: int = 0) -> dict[str, float]:
+        """Median seconds of each callable, run in a random order every round (after one warmup
+        each): ratios between them hold even when the machine's load drifts during the run."""
+        order = random.Random(seed)
+        names = list(fns)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for name in names:
+            fns[name]()
+        for _ in range(rounds):
+            order.shuffle(names)
+            for name in names:
+                synchronize(device)
+                start = time.perf_counter()
+                fns[name]()
+                synchronize(device)
+                times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    def annotate(self, benchmark, flops: int, min_bytes: int) -> float | None:
+        """extra_info: flops, min_bytes, tflops, gbps (from the median). Returns the median."""
+        median = self.median_of(benchmark)
+        benchmark.extra_info["flops"] = flops
+        benchmark.extra_info["min_bytes"] = min_bytes
+        if median:
+            benchmark.extra_info["tflops"] = flops / median / 1e12
+            benchmark.extra_info["gbps"] = min_bytes / median / 1e9
+        return median
+
+    def add_row(self, op: str, device: torch.device | str, dtype: torch.dtype | str, ours: float,
+                baseline: float | None, baseline_name: str, floor: float | None = None, notes: str = "") -> None:
+        """One line of the end-of-session summary table (times in seconds)."""
+        self.rows.append(SummaryRow(op, str(device), str(dtype).replace("torch.", ""), ours, baseline,
+                                    baseline_name, floor, notes))
+
+
+_TOOLS = BenchTools()
+
+
+@pytest.fixture(scope="session")
+def bench() -> BenchTools:
+    return _TOOLS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bench_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(BENCH_THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    rows = _TOOLS.rows
+    if not rows:
+        return
+    header = ("op", "device", "dtype", "ours ms", "baseline ms", "baseline", "speedup", "floor ms", "ours/floor", "notes")
+    lines = []
+    for r in rows:
+        speedup = f"{r.baseline / r.ours:.2f}x" if r.baseline and r.ours else "-"
+        vs_floor = f"{r.ours / r.floor:.2f}" if r.floor and r.ours else "-"
+        lines.append((r.op, r.device, r.dtype, _ms(r.ours), _ms(r.baseline), r.baseline_name, speedup,
+                      _ms(r.floor), vs_floor, r.notes))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    terminalreporter.section(f"tubevit_fast benchmark summary (medians, CPU threads={BENCH_THREADS})")
+    terminalreporter.write_line(fmt.format(*header))
+    for line in lines:
+        terminalreporter.write_line(fmt.format(*line))

@@ -1,0 +1,183 @@
+"""Tube embedding benchmarks on the paper configuration: PAPER_TUBES, B=2, 3x32x224x224, dim 768.
+
+Cases, each for the forward pass (no_grad) and for forward+backward (weight and bias
+gradients; the video needs no gradient):
+  reference  Conv3d per tube on the offset slice + flatten + transpose + cat + pos add
+             (tubevit_fast.reference.tube_embed), backward through autograd
+  floor      the GEMMs alone on patches gathered beforehand (A_i @ W_i^T, and dY_i^T A_i for
+             the weight gradient): what is left if gathering, bias, position and layout were free
+  torch      the "torch" backend through the public op (tubevit_fast.ops.tube_embed, autograd)
+
+Before timing, every case is checked once against the reference output (and gradients), so a
+broken implementation cannot look fast. Nothing asserts on time.
+
+Ratios (extra_info of the torch case, and the summary table), all from this session:
+  speedup_vs_reference  the reference benchmark's median / ours (each run back to back)
+  ratio_to_floor        ours / the floor benchmark's median
+  *_interleaved         the same from a short extra loop after the torch benchmark that runs the
+                        three in a random order each round: on a shared machine whose load
+                        changes between benchmarks, these are the ratios to trust
+
+    pytest benchmarks/test_tube_embed.py --benchmark-only
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from tubevit_fast.geometry import PAPER_TUBES, token_offsets
+from tubevit_fast.ops.tube_embed import tube_embed
+from tubevit_fast.posembed import tube_position_embedding
+from tubevit_fast.reference.tube_embed import tube_embed_reference
+from tubevit_fast.torch_backend.tube_embed import patches
+
+TUBES = PAPER_TUBES
+BATCH, CHANNELS, SIZE, DIM = 2, 3, (32, 224, 224), 768
+ROUNDS = {"cpu": (30, 3), "cuda": (50, 10)}  # (rounds, warmup rounds)
+INTERLEAVED_ROUNDS = {"cpu": 15, "cuda": 30}
+
+_DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+CONFIGS = [(d, torch.float32) for d in _DEVICES] + [(d, torch.bfloat16) for d in _DEVICES if d.type == "cuda"]
+PASSES = ["forward", "forward+backward"]
+IMPLS = ["reference", "floor", "torch"]  # baselines first: the torch case reuses their medians
+
+
+class Problem:
+    """Inputs, pre-gathered floor operands and the reference results for one (device, dtype)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        gen = torch.Generator().manual_seed(0)
+        self.device, self.dtype = device, dtype
+        self.starts = token_offsets(TUBES, SIZE)
+        self.video = torch.randn(BATCH, CHANNELS, *SIZE, generator=gen).to(device, dtype)
+        self.weights = [(torch.randn(DIM, CHANNELS, *t.kernel, generator=gen) / math.sqrt(t.patch_size(CHANNELS)))
+                        .to(device, dtype).requires_grad_() for t in TUBES]
+        self.biases = [(0.02 * torch.randn(DIM, generator=gen)).to(device, dtype).requires_grad_() for _ in TUBES]
+        self.pos = tube_position_embedding(TUBES, SIZE, DIM, device=device)
+        self.grad = torch.randn(BATCH, self.starts[-1], DIM, generator=gen).to(device, dtype)
+        # Floor operands: patches and flattened output gradients, prepared outside the timing.
+        self.a = [patches(self.video, t).reshape(-1, t.patch_size(CHANNELS)) for t in TUBES]
+        self.w_t = [w.detach().reshape(DIM, -1).t() for w in self.weights]
+        self.dy = [self.grad[:, s:e].reshape(-1, DIM).contiguous() for s, e in zip(self.starts, self.starts[1:])]
+        self.params = self.weights + self.biases
+        out = tube_embed_reference(self.video, self.weights, self.biases, TUBES, self.pos)
+        self.ref_out = out.detach()
+        self.ref_grads = torch.autograd.grad(out, self.params, self.grad)
+
+    # -- the timed callables --
+    def reference_forward(self):
+        with torch.no_grad():
+            return tube_embed_reference(self.video, self.weights, self.biases, TUBES, self.pos)
+
+    def reference_forward_backward(self):
+        out = tube_embed_reference(self.video, self.weights, self.biases, TUBES, self.pos)
+        return out, torch.autograd.grad(out, self.params, self.grad)
+
+    def torch_forward(self):
+        with torch.no_grad():
+            return tube_embed(self.video, self.weights, self.biases, TUBES, self.pos, backend="torch")
+
+    def torch_forward_backward(self):
+        out = tube_embed(self.video, self.weights, self.biases, TUBES, self.pos, backend="torch")
+        return out, torch.autograd.grad(out, self.params, self.grad)
+
+    def floor_forward(self):
+        return [a @ w for a, w in zip(self.a, self.w_t)]
+
+    def floor_forward_backward(self):
+        return self.floor_forward(), [dy.t() @ a for dy, a in zip(self.dy, self.a)]
+
+    # -- the once-only correctness checks --
+    def _close(self, name, got, want):
+        tol = 1e-4 if self.dtype == torch.float32 else 3e-2
+        scale = want.detach().abs().max().item() + 1.0
+        err = (got.detach().float() - want.detach().float()).abs().max().item()
+        assert err <= tol * scale, f"{name}: max error {err:.3e} exceeds {tol:.0e} x scale {scale:.3e}"
+
+    def check(self, impl: str, pass_: str) -> None:
+        if impl == "reference":
+            return
+        if impl == "floor":
+            fwd = self.floor_forward() if pass_ == "forward" else self.floor_forward_backward()[0]
+            tokens = [y.view(BATCH, -1, DIM) + b.detach() for y, b in zip(fwd, self.biases)]
+            self._close("floor output", torch.cat(tokens, 1) + self.pos.to(self.dtype), self.ref_out)
+            if pass_ != "forward":
+                dws = self.floor_forward_backward()[1]
+                for i, dw in enumerate(dws):
+                    self._close(f"floor dW[{i}]", dw.view(self.weights[i].shape), self.ref_grads[i])
+            return
+        if pass_ == "forward":
+            self._close("output", self.torch_forward(), self.ref_out)
+        else:
+            out, grads = self.torch_forward_backward()
+            self._close("output", out, self.ref_out)
+            for i, (g, r) in enumerate(zip(grads, self.ref_grads)):
+                self._close(f"grad {i}", g, r)
+
+
+@functools.lru_cache(maxsize=None)
+def problem(device: torch.device, dtype: torch.dtype) -> Problem:
+    return Problem(device, dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"{d.type}-{_dtype_name(t)}" for d, t in CONFIGS])
+@pytest.mark.parametrize("pass_,impl", [(p, i) for p in PASSES for i in IMPLS],
+                         ids=[f"{p}-{i}" for p in PASSES for i in IMPLS])
+def test_tube_embed(benchmark, bench, config, pass_, impl):
+    device, dtype = config
+    p = problem(device, dtype)
+    p.check(impl, pass_)  # once, outside the timed part
+
+    fn = getattr(p, f"{impl}_{pass_.replace('+', '_')}")
+
+    def timed():
+        result = fn()
+        bench.synchronize(device)
+        return result
+
+    rounds, warmup = ROUNDS[device.type]
+    benchmark.group = f"tube_embed {pass_} {device.type} {_dtype_name(dtype)}"
+    benchmark.extra_info.update(op="tube_embed", impl=impl, pass_=pass_, device=device.type,
+                                dtype=_dtype_name(dtype), shape=f"B={BATCH} C={CHANNELS} {SIZE} dim={DIM}",
+                                threads=torch.get_num_threads())
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+
+    backward = pass_ != "forward"
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    median = bench.annotate(
+        benchmark,
+        flops=bench.flops(TUBES, SIZE, BATCH, CHANNELS, DIM, weight_grad=backward),
+        min_bytes=bench.min_bytes(TUBES, SIZE, BATCH, CHANNELS, DIM, itemsize, pos=True, weight_grad=backward))
+
+    name = pass_.replace("+", "_")
+    key = ("tube_embed", pass_, device.type, dtype)
+    if impl != "torch":
+        bench.record_baseline(key + (impl,), benchmark)
+        return
+    if median is None:  # --benchmark-disable: correctness only
+        return
+    # Headline ratios: our median against the reference's and the floor's own benchmarks, all
+    # run back to back in this session (timed here if those were deselected).
+    ref = bench.baseline(key + ("reference",), getattr(p, f"reference_{name}"), device)
+    floor = bench.baseline(key + ("floor",), getattr(p, f"floor_{name}"), device)
+    benchmark.extra_info["speedup_vs_reference"] = ref / median
+    benchmark.extra_info["reference_median_s"] = ref
+    benchmark.extra_info["ratio_to_floor"] = median / floor
+    benchmark.extra_info["floor_median_s"] = floor
+    # Cross-check that load changes between the benchmarks cannot fake: the three interleaved,
+    # in a random order each round (so each one as often follows each of the others).
+    mixed = bench.interleaved({impl_: getattr(p, f"{impl_}_{name}") for impl_ in IMPLS}, device,
+                              rounds=INTERLEAVED_ROUNDS[device.type])
+    benchmark.extra_info["interleaved_medians_s"] = mixed
+    benchmark.extra_info["speedup_vs_reference_interleaved"] = mixed["reference"] / mixed["torch"]
+    benchmark.extra_info["ratio_to_floor_interleaved"] = mixed["torch"] / mixed["floor"]
+    bench.add_row(f"tube_embed {pass_}", device.type, dtype, median, ref, "reference", floor=floor,
+                  notes=f"interleaved: {mixed['reference'] / mixed['torch']:.2f}x vs reference, "
+                        f"{mixed['torch'] / mixed['floor']:.2f} x floor")

@@ -1,0 +1,271 @@
+"""The "torch" backend of tube_embed (tubevit_fast.torch_backend.tube_embed), called directly.
+
+Every result is judged against a float64 golden computed here with one F.conv3d per tube on
+the offset slice (independent of the reference module), with conftest's rule: error at most
+2x that of the same conv3d computation in the test dtype, plus a small atol.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_close_to_golden, dtype_atol
+from tubevit_fast.geometry import PAPER_TUBES, TubeSpec, token_offsets
+from tubevit_fast.posembed import tube_position_embedding
+from tubevit_fast.torch_backend import tube_embed as te
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+SMALL_TUBES = (
+    TubeSpec((2, 3, 3), (2, 4, 4), (0, 0, 0)),
+    TubeSpec((4, 2, 2), (1, 3, 3), (1, 1, 2)),   # overlaps itself in time
+    TubeSpec((1, 4, 4), (3, 4, 4), (0, 2, 0)),   # the 2D tube
+    TubeSpec((3, 5, 3), (2, 2, 1), (2, 1, 3)),   # overlaps itself on every axis
+)
+SMALL_SIZE = (7, 11, 13)
+
+
+# ---- golden and helpers -------------------------------------------------------------------
+
+def conv_tokens(video, weights, biases, tubes, pos):
+    """Conv3d per tube on the offset slice, flatten, transpose, cat, + pos (in the inputs' dtype)."""
+    pieces = []
+    for tube, w, b in zip(tubes, weights, biases):
+        ot, oh, ow = tube.offset
+        pieces.append(F.conv3d(video[:, :, ot:, oh:, ow:], w, b, stride=tube.stride).flatten(2).transpose(1, 2))
+    out = torch.cat(pieces, 1)
+    return out if pos is None else out + pos.to(out.dtype)
+
+
+def conv_grads(video, weights, biases, tubes, pos, grad_out):
+    """(out, dx, dWs, dbs) of conv_tokens through autograd, in the inputs' dtype."""
+    leaves = [t.detach().clone().requires_grad_() for t in (video, *weights, *biases)]
+    n = len(weights)
+    out = conv_tokens(leaves[0], leaves[1:1 + n], leaves[1 + n:], tubes, pos)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return out.detach(), grads[0], list(grads[1:1 + n]), list(grads[1 + n:])
+
+
+def make_inputs(tubes, size, batch=2, channels=3, dim=12, dtype=torch.float32, seed=0, with_pos=True):
+    gen = torch.Generator().manual_seed(seed)
+    video = torch.randn(batch, channels, *size, generator=gen)
+    weights = [torch.randn(dim, channels, *t.kernel, generator=gen) / math.sqrt(t.patch_size(channels))
+               for t in tubes]
+    biases = [torch.randn(dim, generator=gen) for _ in tubes]
+    pos = tube_position_embedding(tubes, size, dim) if with_pos and dim >= 6 else None
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return cast(video), [cast(w) for w in weights], [cast(b) for b in biases], pos
+
+
+def check_all(video, weights, biases, tubes, pos, grad_out, dtype, need_dx=True):
+    """Forward and every gradient of the torch backend against the float64 golden."""
+    golden = conv_grads(video.double(), [w.double() for w in weights], [b.double() for b in biases],
+                        tubes, None if pos is None else pos.double(), grad_out.double())
+    same = conv_grads(video, weights, biases, tubes, pos, grad_out)
+
+    out = te.tube_embed_forward(video, weights, biases, pos, tubes)
+    assert out.dtype == dtype and out.is_contiguous()
+    dx, dws, dbs = te.tube_embed_backward(grad_out, video, weights, tubes, need_dx)
+    if need_dx:
+        assert dx.dtype == dtype
+    else:
+        assert dx is None
+
+    def check(name, fast, gold, ref):
+        scale = max(1.0, gold.abs().max().item()) if gold.numel() else 1.0
+        assert_close_to_golden(fast, gold, ref, atol=dtype_atol(dtype, scale), name=name)
+
+    check("output", out, golden[0], same[0])
+    if need_dx:
+        check("dx", dx, golden[1], same[1])
+    for i in range(len(tubes)):
+        assert dws[i].shape == weights[i].shape and dws[i].dtype == dtype
+        assert dbs[i].shape == biases[i].shape and dbs[i].dtype == dtype
+        check(f"dW[{i}]", dws[i], golden[2][i], same[2][i])
+        check(f"db[{i}]", dbs[i], golden[3][i], same[3][i])
+
+
+# ---- fixed cases --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_forward_and_grads_small(dtype, with_pos):
+    video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE, dtype=dtype, with_pos=with_pos)
+    n = token_offsets(SMALL_TUBES, SMALL_SIZE)[-1]
+    grad_out = torch.randn(2, n, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
+    check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paper_tubes_small_video(dtype):
+    """The paper's four tubes (one overlapping itself in time) on the smallest video they fit."""
+    size = (32, 40, 40)
+    video, weights, biases, pos = make_inputs(PAPER_TUBES, size, batch=1, dim=8, dtype=dtype)
+    n = token_offsets(PAPER_TUBES, size)[-1]
+    grad_out = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(2)).to(dtype)
+    check_all(video, weights, biases, PAPER_TUBES, pos, grad_out, dtype)
+
+
+@pytest.mark.parametrize("layout", ["channels_last_3d", "sliced", "transposed_hw"])
+def test_non_contiguous_video(layout):
+    video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE)
+    if layout == "channels_last_3d":
+        video = video.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":
+        big = torch.randn(3, 5, SMALL_SIZE[0] + 1, SMALL_SIZE[1] + 2, 2 * SMALL_SIZE[2] + 1)
+        video = big[1:, 1:4, 1:, 2:, 1::2]
+    else:
+        video = torch.randn(2, 3, SMALL_SIZE[0], SMALL_SIZE[2], SMALL_SIZE[1]).transpose(3, 4)
+    assert not video.is_contiguous() and video.shape[2:] == SMALL_SIZE
+    n = token_offsets(SMALL_TUBES, SMALL_SIZE)[-1]
+    grad_out = torch.randn(video.shape[0], n, 12)
+    check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stride_zero_grad_out(dtype):
+    """grad_out as autograd hands it over for out.sum() or out.mean(1): expanded, stride 0."""
+    video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE, dtype=dtype)
+    n = token_offsets(SMALL_TUBES, SMALL_SIZE)[-1]
+    for grad_out in (torch.ones((), dtype=dtype).expand(2, n, 12),
+                     torch.randn(2, 1, 12).to(dtype).expand(2, n, 12)):
+        assert 0 in grad_out.stride()
+        check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dx_with_overlapping_tubes(dtype):
+    """Tubes that overlap each other and themselves (stride 1 and 2 < kernel) on every axis:
+    dx sums the contributions of every window that read a pixel."""
+    tubes = (TubeSpec((3, 3, 3), (1, 1, 1), (0, 0, 0)),
+             TubeSpec((4, 5, 3), (2, 2, 1), (1, 0, 2)),
+             TubeSpec((2, 2, 2), (1, 2, 1), (0, 1, 1)))
+    size = (6, 8, 7)
+    video, weights, biases, pos = make_inputs(tubes, size, dtype=dtype, dim=7)
+    n = token_offsets(tubes, size)[-1]
+    grad_out = torch.randn(2, n, 7, generator=torch.Generator().manual_seed(3)).to(dtype)
+    check_all(video, weights, biases, tubes, pos, grad_out, dtype)
+    # The same dx by hand in float64: every token's patch gradient added onto its pixels.
+    dx, _, _ = te.tube_embed_backward(grad_out.double(), video.double(), [w.double() for w in weights],
+                                      tubes, True)
+    expected = torch.zeros(video.shape, dtype=torch.float64)
+    starts = token_offsets(tubes, size)
+    for i, tube in enumerate(tubes):
+        nt, nh, nw = tube.grid(size)
+        (kt, kh, kw), (st_, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
+        for tok in range(nt * nh * nw):
+            it, ih, iw = tok // (nh * nw), (tok // nw) % nh, tok % nw
+            t0, h0, w0 = ot + it * st_, oh + ih * sh, ow + iw * sw
+            g = torch.einsum("bd,dcthw->bcthw", grad_out[:, starts[i] + tok].double(), weights[i].double())
+            expected[:, :, t0:t0 + kt, h0:h0 + kh, w0:w0 + kw] += g
+    torch.testing.assert_close(dx, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dx_is_deterministic():
+    tubes = (TubeSpec((3, 3, 3), (1, 1, 1)), TubeSpec((2, 4, 4), (1, 2, 2), (1, 1, 1)))
+    video, weights, _, _ = make_inputs(tubes, (6, 9, 9))
+    grad_out = torch.randn(2, token_offsets(tubes, (6, 9, 9))[-1], 12)
+    first = te.tube_embed_backward(grad_out, video, weights, tubes, True)
+    for _ in range(3):
+        again = te.tube_embed_backward(grad_out, video, weights, tubes, True)
+        assert torch.equal(first[0], again[0])
+        assert all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+
+
+def test_single_frame_video_with_2d_tubes():
+    tubes = (TubeSpec((1, 4, 4), (1, 4, 4)), TubeSpec((1, 3, 5), (1, 2, 3), (0, 1, 1)))
+    video, weights, biases, pos = make_inputs(tubes, (1, 12, 13))
+    grad_out = torch.randn(2, token_offsets(tubes, (1, 12, 13))[-1], 12)
+    check_all(video, weights, biases, tubes, pos, grad_out, torch.float32)
+
+
+def test_output_fully_written(monkeypatch):
+    """torch.empty returns NaN-poisoned memory: every output element must be overwritten."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE)
+    for p in (pos, None):
+        out = te.tube_embed_forward(video, weights, biases, p, SMALL_TUBES)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tube,size,offset", [
+    (TubeSpec((2, 4, 8), (3, 5, 8), (1, 2, 8)), (7, 12, 40), 0),   # 16-byte (or wider) rows
+    (TubeSpec((2, 3, 4), (3, 5, 4), (0, 1, 4)), (5, 9, 20), 0),    # 8 or 16 bytes per row
+    (TubeSpec((2, 3, 4), (3, 5, 4), (0, 1, 4)), (5, 9, 20), 1),    # misaligned storage: no wide view
+    (TubeSpec((1, 2, 3), (1, 2, 3), (0, 0, 1)), (2, 6, 10), 0),    # odd rows: no wide view
+])
+def test_patches_bit_exact(dtype, tube, size, offset):
+    """The wide-element gather moves bits: equal to a plain indexing gather, NaN and -0 included."""
+    raw = torch.randn(2 * 3 * math.prod(size) + offset).to(dtype)
+    raw[::7] = float("nan")
+    raw[1::11] = -0.0
+    video = raw[offset:].view(2, 3, *size)
+    got = te.patches(video, tube)
+    nt, nh, nw = tube.grid(size)
+    (kt, kh, kw), (st_, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
+    rows = []
+    for it in range(nt):
+        for ih in range(nh):
+            for iw in range(nw):
+                t0, h0, w0 = ot + it * st_, oh + ih * sh, ow + iw * sw
+                rows.append(video[:, :, t0:t0 + kt, h0:h0 + kh, w0:w0 + kw].reshape(2, -1))
+    expected = torch.stack(rows, 1)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       expected.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def test_paper_tubes_use_the_wide_gather():
+    """The paper's tubes are 16-byte aligned on a contiguous fp32 video: all four take the fast path."""
+    video = torch.zeros(1, 3, 32, 64, 64)
+    assert [te._wide_view(video, tube)[1] for tube in PAPER_TUBES] == [4, 4, 4, 4]
+
+
+def test_batch_of_one_and_batch_of_three():
+    for batch in (1, 3):
+        video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE, batch=batch)
+        grad_out = torch.randn(batch, token_offsets(SMALL_TUBES, SMALL_SIZE)[-1], 12)
+        check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, torch.float32)
+
+
+# ---- random geometries --------------------------------------------------------------------
+
+@st.composite
+def geometries(draw):
+    """(tubes, size): 1..5 random tubes that fit, sometimes a single frame with 2D tubes only."""
+    single_frame = draw(st.booleans()) and draw(st.booleans())
+    ntubes = draw(st.integers(1, 5))
+    tubes = []
+    for _ in range(ntubes):
+        kernel = [1 if single_frame else draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 5))]
+        stride = [draw(st.integers(1, 4)) for _ in range(3)]
+        offset = [0 if single_frame else draw(st.integers(0, 3)), draw(st.integers(0, 3)), draw(st.integers(0, 3))]
+        tubes.append(TubeSpec(tuple(kernel), tuple(stride), tuple(offset)))
+    need = [max(t.offset[a] + t.kernel[a] for t in tubes) for a in range(3)]
+    size = (1 if single_frame else need[0] + draw(st.integers(0, 4)),
+            need[1] + draw(st.integers(0, 6)), need[2] + draw(st.integers(0, 6)))
+    return tuple(tubes), size
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geometry=geometries(), channels=st.integers(1, 4), dim=st.integers(1, 9), batch=st.integers(1, 2),
+       dtype=st.sampled_from(DTYPES), with_pos=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_geometries(geometry, channels, dim, batch, dtype, with_pos, seed):
+    tubes, size = geometry
+    video, weights, biases, pos = make_inputs(tubes, size, batch=batch, channels=channels, dim=dim,
+                                              dtype=dtype, seed=seed, with_pos=with_pos)
+    n = token_offsets(tubes, size)[-1]
+    grad_out = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    check_all(video, weights, biases, tubes, pos, grad_out, dtype, need_dx=seed % 4 != 0)
