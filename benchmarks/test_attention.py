@@ -1,0 +1,257 @@
+"""Attention benchmarks: tubevit_fast.attention against PyTorch SDPA called directly.
+
+Shapes (H=12, Dh=64, the TubeViT-B heads):
+  dense   the paper configuration, N=539 tokens (PAPER_TUBES on 32x224x224); B=1 on CPU, 8 on CUDA
+  varlen  a packed batch mixing videos (539 tokens) and images (196 tokens): segments
+          [539, 196, 539, 196] on CPU, x4 that on CUDA. Ours runs packed with cu_seqlens; the
+          SDPA baseline is what one does without varlen support: pad every sample to the longest
+          and pass a boolean key-padding mask (padded query rows are computed and thrown away).
+
+Impls: "sdpa" (the baseline, F.scaled_dot_product_attention on (B, H, N, D), autograd backward),
+ours with backend "torch" on CPU, or "triton" (and "cuda" when tubevit_fast.extension is built)
+on CUDA, plus flash-attn / xformers when importable (CUDA only). Each for the forward pass
+(no_grad) and forward+backward (gradients of q, k, v).
+
+Before timing, each impl is checked once against the SDPA baseline (output, and gradients for
+forward+backward) within a dtype tolerance. Nothing asserts on time.
+
+extra_info: flops (4*B*H*Nq*Nk*D forward, x3.5 forward+backward; for varlen the sum over
+segments of the real work), min_bytes (q, k, v read and out written once, plus dout read and
+dq, dk, dv written for forward+backward), tflops / gbps from the median, speedup_vs_sdpa (the SDPA
+benchmark's median from this same session / ours), speedup_vs_sdpa_interleaved (the two run
+in a shuffled order each round right after: the ratio to trust on a shared machine), and
+peak_memory_bytes: on CUDA
+torch.cuda.max_memory_allocated over one untimed call, minus the memory allocated before it; on
+CPU None (tracemalloc does not see ATen's allocator, and ru_maxrss is a process-wide high-water
+mark that says nothing about one call), with peak_memory_method saying which.
+
+    pytest benchmarks/test_attention.py --benchmark-only
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tubevit_fast import extension
+from tubevit_fast.ops.attention import attention
+
+HEADS, HEAD_DIM = 12, 64
+DENSE = {"cpu": (1, 539), "cuda": (8, 539)}                 # (B, N)
+VARLEN = {"cpu": [539, 196, 539, 196], "cuda": [539, 196, 539, 196] * 4}
+ROUNDS = {"cpu": (10, 2), "cuda": (50, 10)}                 # (rounds, warmup rounds)
+INTERLEAVED_ROUNDS = {"cpu": 10, "cuda": 30}
+PASSES = ["forward", "forward+backward"]
+
+_DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+CONFIGS = [(d, torch.float32) for d in _DEVICES if d.type == "cpu"] + \
+          [(d, torch.bfloat16) for d in _DEVICES if d.type == "cuda"]
+HAVE_FLASH = importlib.util.find_spec("flash_attn") is not None
+HAVE_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+
+def impls_for(device: torch.device) -> list[str]:
+    """Baseline first: the other impls read its median."""
+    if device.type == "cpu":
+        return ["sdpa", "torch"]
+    out = ["sdpa", "triton"]
+    if extension.is_available():
+        out.append("cuda")
+    if HAVE_FLASH:
+        out.append("flash_attn")
+    if HAVE_XFORMERS:
+        out.append("xformers")
+    return out
+
+
+ALL_IMPLS = ["sdpa", "torch", "triton", "cuda", "flash_attn", "xformers"]
+
+
+class Problem:
+    """Inputs for one (layout, device, dtype): packed tensors for ours, padded ones for SDPA."""
+
+    def __init__(self, layout: str, device: torch.device, dtype: torch.dtype):
+        gen = torch.Generator().manual_seed(0)
+        self.layout, self.device, self.dtype = layout, device, dtype
+        if layout == "dense":
+            batch, n = DENSE[device.type]
+            self.lengths = [n] * batch
+        else:
+            self.lengths = list(VARLEN[device.type])
+        self.batch, self.max_len = len(self.lengths), max(self.lengths)
+        total = sum(self.lengths)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen).to(device, dtype)
+
+        if layout == "dense":
+            # (B, N, H, D): the layout tubevit_fast.attention takes; SDPA gets transposed views.
+            self.q, self.k, self.v = (rand(self.batch, self.max_len, HEADS, HEAD_DIM).requires_grad_()
+                                      for _ in range(3))
+            self.dout = rand(self.batch, self.max_len, HEADS, HEAD_DIM)
+            self.cu = None
+            self.mask = None
+        else:
+            self.q, self.k, self.v = (rand(total, HEADS, HEAD_DIM).requires_grad_() for _ in range(3))
+            self.dout = rand(total, HEADS, HEAD_DIM)
+            self.cu = torch.tensor([0] + self.lengths, device=device).cumsum(0).to(torch.int32)
+            # Padded copies for SDPA (leaf tensors of their own, so autograd stops at them).
+            self.pad_q, self.pad_k, self.pad_v = (self.pad(t.detach()).requires_grad_()
+                                                  for t in (self.q, self.k, self.v))
+            self.pad_dout = self.pad(self.dout)
+            valid = torch.arange(self.max_len, device=device)[None, :] < torch.tensor(self.lengths, device=device)[:, None]
+            self.valid = valid                                       # (B, max_len)
+            self.mask = valid[:, None, None, :]                      # (B, 1, 1, Nk): keys to keep
+
+    # -- layout helpers --
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        out = packed.new_zeros(self.batch, self.max_len, *packed.shape[1:])
+        start = 0
+        for i, n in enumerate(self.lengths):
+            out[i, :n] = packed[start:start + n]
+            start += n
+        return out
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        return padded[self.valid]
+
+    # -- work counts --
+    def flops(self, backward: bool) -> int:
+        fwd = sum(4 * HEADS * n * n * HEAD_DIM for n in self.lengths)
+        return int(fwd * 3.5) if backward else fwd
+
+    def min_bytes(self, backward: bool) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        tensor = sum(self.lengths) * HEADS * HEAD_DIM * itemsize
+        return tensor * (8 if backward else 4)  # fwd: q k v out; bwd adds dout dq dk dv
+
+    # -- the callables: each returns (out, grads or None) in the packed/dense layout of ours --
+    def _sdpa_raw(self, q, k, v):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=self.mask)
+        return out.transpose(1, 2)
+
+    def run(self, impl: str, backward: bool):
+        if impl == "sdpa":
+            inputs = (self.q, self.k, self.v) if self.layout == "dense" else (self.pad_q, self.pad_k, self.pad_v)
+            dout = self.dout if self.layout == "dense" else self.pad_dout
+            fn = self._sdpa_raw
+        else:
+            inputs, dout = (self.q, self.k, self.v), self.dout
+            fn = functools.partial(self._ours, impl)
+        if not backward:
+            with torch.no_grad():
+                return fn(*inputs), None
+        out = fn(*inputs)
+        return out, torch.autograd.grad(out, inputs, dout)
+
+    def _ours(self, impl, q, k, v):
+        if impl in ("torch", "triton", "cuda"):
+            return attention(q, k, v, self.cu, self.cu, backend=impl)
+        if impl == "flash_attn":
+            import flash_attn
+            if self.cu is None:
+                return flash_attn.flash_attn_func(q, k, v)
+            return flash_attn.flash_attn_varlen_func(q, k, v, self.cu, self.cu, self.max_len, self.max_len)
+        if impl == "xformers":
+            from xformers import ops as xops
+            if self.cu is None:
+                return xops.memory_efficient_attention(q, k, v)
+            bias = xops.fmha.BlockDiagonalMask.from_seqlens(self.lengths)
+            return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+        raise ValueError(impl)
+
+    # -- the once-only check against the SDPA baseline --
+    def check(self, impl: str, backward: bool) -> None:
+        if impl == "sdpa":
+            return
+        want_out, want_grads = self.run("sdpa", backward)
+        got_out, got_grads = self.run(impl, backward)
+        if self.layout == "varlen":
+            want_out = self.unpad(want_out)
+            want_grads = None if want_grads is None else [self.unpad(g) for g in want_grads]
+        tol = 2e-4 if self.dtype == torch.float32 else 3e-2
+        pairs = [("out", got_out, want_out)]
+        if backward:
+            pairs += list(zip(("dq", "dk", "dv"), got_grads, want_grads))
+        for name, got, want in pairs:
+            scale = want.detach().abs().max().item() + 1.0
+            err = (got.detach().float() - want.detach().float()).abs().max().item()
+            assert err <= tol * scale, f"{impl} {self.layout} {name}: max error {err:.3e} > {tol:.0e} x {scale:.3e}"
+
+
+@functools.cache
+def problem(layout: str, device: torch.device, dtype: torch.dtype) -> Problem:
+    return Problem(layout, device, dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def peak_memory(fn, device: torch.device) -> tuple[int | None, str]:
+    """(bytes, method) of one untimed call: CUDA max_memory_allocated above the starting point."""
+    if device.type != "cuda":
+        return None, "none on CPU (tracemalloc misses ATen allocations; ru_maxrss is process-wide)"
+    torch.cuda.synchronize(device)
+    start = torch.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start, "torch.cuda.max_memory_allocated - allocated before"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"{d.type}-{_dtype_name(t)}" for d, t in CONFIGS])
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+@pytest.mark.parametrize("pass_", PASSES)
+@pytest.mark.parametrize("impl", ALL_IMPLS)
+def test_attention(benchmark, bench, config, layout, pass_, impl):
+    device, dtype = config
+    if impl not in impls_for(device):
+        pytest.skip(f"{impl} does not run on {device.type} here")
+    backward = pass_ != "forward"
+    p = problem(layout, device, dtype)
+    p.check(impl, backward)  # once, untimed
+
+    def timed():
+        result = p.run(impl, backward)
+        bench.synchronize(device)
+        return result
+
+    peak, method = peak_memory(timed, device)
+    rounds, warmup = ROUNDS[device.type]
+    shape = (f"B={p.batch} N={p.max_len}" if layout == "dense" else f"segments={p.lengths}") + \
+        f" H={HEADS} Dh={HEAD_DIM}"
+    benchmark.group = f"attention {layout} {pass_} {device.type} {_dtype_name(dtype)}"
+    benchmark.extra_info.update(op="attention", impl=impl, layout=layout, pass_=pass_, device=device.type,
+                                dtype=_dtype_name(dtype), shape=shape, threads=torch.get_num_threads(),
+                                peak_memory_bytes=peak, peak_memory_method=method,
+                                baseline_note="sdpa on padded + key-padding mask" if layout == "varlen" else "sdpa")
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    median = bench.annotate(benchmark, flops=p.flops(backward), min_bytes=p.min_bytes(backward))
+
+    key = ("attention", layout, pass_, device.type, dtype, "sdpa")
+    if impl == "sdpa":
+        bench.record_baseline(key, benchmark)
+        return
+    if median is None:
+        return
+    base = bench.baseline(key, lambda: p.run("sdpa", backward), device)
+    benchmark.extra_info["speedup_vs_sdpa"] = base / median
+    benchmark.extra_info["sdpa_median_s"] = base
+    # Cross-check against load drift on a shared machine: both run in a shuffled order per round.
+    mixed = bench.interleaved({"sdpa": lambda: p.run("sdpa", backward), impl: lambda: p.run(impl, backward)},
+                              device, rounds=INTERLEAVED_ROUNDS[device.type])
+    benchmark.extra_info["interleaved_medians_s"] = mixed
+    benchmark.extra_info["speedup_vs_sdpa_interleaved"] = mixed["sdpa"] / mixed[impl]
+    tflops = p.flops(backward) / median / 1e12
+    gbps = p.min_bytes(backward) / median / 1e9
+    note = f"interleaved {mixed['sdpa'] / mixed[impl]:.2f}x; {tflops:.3f} TFLOP/s, {gbps:.1f} GB/s"
+    if layout == "varlen":
+        note += ", sdpa padded+mask"
+    if peak is not None:
+        note += f", peak {peak / 2**20:.0f} MiB"
+    bench.add_row(f"attention {layout} {pass_} [{impl}]", device.type, dtype, median, base, "sdpa", notes=note)
