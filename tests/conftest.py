@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ import torch
 # interpreter; with one they run the compiled kernels on the GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor's on-disk cache keys do not cover a custom op's Python implementation: a graph
+# compiled against an older version of an op could be replayed. Compile afresh every run.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tubevit_fast_inductor_"))
 
 import tubevit_fast.backends as backends  # noqa: E402
 

@@ -105,7 +105,7 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
 
 
-def check_op_against_golden(backend: str, case: Case, dtype, device, check_lse: bool):
+def check_op_against_golden(backend: str, case: Case, dtype, device):
     """Forward and backward custom ops of `backend` vs the float64 reference (call with poison_empty)."""
     inputs, dout, cu = make_inputs(case, device)
     golden, golden_lse = reference_results(inputs, dout, cu, torch.float64)
@@ -118,15 +118,12 @@ def check_op_against_golden(backend: str, case: Case, dtype, device, check_lse: 
     for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), golden, same_dtype):
         assert fast.dtype == dtype, name
         assert_close_to_golden(fast, gold, ref, atol=atol, name=name)
-    if check_lse:
-        assert lse.dtype == torch.float32
-        # Queries without keys have lse -inf; the rest must meet the usual rule.
-        no_keys = torch.isneginf(golden_lse)
-        assert torch.equal(torch.isneginf(lse), no_keys), "lse: -inf exactly where a query has no keys"
-        assert_close_to_golden(lse[~no_keys], golden_lse[~no_keys], same_dtype_lse[~no_keys],
-                               atol=dtype_atol(torch.float32), name="lse")
-    else:
-        assert lse.shape == (0,) and lse.dtype == torch.float32, "the torch backend's lse placeholder"
+    assert lse.dtype == torch.float32
+    # Queries without keys have lse -inf; the rest must meet the usual rule.
+    no_keys = torch.isneginf(golden_lse)
+    assert torch.equal(torch.isneginf(lse), no_keys), "lse: -inf exactly where a query has no keys"
+    assert_close_to_golden(lse[~no_keys], golden_lse[~no_keys], same_dtype_lse[~no_keys],
+                           atol=dtype_atol(torch.float32), name="lse")
 
 
 # ---- the reference ---------------------------------------------------------------------------
@@ -184,14 +181,14 @@ def triton_test(fn):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.usefixtures("poison_empty")
 def test_triton_matches_golden(case, dtype):
-    check_op_against_golden("triton", case, dtype, TRITON_DEVICE, check_lse=True)
+    check_op_against_golden("triton", case, dtype, TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_NAMES.get)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.usefixtures("poison_empty")
 def test_torch_backend_matches_golden(case, dtype):
-    check_op_against_golden("torch", case, dtype, torch.device("cpu"), check_lse=False)
+    check_op_against_golden("torch", case, dtype, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

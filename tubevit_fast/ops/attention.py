@@ -13,8 +13,7 @@ graph break (not triton_op: its fake path runs the kernels on meta tensors):
 
 Saved log-sum-exp convention (shared with the CUDA extension): fp32, natural log of
 sum_j exp(softmax_scale * q_i . k_j), shape (B, H, Nq) for dense inputs and (H, total_q) for
-packed varlen ones. The "torch" backend computes no lse (SDPA does not expose it) and returns an
-empty fp32 tensor of shape (0,) in its place; its backward recomputes the forward instead.
+packed varlen ones, from every backend.
 All outputs are contiguous.
 """
 from __future__ import annotations
@@ -63,9 +62,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 
 def lse_shape(q: torch.Tensor, varlen: bool, backend: str) -> tuple[int, ...]:
-    """Shape of the saved log-sum-exp (see the module docstring)."""
-    if backend == "torch":
-        return (0,)
+    """Shape of the saved log-sum-exp (see the module docstring); the same for every backend."""
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
