@@ -21,12 +21,14 @@ import os
 import random
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import pytest
 import torch
+
+import bench_results
 
 from tubevit_fast import geometry
 from tubevit_fast.geometry import TubeSpec
@@ -89,7 +91,8 @@ def tube_embed_min_bytes(tubes: Sequence[TubeSpec], size: Sequence[int], batch: 
 
 # ---- same-session baselines and the summary -----------------------------------------------
 
-def median_seconds(fn: Callable[[], object], device: torch.device, rounds: int = 15, warmup: int = 2) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device, rounds: int = 15,
+                   warmup: int = 2) -> float:
     """Median wall time of fn(), synchronised: for baselines whose own benchmark did not run."""
     for _ in range(warmup):
         fn()
@@ -174,7 +177,8 @@ class BenchTools:
         return median
 
     def add_row(self, op: str, device: torch.device | str, dtype: torch.dtype | str, ours: float,
-                baseline: float | None, baseline_name: str, floor: float | None = None, notes: str = "") -> None:
+                baseline: float | None, baseline_name: str, floor: float | None = None,
+                notes: str = "") -> None:
         """One line of the end-of-session summary table (times in seconds)."""
         self.rows.append(SummaryRow(op, str(device), str(dtype).replace("torch.", ""), ours, baseline,
                                     baseline_name, floor, notes))
@@ -204,7 +208,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _TOOLS.rows
     if not rows:
         return
-    header = ("op", "device", "dtype", "ours ms", "baseline ms", "baseline", "speedup", "floor ms", "ours/floor", "notes")
+    header = ("op", "device", "dtype", "ours ms", "baseline ms", "baseline", "speedup", "floor ms",
+              "ours/floor", "notes")
     lines = []
     for r in rows:
         speedup = f"{r.baseline / r.ours:.2f}x" if r.baseline and r.ours else "-"
@@ -212,8 +217,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         lines.append((r.op, r.device, r.dtype, _ms(r.ours), _ms(r.baseline), r.baseline_name, speedup,
                       _ms(r.floor), vs_floor, r.notes))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     terminalreporter.section(f"tubevit_fast benchmark summary (medians, CPU threads={BENCH_THREADS})")
     terminalreporter.write_line(fmt.format(*header))
     for line in lines:
         terminalreporter.write_line(fmt.format(*line))
+    for path in bench_results.save(rows, BENCH_THREADS):
+        terminalreporter.write_line(f"saved {path}")

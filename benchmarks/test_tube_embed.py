@@ -53,15 +53,18 @@ class Problem:
         self.device, self.dtype = device, dtype
         self.starts = token_offsets(TUBES, SIZE)
         self.video = torch.randn(BATCH, CHANNELS, *SIZE, generator=gen).to(device, dtype)
-        self.weights = [(torch.randn(DIM, CHANNELS, *t.kernel, generator=gen) / math.sqrt(t.patch_size(CHANNELS)))
-                        .to(device, dtype).requires_grad_() for t in TUBES]
-        self.biases = [(0.02 * torch.randn(DIM, generator=gen)).to(device, dtype).requires_grad_() for _ in TUBES]
+        scales = [math.sqrt(t.patch_size(CHANNELS)) for t in TUBES]
+        self.weights = [(torch.randn(DIM, CHANNELS, *t.kernel, generator=gen) / scale).to(device, dtype)
+                        .requires_grad_() for t, scale in zip(TUBES, scales)]
+        self.biases = [(0.02 * torch.randn(DIM, generator=gen)).to(device, dtype).requires_grad_()
+                       for _ in TUBES]
         self.pos = tube_position_embedding(TUBES, SIZE, DIM, device=device)
         self.grad = torch.randn(BATCH, self.starts[-1], DIM, generator=gen).to(device, dtype)
         # Floor operands: patches and flattened output gradients, prepared outside the timing.
         self.a = [patches(self.video, t).reshape(-1, t.patch_size(CHANNELS)) for t in TUBES]
         self.w_t = [w.detach().reshape(DIM, -1).t() for w in self.weights]
-        self.dy = [self.grad[:, s:e].reshape(-1, DIM).contiguous() for s, e in zip(self.starts, self.starts[1:])]
+        self.dy = [self.grad[:, s:e].reshape(-1, DIM).contiguous()
+                   for s, e in zip(self.starts, self.starts[1:])]
         self.params = self.weights + self.biases
         out = tube_embed_reference(self.video, self.weights, self.biases, TUBES, self.pos)
         self.ref_out = out.detach()
@@ -118,7 +121,7 @@ class Problem:
                 self._close(f"grad {i}", g, r)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(device: torch.device, dtype: torch.dtype) -> Problem:
     return Problem(device, dtype)
 
@@ -154,7 +157,8 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
     median = bench.annotate(
         benchmark,
         flops=bench.flops(TUBES, SIZE, BATCH, CHANNELS, DIM, weight_grad=backward),
-        min_bytes=bench.min_bytes(TUBES, SIZE, BATCH, CHANNELS, DIM, itemsize, pos=True, weight_grad=backward))
+        min_bytes=bench.min_bytes(TUBES, SIZE, BATCH, CHANNELS, DIM, itemsize, pos=True,
+                                  weight_grad=backward))
 
     name = pass_.replace("+", "_")
     key = ("tube_embed", pass_, device.type, dtype)

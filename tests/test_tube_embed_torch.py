@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_to_golden, dtype_atol
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close_to_golden, dtype_atol
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec, token_offsets
 from tubevit_fast.posembed import tube_position_embedding
 from tubevit_fast.torch_backend import tube_embed as te
@@ -37,7 +37,8 @@ def conv_tokens(video, weights, biases, tubes, pos):
     pieces = []
     for tube, w, b in zip(tubes, weights, biases):
         ot, oh, ow = tube.offset
-        pieces.append(F.conv3d(video[:, :, ot:, oh:, ow:], w, b, stride=tube.stride).flatten(2).transpose(1, 2))
+        y = F.conv3d(video[:, :, ot:, oh:, ow:], w, b, stride=tube.stride)
+        pieces.append(y.flatten(2).transpose(1, 2))
     out = torch.cat(pieces, 1)
     return out if pos is None else out + pos.to(out.dtype)
 
@@ -58,7 +59,7 @@ def make_inputs(tubes, size, batch=2, channels=3, dim=12, dtype=torch.float32, s
                for t in tubes]
     biases = [torch.randn(dim, generator=gen) for _ in tubes]
     pos = tube_position_embedding(tubes, size, dim) if with_pos and dim >= 6 else None
-    cast = lambda t: t.to(dtype)  # noqa: E731
+    cast = lambda t: t.to(dtype)
     return cast(video), [cast(w) for w in weights], [cast(b) for b in biases], pos
 
 
@@ -249,9 +250,11 @@ def geometries(draw):
     ntubes = draw(st.integers(1, 5))
     tubes = []
     for _ in range(ntubes):
-        kernel = [1 if single_frame else draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 5))]
+        kt = 1 if single_frame else draw(st.integers(1, 4))
+        kernel = [kt, draw(st.integers(1, 5)), draw(st.integers(1, 5))]
         stride = [draw(st.integers(1, 4)) for _ in range(3)]
-        offset = [0 if single_frame else draw(st.integers(0, 3)), draw(st.integers(0, 3)), draw(st.integers(0, 3))]
+        ot = 0 if single_frame else draw(st.integers(0, 3))
+        offset = [ot, draw(st.integers(0, 3)), draw(st.integers(0, 3))]
         tubes.append(TubeSpec(tuple(kernel), tuple(stride), tuple(offset)))
     need = [max(t.offset[a] + t.kernel[a] for t in tubes) for a in range(3)]
     size = (1 if single_frame else need[0] + draw(st.integers(0, 4)),

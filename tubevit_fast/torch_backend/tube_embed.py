@@ -24,7 +24,7 @@ Inputs are validated by tubevit_fast.ops.tube_embed; `pos` is a (N, dim) float32
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -134,7 +134,8 @@ def _fold_add_(grad_video: torch.Tensor, grad_patches: torch.Tensor, tube: TubeS
     B, C, T, H, W = grad_video.shape
     (kt, kh, kw), (st, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
     nt, nh, nw = tube.grid((T, H, W))
-    g = grad_patches.view(B, nt, nh, nw, C, kt, kh, kw).permute(0, 4, 1, 2, 3, 5, 6, 7)  # B C nt nh nw kt kh kw
+    # B C nt nh nw kt kh kw
+    g = grad_patches.view(B, nt, nh, nw, C, kt, kh, kw).permute(0, 4, 1, 2, 3, 5, 6, 7)
     for jt, lt in _kernel_slices(kt, st):
         for jh, lh in _kernel_slices(kh, sh):
             for jw, lw in _kernel_slices(kw, sw):
