@@ -89,6 +89,15 @@ class TubeSpec:
         """True when neighbouring tokens read shared pixels (stride < kernel on some axis)."""
         return any(s < k for k, s in zip(self.kernel, self.stride))
 
+    def merged(self, axis: int, factor: int) -> "TubeSpec":
+        """The tube equal to `factor` neighbouring tokens merged along `axis` (space-to-depth):
+        its kernel spans their receptive fields, its stride is `factor` strides, so its grid and
+        centres are the merged tokens' ones."""
+        kernel, stride = list(self.kernel), list(self.stride)
+        kernel[axis] += (factor - 1) * stride[axis]
+        stride[axis] *= factor
+        return TubeSpec(tuple(kernel), tuple(stride), self.offset)
+
     def as_image_tube(self) -> "TubeSpec":
         """The tube as used on a single image: temporal offset ignored."""
         if not self.is_2d:

@@ -70,7 +70,7 @@ class TubeEmbed(nn.Module):
         if self.space_to_depth is not None and self.interpolated_from is not None:
             raise ValueError("space_to_depth and interpolated_from cannot be combined")
         merges = self.space_to_depth or (None,) * len(self.tubes)
-        self.op_tubes = tuple(t if m is None else _merged_tube(t, *m) for t, m in zip(self.tubes, merges))
+        self.op_tubes = tuple(t if m is None else t.merged(*m) for t, m in zip(self.tubes, merges))
         widths = [dim if m is None else dim // m[1] for m in merges]
         if self.interpolated_from is None:
             self.weights = nn.ParameterList(
@@ -179,16 +179,6 @@ def _check_space_to_depth(entries, count: int, dim: int):
                              f"got {factor!r}")
         out.append((axis, factor))
     return tuple(out) if any(e is not None for e in out) else None
-
-
-def _merged_tube(tube: TubeSpec, axis: int, factor: int) -> TubeSpec:
-    """The ordinary tube equal to `factor` neighbouring tokens of `tube` along `axis` merged: its
-    kernel spans their receptive fields, its stride is factor strides, its grid and centres are
-    the merged tokens' ones."""
-    kernel, stride = list(tube.kernel), list(tube.stride)
-    kernel[axis] += (factor - 1) * stride[axis]
-    stride[axis] *= factor
-    return TubeSpec(tuple(kernel), tuple(stride), tube.offset)
 
 
 def space_to_depth_kernel(weight: torch.Tensor, tube: TubeSpec, axis: int, factor: int) -> torch.Tensor:
