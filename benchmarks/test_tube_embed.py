@@ -6,7 +6,9 @@ gradients; the video needs no gradient):
              (tubevit_fast.reference.tube_embed), backward through autograd
   floor      the GEMMs alone on patches gathered beforehand (A_i @ W_i^T, and dY_i^T A_i for
              the weight gradient): what is left if gathering, bias, position and layout were free
+  compiled_reference  torch.compile of the reference (Inductor), compiled before timing
   torch      the "torch" backend through the public op (tubevit_fast.ops.tube_embed, autograd)
+  triton     the fused Triton kernels through the public op (CUDA only)
 
 Before timing, every case is checked once against the reference output (and gradients), so a
 broken implementation cannot look fast. Nothing asserts on time.
@@ -42,7 +44,9 @@ INTERLEAVED_ROUNDS = {"cpu": 15, "cuda": 30}
 _DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 CONFIGS = [(d, torch.float32) for d in _DEVICES] + [(d, torch.bfloat16) for d in _DEVICES if d.type == "cuda"]
 PASSES = ["forward", "forward+backward"]
-IMPLS = ["reference", "floor", "torch"]  # baselines first: the torch case reuses their medians
+BASELINES = ["reference", "compiled_reference", "floor"]
+FAST = ["torch", "triton"]
+IMPLS = BASELINES + FAST  # baselines first: the fast cases reuse their medians
 
 
 class Problem:
@@ -79,13 +83,37 @@ class Problem:
         out = tube_embed_reference(self.video, self.weights, self.biases, TUBES, self.pos)
         return out, torch.autograd.grad(out, self.params, self.grad)
 
-    def torch_forward(self):
+    @functools.cached_property
+    def _compiled(self):
+        return torch.compile(tube_embed_reference, dynamic=False)
+
+    def compiled_reference_forward(self):
         with torch.no_grad():
-            return tube_embed(self.video, self.weights, self.biases, TUBES, self.pos, backend="torch")
+            return self._compiled(self.video, self.weights, self.biases, TUBES, self.pos)
+
+    def compiled_reference_forward_backward(self):
+        out = self._compiled(self.video, self.weights, self.biases, TUBES, self.pos)
+        return out, torch.autograd.grad(out, self.params, self.grad)
+
+    def _fast_forward(self, backend):
+        with torch.no_grad():
+            return tube_embed(self.video, self.weights, self.biases, TUBES, self.pos, backend=backend)
+
+    def _fast_forward_backward(self, backend):
+        out = tube_embed(self.video, self.weights, self.biases, TUBES, self.pos, backend=backend)
+        return out, torch.autograd.grad(out, self.params, self.grad)
+
+    def torch_forward(self):
+        return self._fast_forward("torch")
 
     def torch_forward_backward(self):
-        out = tube_embed(self.video, self.weights, self.biases, TUBES, self.pos, backend="torch")
-        return out, torch.autograd.grad(out, self.params, self.grad)
+        return self._fast_forward_backward("torch")
+
+    def triton_forward(self):
+        return self._fast_forward("triton")
+
+    def triton_forward_backward(self):
+        return self._fast_forward_backward("triton")
 
     def floor_forward(self):
         return [a @ w for a, w in zip(self.a, self.w_t)]
@@ -113,9 +141,9 @@ class Problem:
                     self._close(f"floor dW[{i}]", dw.view(self.weights[i].shape), self.ref_grads[i])
             return
         if pass_ == "forward":
-            self._close("output", self.torch_forward(), self.ref_out)
+            self._close("output", getattr(self, f"{impl}_forward")(), self.ref_out)
         else:
-            out, grads = self.torch_forward_backward()
+            out, grads = getattr(self, f"{impl}_forward_backward")()
             self._close("output", out, self.ref_out)
             for i, (g, r) in enumerate(zip(grads, self.ref_grads)):
                 self._close(f"grad {i}", g, r)
@@ -135,8 +163,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
                          ids=[f"{p}-{i}" for p in PASSES for i in IMPLS])
 def test_tube_embed(benchmark, bench, config, pass_, impl):
     device, dtype = config
+    if impl == "triton" and device.type != "cuda":
+        pytest.skip("the Triton kernels are benchmarked on a GPU (on CPU they only run interpreted)")
     p = problem(device, dtype)
-    p.check(impl, pass_)  # once, outside the timed part
+    p.check(impl, pass_)  # once, outside the timed part (compiles the compiled_reference too)
 
     fn = getattr(p, f"{impl}_{pass_.replace('+', '_')}")
 
@@ -162,7 +192,7 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
 
     name = pass_.replace("+", "_")
     key = ("tube_embed", pass_, device.type, dtype)
-    if impl != "torch":
+    if impl not in FAST:
         bench.record_baseline(key + (impl,), benchmark)
         return
     if median is None:  # --benchmark-disable: correctness only
@@ -171,17 +201,19 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
     # run back to back in this session (timed here if those were deselected).
     ref = bench.baseline(key + ("reference",), getattr(p, f"reference_{name}"), device)
     floor = bench.baseline(key + ("floor",), getattr(p, f"floor_{name}"), device)
+    compiled = bench.baseline(key + ("compiled_reference",), getattr(p, f"compiled_reference_{name}"), device)
     benchmark.extra_info["speedup_vs_reference"] = ref / median
+    benchmark.extra_info["speedup_vs_compiled_reference"] = compiled / median
     benchmark.extra_info["reference_median_s"] = ref
     benchmark.extra_info["ratio_to_floor"] = median / floor
     benchmark.extra_info["floor_median_s"] = floor
     # Cross-check that load changes between the benchmarks cannot fake: the three interleaved,
     # in a random order each round (so each one as often follows each of the others).
-    mixed = bench.interleaved({impl_: getattr(p, f"{impl_}_{name}") for impl_ in IMPLS}, device,
-                              rounds=INTERLEAVED_ROUNDS[device.type])
+    mixed = bench.interleaved({impl_: getattr(p, f"{impl_}_{name}") for impl_ in ("reference", "floor", impl)},
+                              device, rounds=INTERLEAVED_ROUNDS[device.type])
     benchmark.extra_info["interleaved_medians_s"] = mixed
-    benchmark.extra_info["speedup_vs_reference_interleaved"] = mixed["reference"] / mixed["torch"]
-    benchmark.extra_info["ratio_to_floor_interleaved"] = mixed["torch"] / mixed["floor"]
-    bench.add_row(f"tube_embed {pass_}", device.type, dtype, median, ref, "reference", floor=floor,
-                  notes=f"interleaved: {mixed['reference'] / mixed['torch']:.2f}x vs reference, "
-                        f"{mixed['torch'] / mixed['floor']:.2f} x floor")
+    benchmark.extra_info["speedup_vs_reference_interleaved"] = mixed["reference"] / mixed[impl]
+    benchmark.extra_info["ratio_to_floor_interleaved"] = mixed[impl] / mixed["floor"]
+    bench.add_row(f"tube_embed {pass_} [{impl}]", device.type, dtype, median, ref, "reference", floor=floor,
+                  notes=f"interleaved: {mixed['reference'] / mixed[impl]:.2f}x vs reference, "
+                        f"{mixed[impl] / mixed['floor']:.2f} x floor; {compiled / median:.2f}x vs compiled ref")
