@@ -14,6 +14,10 @@ Timing conventions:
   deselected, so numbers from different machines or runs are never mixed.
   `BenchTools.interleaved` measures several callables in a shuffled order per round: the
   cross-check to read when the machine is shared and its load drifts between benchmarks.
+
+Peak memory (`BenchTools.peak_memory`, one untimed call): the most bytes held at once by
+tensors allocated during the call, above what was allocated before it. CUDA reads the caching
+allocator's counters; CPU replays the profiler's allocation and free events (`_cpu_peak`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 import bench_results
 
@@ -116,6 +122,8 @@ class SummaryRow:
     baseline_name: str
     floor: float | None = None
     notes: str = ""
+    peak_mib: float | None = None           # peak memory of one call, ours
+    baseline_peak_mib: float | None = None  # and the baseline's
 
 
 @dataclass
@@ -123,6 +131,7 @@ class BenchTools:
     """What benchmark files use: counts, baselines, extra_info filling and summary rows."""
 
     baselines: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
 
     flops = staticmethod(tube_embed_flops)
@@ -145,6 +154,19 @@ class BenchTools:
         if key not in self.baselines:
             self.baselines[key] = median_seconds(fn, device)
         return self.baselines[key]
+
+    def peak_memory(self, fn: Callable[[], object], device: torch.device, key=None) -> tuple[int, str]:
+        """(bytes, method): the peak memory of one untimed fn() above what was allocated before it.
+
+        With a key, the result is cached under it: a baseline's peak is measured by its own
+        benchmark, or by the first case asking for it when that benchmark was deselected.
+        """
+        if key is not None and key in self.peaks:
+            return self.peaks[key]
+        result = _cuda_peak(fn, device) if device.type == "cuda" else _cpu_peak(fn)
+        if key is not None:
+            self.peaks[key] = result
+        return result
 
     @staticmethod
     def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int = 15,
@@ -178,10 +200,44 @@ class BenchTools:
 
     def add_row(self, op: str, device: torch.device | str, dtype: torch.dtype | str, ours: float,
                 baseline: float | None, baseline_name: str, floor: float | None = None,
-                notes: str = "") -> None:
-        """One line of the end-of-session summary table (times in seconds)."""
+                notes: str = "", peak: int | None = None, baseline_peak: int | None = None) -> None:
+        """One line of the end-of-session summary table (times in seconds, peaks in bytes)."""
         self.rows.append(SummaryRow(op, str(device), str(dtype).replace("torch.", ""), ours, baseline,
-                                    baseline_name, floor, notes))
+                                    baseline_name, floor, notes, _mib(peak), _mib(baseline_peak)))
+
+
+def _cuda_peak(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start, "torch.cuda.max_memory_allocated - allocated before"
+
+
+_CPU_MEMORY = (DeviceType.CPU, DeviceType.MKLDNN, DeviceType.IDEEP)  # what the profiler counts as CPU
+
+
+def _cpu_peak(fn: Callable[[], object]) -> tuple[int, str]:
+    # tracemalloc does not see ATen's allocator and ru_maxrss is a process-wide high-water
+    # mark, so replay the profiler's "[memory]" events instead: one per allocation (+bytes) or
+    # free (-bytes), temporaries freed inside the call included. The raw kineto events are
+    # read because prof.events() folds the ones inside an op into that op's total. The running
+    # sum starts at 0, i.e. at what was allocated before the call; freeing tensors allocated
+    # before it (a train step's zero_grad) takes the sum below 0.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() in _CPU_MEMORY]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak, "torch.profiler CPU memory events: max running sum of allocated - freed bytes"
+
+
+def _mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
 
 
 _TOOLS = BenchTools()
@@ -204,18 +260,26 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3f}"
 
 
+def _peaks(row: SummaryRow) -> str:
+    """'ours/baseline' peak MiB, compact."""
+    if row.peak_mib is None:
+        return "-"
+    base = "-" if row.baseline_peak_mib is None else f"{row.baseline_peak_mib:.0f}"
+    return f"{row.peak_mib:.0f}/{base}"
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _TOOLS.rows
     if not rows:
         return
     header = ("op", "device", "dtype", "ours ms", "baseline ms", "baseline", "speedup", "floor ms",
-              "ours/floor", "notes")
+              "ours/floor", "peak MiB ours/base", "notes")
     lines = []
     for r in rows:
         speedup = f"{r.baseline / r.ours:.2f}x" if r.baseline and r.ours else "-"
         vs_floor = f"{r.ours / r.floor:.2f}" if r.floor and r.ours else "-"
         lines.append((r.op, r.device, r.dtype, _ms(r.ours), _ms(r.baseline), r.baseline_name, speedup,
-                      _ms(r.floor), vs_floor, r.notes))
+                      _ms(r.floor), vs_floor, _peaks(r), r.notes))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     terminalreporter.section(f"tubevit_fast benchmark summary (medians, CPU threads={BENCH_THREADS})")

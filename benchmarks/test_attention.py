@@ -20,10 +20,9 @@ segments of the real work), min_bytes (q, k, v read and out written once, plus d
 dq, dk, dv written for forward+backward), tflops / gbps from the median, speedup_vs_sdpa (the SDPA
 benchmark's median from this same session / ours), speedup_vs_sdpa_interleaved (the two run
 in a shuffled order each round right after: the ratio to trust on a shared machine), and
-peak_memory_bytes: on CUDA
-torch.cuda.max_memory_allocated over one untimed call, minus the memory allocated before it; on
-CPU None (tracemalloc does not see ATen's allocator, and ru_maxrss is a process-wide high-water
-mark that says nothing about one call), with peak_memory_method saying which.
+peak_memory_bytes: the peak of one untimed call after the timed rounds, above the memory
+allocated before it (BenchTools.peak_memory: torch.cuda.max_memory_allocated on CUDA, the CPU
+profiler's allocation and free events on CPU), with peak_memory_method saying which.
 
     pytest benchmarks/test_attention.py --benchmark-only
 """
@@ -192,18 +191,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def peak_memory(fn, device: torch.device) -> tuple[int | None, str]:
-    """(bytes, method) of one untimed call: CUDA max_memory_allocated above the starting point."""
-    if device.type != "cuda":
-        return None, "none on CPU (tracemalloc misses ATen allocations; ru_maxrss is process-wide)"
-    torch.cuda.synchronize(device)
-    start = torch.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - start, "torch.cuda.max_memory_allocated - allocated before"
-
-
 @pytest.mark.parametrize("config", CONFIGS, ids=[f"{d.type}-{_dtype_name(t)}" for d, t in CONFIGS])
 @pytest.mark.parametrize("layout", ["dense", "varlen"])
 @pytest.mark.parametrize("pass_", PASSES)
@@ -221,27 +208,29 @@ def test_attention(benchmark, bench, config, layout, pass_, impl):
         bench.synchronize(device)
         return result
 
-    peak, method = peak_memory(timed, device)
     rounds, warmup = ROUNDS[device.type]
     shape = (f"B={p.batch} N={p.max_len}" if layout == "dense" else f"segments={p.lengths}") + \
         f" H={HEADS} Dh={HEAD_DIM}"
     benchmark.group = f"attention {layout} {pass_} {device.type} {_dtype_name(dtype)}"
     benchmark.extra_info.update(op="attention", impl=impl, layout=layout, pass_=pass_, device=device.type,
                                 dtype=_dtype_name(dtype), shape=shape, threads=torch.get_num_threads(),
-                                peak_memory_bytes=peak, peak_memory_method=method,
                                 baseline_note="sdpa on padded + key-padding mask" if layout == "varlen" else "sdpa")
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     median = bench.annotate(benchmark, flops=p.flops(backward), min_bytes=p.min_bytes(backward))
+    key = ("attention", layout, pass_, device.type, dtype)
+    peak, method = bench.peak_memory(lambda: p.run(impl, backward), device, key=key + (impl,))
+    benchmark.extra_info.update(peak_memory_bytes=peak, peak_memory_method=method)
 
-    key = ("attention", layout, pass_, device.type, dtype, "sdpa")
     if impl == "sdpa":
-        bench.record_baseline(key, benchmark)
+        bench.record_baseline(key + ("sdpa",), benchmark)
         return
     if median is None:
         return
-    base = bench.baseline(key, lambda: p.run("sdpa", backward), device)
+    base = bench.baseline(key + ("sdpa",), lambda: p.run("sdpa", backward), device)
     benchmark.extra_info["speedup_vs_sdpa"] = base / median
     benchmark.extra_info["sdpa_median_s"] = base
+    base_peak, _ = bench.peak_memory(lambda: p.run("sdpa", backward), device, key=key + ("sdpa",))
+    benchmark.extra_info["sdpa_peak_memory_bytes"] = base_peak
     # Cross-check against load drift on a shared machine: both run in a shuffled order per round.
     mixed = bench.interleaved({"sdpa": lambda: p.run("sdpa", backward), impl: lambda: p.run(impl, backward)},
                               device, rounds=INTERLEAVED_ROUNDS[device.type])
@@ -252,6 +241,5 @@ def test_attention(benchmark, bench, config, layout, pass_, impl):
     note = f"interleaved {mixed['sdpa'] / mixed[impl]:.2f}x; {tflops:.3f} TFLOP/s, {gbps:.1f} GB/s"
     if layout == "varlen":
         note += ", sdpa padded+mask"
-    if peak is not None:
-        note += f", peak {peak / 2**20:.0f} MiB"
-    bench.add_row(f"attention {layout} {pass_} [{impl}]", device.type, dtype, median, base, "sdpa", notes=note)
+    bench.add_row(f"attention {layout} {pass_} [{impl}]", device.type, dtype, median, base, "sdpa", notes=note,
+                  peak=peak, baseline_peak=base_peak)

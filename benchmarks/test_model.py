@@ -25,9 +25,12 @@ a packed mixed image+video batch vs the same batch padded to its longest sample.
    padded logits == packed logits.
 
 extra_info also holds flops (2 x MACs of the linear layers + 4*H*N^2*Dh attention per block,
-x3 for backward; tube embedding and head left out) and, on CUDA, the peak memory of one
-untimed call (torch.cuda.max_memory_allocated; None on CPU: tracemalloc misses ATen's
-allocator). After each fast / packed case the pair is re-timed in a shuffled order per round
+x3 for backward; tube embedding and head left out) and peak_memory_bytes / peak_memory_method:
+the peak of one untimed call after the timed rounds, above the memory allocated before it
+(BenchTools.peak_memory: torch.cuda.max_memory_allocated on CUDA, the CPU profiler's allocation
+and free events on CPU). Weights and optimizer state are held before the call and not counted,
+and a training step's zero_grad frees the previous step's gradients first, so its peak is net of
+them. After each fast / packed case the pair is re-timed in a shuffled order per round
 (BenchTools.interleaved): *_interleaved ratios are the ones to trust on a shared machine.
 Nothing asserts on time.
 
@@ -65,17 +68,6 @@ STEP_CONFIGS = [(d, b) for d in _DEVICES for b in STEP[d.type][1]]
 def _autocast(device: torch.device):
     dtype = STEP[device.type][2]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def _peak_memory(fn, device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    start = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - start
 
 
 def encoder_flops(lengths, dim: int, depth: int, heads: int, backward: bool) -> int:
@@ -162,7 +154,6 @@ def test_model_step(benchmark, bench, config, step, impl):
         bench.synchronize(device)
         return result
 
-    peak = _peak_memory(timed, device)
     kwargs = p.kwargs
     rounds, warmup = ROUNDS[device.type]
     amp = STEP[device.type][2]
@@ -171,20 +162,24 @@ def test_model_step(benchmark, bench, config, step, impl):
     flops = encoder_flops([n_tokens] * batch, kwargs["dim"], kwargs["depth"], kwargs["heads"], step == "train")
     benchmark.extra_info.update(op="model", impl=impl, step=step, device=device.type, batch=batch,
                                 autocast=None if amp is None else str(amp), tokens_per_sample=n_tokens,
-                                threads=torch.get_num_threads(), peak_memory_bytes=peak, **kwargs)
+                                threads=torch.get_num_threads(), **kwargs)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     median = bench.median_of(benchmark)
     benchmark.extra_info["flops"] = flops
     if median:
         benchmark.extra_info["tflops"] = flops / median / 1e12
-    key = ("model", step, device.type, batch, "reference")
+    key = ("model", step, device.type, batch)
+    peak, method = bench.peak_memory(fn, device, key=key + (impl,))
+    benchmark.extra_info.update(peak_memory_bytes=peak, peak_memory_method=method)
     if impl == "reference":
-        bench.record_baseline(key, benchmark)
+        bench.record_baseline(key + ("reference",), benchmark)
         return
     if median is None:
         return
-    base = bench.baseline(key, lambda: getattr(p, step)("reference"), device)
+    base = bench.baseline(key + ("reference",), lambda: getattr(p, step)("reference"), device)
     benchmark.extra_info["speedup_vs_reference"] = base / median
+    base_peak, _ = bench.peak_memory(lambda: getattr(p, step)("reference"), device, key=key + ("reference",))
+    benchmark.extra_info["reference_peak_memory_bytes"] = base_peak
     mixed = bench.interleaved({name: functools.partial(getattr(p, step), name) for name in ("reference", "fast")},
                               device, rounds=INTERLEAVED_ROUNDS[device.type])
     benchmark.extra_info["interleaved_medians_s"] = mixed
@@ -192,6 +187,7 @@ def test_model_step(benchmark, bench, config, step, impl):
     dtype = "fp32" if amp is None else f"{str(amp).replace('torch.', '')} autocast"
     size = f"dim={kwargs['dim']} depth={kwargs['depth']} heads={kwargs['heads']}"
     bench.add_row(f"TubeViT {step} B={batch}", device.type, dtype, median, base, "reference",
+                  peak=peak, baseline_peak=base_peak,
                   notes=f"interleaved {mixed['reference'] / mixed['fast']:.2f}x; {size}; "
                         f"{flops / median / 1e12:.3f} TFLOP/s encoder")
 
@@ -290,7 +286,6 @@ def test_packed_vs_padded(benchmark, bench, device, pass_, impl):
         bench.synchronize(device)
         return result
 
-    peak = _peak_memory(timed, device)
     kwargs = p.kwargs
     batch, longest, packed_tokens = len(p.lengths), max(p.lengths), sum(p.lengths)
     padded_tokens = batch * longest
@@ -304,20 +299,24 @@ def test_packed_vs_padded(benchmark, bench, device, pass_, impl):
         op="model_mixed", impl=impl, pass_=pass_, device=device.type, lengths=p.lengths,
         packed_tokens=packed_tokens, padded_tokens=padded_tokens, token_ratio=padded_tokens / packed_tokens,
         attention_work_packed=work_packed, attention_work_padded=work_padded,
-        attention_work_ratio=work_padded / work_packed, flops=flops, peak_memory_bytes=peak,
+        attention_work_ratio=work_padded / work_packed, flops=flops,
         threads=torch.get_num_threads(), **kwargs)
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     median = bench.median_of(benchmark)
     if median:
         benchmark.extra_info["tflops"] = flops / median / 1e12
-    key = ("model_mixed", pass_, device.type, "padded")
+    key = ("model_mixed", pass_, device.type)
+    peak, method = bench.peak_memory(lambda: p.run(impl, backward), device, key=key + (impl,))
+    benchmark.extra_info.update(peak_memory_bytes=peak, peak_memory_method=method)
     if impl == "padded":
-        bench.record_baseline(key, benchmark)
+        bench.record_baseline(key + ("padded",), benchmark)
         return
     if median is None:
         return
-    base = bench.baseline(key, lambda: p.run("padded", backward), device)
+    base = bench.baseline(key + ("padded",), lambda: p.run("padded", backward), device)
     benchmark.extra_info["speedup_vs_padded"] = base / median
+    base_peak, _ = bench.peak_memory(lambda: p.run("padded", backward), device, key=key + ("padded",))
+    benchmark.extra_info["padded_peak_memory_bytes"] = base_peak
     mixed = bench.interleaved({name: functools.partial(p.run, name, backward) for name in ("padded", "packed")},
                               device, rounds=INTERLEAVED_ROUNDS[device.type])
     benchmark.extra_info["interleaved_medians_s"] = mixed
@@ -326,6 +325,6 @@ def test_packed_vs_padded(benchmark, bench, device, pass_, impl):
     dtype = "fp32" if amp is None else f"{str(amp).replace('torch.', '')} autocast"
     images = sum(1 for s in p.samples if s.dim() == 3)
     bench.add_row(f"TubeViT mixed {images}img+{batch - images}vid {pass_}", device.type, dtype, median, base,
-                  "padded+mask",
+                  "padded+mask", peak=peak, baseline_peak=base_peak,
                   notes=f"interleaved {mixed['padded'] / mixed['packed']:.2f}x; dim={kwargs['dim']} depth={kwargs['depth']}; tokens x{padded_tokens / packed_tokens:.2f}, "
                         f"attn work x{work_padded / work_packed:.2f} when padded")
