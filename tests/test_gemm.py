@@ -1,0 +1,58 @@
+"""tubevit_fast.torch_backend.gemm.linear: x @ w.T (+ bias) on oneDNN (CPU fp32/bf16) or torch.mm."""
+import pytest
+import torch
+
+from tubevit_fast.torch_backend import gemm
+
+
+def _operands(m, k, n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype),
+            torch.randn(n, generator=g).to(dtype))
+
+
+def test_onednn_is_used_here():
+    # The speed claims of the CPU path rest on this build having oneDNN's linear op.
+    assert gemm.onednn_available() == (torch.backends.mkldnn.is_available()
+                                       and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@pytest.mark.parametrize("m,k,n", [(392, 1536, 768), (7, 54, 20), (1, 3, 1)])
+def test_fp32_error_is_that_of_fp32_accumulation(m, k, n):
+    """No silent down-conversion (bf16/tf32 would miss by ~1e-2 relative): within fp32 rounding
+    of the float64 product, on the same order as torch.mm's own error."""
+    x, w, b = _operands(m, k, n)
+    exact = x.double() @ w.double().t() + b.double()
+    err = (gemm.linear(x, w, b).double() - exact).abs().max().item()
+    mm_err = (torch.addmm(b, x, w.t()).double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert err <= 1e-5 * scale and err <= 8 * mm_err + 1e-6 * scale
+
+
+@pytest.mark.parametrize("layout", ["transposed", "stride0", "sliced"])
+def test_any_strides(layout):
+    x, w, _ = _operands(33, 40, 17)
+    if layout == "transposed":  # the weight-gradient GEMM: dY^T A with both operands transposed views
+        a, bmat = x.t().contiguous().t(), w.t().contiguous().t()
+    elif layout == "stride0":  # a gradient made by .sum(): stride 0
+        a, bmat = torch.ones(()).expand(33, 40), w
+    else:
+        a, bmat = torch.randn(33, 80)[:, ::2], w
+    torch.testing.assert_close(gemm.linear(a, bmat), a @ bmat.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes(dtype):
+    x, w, b = _operands(9, 12, 5, dtype)
+    want = (x.double() @ w.double().t() + b.double())
+    tol = 1e-12 if dtype == torch.float64 else 5e-2
+    got = gemm.linear(x, w, None if dtype == torch.bfloat16 else b)
+    if dtype == torch.bfloat16:
+        want = want - b.double()
+    assert got.dtype == dtype and got.shape == (9, 5)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_empty():
+    x, w, b = _operands(0, 4, 3)
+    assert gemm.linear(x, w, b).shape == (0, 3)
