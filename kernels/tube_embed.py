@@ -9,8 +9,11 @@ and patch column k = ((c*kt + dt)*kh + dh)*kw + dw,
     out[b, s_i + n, :]  = A_i[b, n, :] @ W_i.reshape(dim, K_i).T + b_i + pos[s_i + n]
 
 where s_i is the tube's first token (`geometry.token_offsets`). This is Conv3d per tube on the
-offset-cropped video, flattened, concatenated over tubes, plus the position embedding. The
-backward pass is
+offset-cropped video, flattened, concatenated over tubes, plus the position embedding.
+Space-to-depth (TubeSpec.space_to_depth, factor f) changes only where a row lands: W_i is
+(dim/f, ...), and sampler token (it, ih, iw) writes channels j*dim/f ... (j+1)*dim/f of output
+token (it//ft, ih//fh, iw//fw), j its place in the group (`_token_slot`); the backward kernels
+read dY through the same mapping. The backward pass is
 
     dW_i = sum_{b,n} dY[b, s_i + n, :]^T A_i[b, n, :]      db_i = sum_{b,n} dY[b, s_i + n, :]
     dx  += scatter(A_i's addresses, dY_i @ W_i)             (overlapping tubes/tokens add up)
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 
 import torch
@@ -57,9 +61,11 @@ from .audit_spec import AuditTarget
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Geometry table columns (int32, one row per tube); the kernels index them by position.
+# ntok and (nt, nh, nw) count sampler tokens; (ft, fh, fw) are the space-to-depth factors and
+# width = dim / (ft * fh * fw) the channels each sampler token is projected to.
 _COLUMNS = ("start", "ntok", "nt", "nh", "nw", "kt", "kh", "kw", "st", "sh", "sw", "ot", "oh", "ow",
-            "K", "kcol")
-GEO_COLS = len(_COLUMNS)  # 16, the row stride the kernels use
+            "K", "kcol", "width", "ft", "fh", "fw")
+GEO_COLS = len(_COLUMNS)  # 20, the row stride the kernels use
 
 
 # ----------------------------------------------------------------------------------------
@@ -68,11 +74,23 @@ GEO_COLS = len(_COLUMNS)  # 16, the row stride the kernels use
 
 @triton.jit
 def _tube_row(geo_ptr, tube):
-    row = geo_ptr + tube * 16
+    row = geo_ptr + tube * 20
     return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
             tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
             tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
             tl.multiple_of(tl.load(row + 15), 16))  # kcol: the host aligns it (_KCOL_ALIGN)
+
+
+@triton.jit
+def _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH: tl.constexpr):
+    """width, ft, fh, fw: from the table, or (DIM, 1, 1, 1) as constants when no tube merges, so
+    that launch compiles to exactly the plain kernel (known width: vector loads, no slot maths)."""
+    if SPACE_TO_DEPTH:
+        row = geo_ptr + tube * 20
+        width, ft, fh, fw = tl.load(row + 16), tl.load(row + 17), tl.load(row + 18), tl.load(row + 19)
+    else:
+        width, ft, fh, fw = DIM, 1, 1, 1
+    return width, ft, fh, fw
 
 
 @triton.jit
@@ -92,7 +110,7 @@ def _locate(geo_ptr, pid, B, pt, ph, pw, PT, PH, PW,
     first = pid * 0
     seen = pid * 0
     for i in tl.static_range(NUM_TUBES):
-        row = geo_ptr + i * 16
+        row = geo_ptr + i * 20
         if BY_K:
             rows = tl.load(row + 14)
         else:
@@ -108,7 +126,8 @@ def _locate(geo_ptr, pid, B, pt, ph, pw, PT, PH, PW,
 
 @triton.jit
 def _token_rows(offs_m, B, nt, nh, nw, pt, ph, pw, PT, PH, PW):
-    """Row m = (b, jt, jh, jw) flattened over the phase's sub-grid -> sample, grid index, token.
+    """Row m = (b, jt, jh, jw) flattened over the phase's sub-grid -> sample, sampler grid index,
+    sampler token, mask.
 
     Outside deterministic dX the phase is (0, 0, 0) with period 1, i.e. the whole grid."""
     mt = _phase_len(nt, pt, PT)
@@ -122,8 +141,19 @@ def _token_rows(offs_m, B, nt, nh, nw, pt, ph, pw, PT, PH, PW):
     j = j // mw
     ih = ph + (j % mh) * PH
     it = pt + (j // mh) * PT
-    n = (it * nh + ih) * nw + iw
-    return b, it, ih, iw, n, mask
+    return b, it, ih, iw, mask
+
+
+@triton.jit
+def _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN: tl.constexpr):
+    """Sampler token -> (output token within the tube, first channel): the epilogue's
+    space-to-depth mapping. Group (it // ft, ih // fh, iw // fw) is one token; member
+    j = ((it % ft) * fh + ih % fh) * fw + iw % fw fills channels j * width ... (j + 1) * width."""
+    n = ((it // ft) * (nh // fh) + ih // fh) * (nw // fw) + iw // fw
+    j = ((it % ft) * fh + ih % fh) * fw + iw % fw
+    # The host guarantees every width is a multiple of WIDTH_ALIGN: with this hint a merged
+    # token's channel block starts as aligned as its row, so stores stay vectorised.
+    return n, tl.multiple_of(j * width, WIDTH_ALIGN)
 
 
 @triton.jit
@@ -216,7 +246,7 @@ def _tube_embed_fwd_kernel(
     sbt, sbd,
     spn, spd,
     sob, son, sod,
-    NUM_TUBES: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Flat grid, dim tile fastest: the programs that share a gathered A tile run together and
@@ -226,12 +256,24 @@ def _tube_embed_fwd_kernel(
     pid_n = tl.program_id(0) % n_tiles
     tube, first = _locate(geo_ptr, pid_m, B, 0, 0, 0, 1, 1, 1, BLOCK_M, NUM_TUBES, False)
     start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
+    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH)
+    if SPACE_TO_DEPTH:
+        # DIM is the widest tube's width: narrower (space-to-depth) tubes have nothing here.
+        if pid_n * BLOCK_N >= width:
+            return
 
     offs_m = (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b, it, ih, iw, n, mask_m = _token_rows(offs_m, B, nt, nh, nw, 0, 0, 0, 1, 1, 1)
+    b, it, ih, iw, mask_m = _token_rows(offs_m, B, nt, nh, nw, 0, 0, 0, 1, 1, 1)
     rows = _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw)
+    # Where each row's tokens go (before the K loop: then only n and chan, not the three grid
+    # indices, stay live through it). Space-to-depth is this mapping: a sampler token's channels
+    # land at chan.. of its group's token.
+    n, chan = _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN)
     offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_d = offs_d < DIM
+    # Weights and biases are packed DIM rows wide (zeros past a tube's width): their loads keep
+    # the DIM mask (DIM is a launch argument, often 16-aligned: vector loads); only the token
+    # stores stop at the tube's width.
+    mask_w = offs_d < DIM
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -241,16 +283,17 @@ def _tube_embed_fwd_kernel(
         a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # No K mask: columns past K_i are the tube's zero padding (_KCOL_ALIGN).
         wt = tl.load(w_ptr + (kcol + offs_k)[:, None] * swk + offs_d[None, :] * swd,
-                     mask=mask_d[None, :], other=0.0)
+                     mask=mask_w[None, :], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
 
-    acc += tl.load(b_ptr + tube * sbt + offs_d * sbd, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(b_ptr + tube * sbt + offs_d * sbd, mask=mask_w, other=0.0).to(tl.float32)[None, :]
     tok = start + n
-    mask = mask_m[:, None] & mask_d[None, :]
+    mask = mask_m[:, None] & (offs_d < width)[None, :]
     if HAS_POS:
-        pos = tl.load(pos_ptr + tok[:, None] * spn + offs_d[None, :] * spd, mask=mask, other=0.0)
+        pos = tl.load(pos_ptr + (tok * spn + chan * spd)[:, None] + offs_d[None, :] * spd, mask=mask, other=0.0)
         acc += pos.to(tl.float32)
-    out = out_ptr + b.to(tl.int64)[:, None] * sob + tok.to(tl.int64)[:, None] * son + offs_d[None, :] * sod
+    out_rows = b.to(tl.int64) * sob + tok.to(tl.int64) * son + chan.to(tl.int64) * sod
+    out = out_ptr + out_rows[:, None] + offs_d[None, :] * sod
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -264,7 +307,7 @@ def _tube_embed_bwd_weight_kernel(
     syb, syn, syd,
     sws, swd, swk,
     sbs, sbt, sbd,
-    NUM_TUBES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -272,23 +315,29 @@ def _tube_embed_bwd_weight_kernel(
     pid_s = tl.program_id(2)
     tube, first = _locate(geo_ptr, pid_k, B, 0, 0, 0, 1, 1, 1, BLOCK_K, NUM_TUBES, True)
     start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
+    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH)
+    if SPACE_TO_DEPTH:
+        if pid_n * BLOCK_N >= width:  # past a narrower tube's rows: nothing to compute or store
+            return
 
     offs_k = (pid_k - first) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     cols = _patch_cols(offs_k, kt, kh, kw, sxc, sxt, sxh, sxw)
     offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_d = offs_d < DIM
+    mask_d = offs_d < width
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # Interleaved M tiles: split s takes tiles s, s + SPLIT, ... in a fixed order.
     for mt in range(pid_s, tl.cdiv(B * ntok, BLOCK_M), SPLIT):
         offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-        b, it, ih, iw, n, mask_m = _token_rows(offs_m, B, nt, nh, nw, 0, 0, 0, 1, 1, 1)
+        b, it, ih, iw, mask_m = _token_rows(offs_m, B, nt, nh, nw, 0, 0, 0, 1, 1, 1)
+        n, chan = _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN)
         rows = _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw)
         a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        dy = tl.load(dy_ptr + b.to(tl.int64)[:, None] * syb + (start + n).to(tl.int64)[:, None] * syn
-                     + offs_d[None, :] * syd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        dy_rows = b.to(tl.int64) * syb + (start + n).to(tl.int64) * syn + chan.to(tl.int64) * syd
+        dy = tl.load(dy_ptr + dy_rows[:, None] + offs_d[None, :] * syd, mask=mask_m[:, None] & mask_d[None, :],
+                     other=0.0)
         acc = tl.dot(tl.trans(dy), a, acc, input_precision=DOT_PRECISION)
         # Cheap next to the dot; only the tube's first K tile stores it.
         db += tl.sum(dy.to(tl.float32), axis=0)
@@ -310,7 +359,7 @@ def _tube_embed_bwd_input_kernel(
     syb, syn, syd,
     swd, swk,
     sxb, sxc, sxt, sxh, sxw,
-    NUM_TUBES: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Flat grid, K tile fastest: the programs that share a dY tile run together (L2 reuse).
@@ -319,20 +368,22 @@ def _tube_embed_bwd_input_kernel(
     pid_k = tl.program_id(0) % k_tiles
     tube, first = _locate(geo_ptr, pid_m, B, pt, ph, pw, PT, PH, PW, BLOCK_M, NUM_TUBES, False)
     start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
+    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH)
     # The K axis of the grid covers the largest tube; smaller tubes have nothing here.
     if pid_k * BLOCK_K >= K:
         return
 
     offs_m = (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b, it, ih, iw, n, mask_m = _token_rows(offs_m, B, nt, nh, nw, pt, ph, pw, PT, PH, PW)
+    b, it, ih, iw, mask_m = _token_rows(offs_m, B, nt, nh, nw, pt, ph, pw, PT, PH, PW)
+    n, chan = _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    dy_rows = dy_ptr + b.to(tl.int64) * syb + (start + n).to(tl.int64) * syn
+    dy_rows = dy_ptr + b.to(tl.int64) * syb + (start + n).to(tl.int64) * syn + chan.to(tl.int64) * syd
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for d0 in range(0, DIM, BLOCK_N):
+    for d0 in range(0, width, BLOCK_N):
         offs_d = d0 + tl.arange(0, BLOCK_N)
-        mask_d = offs_d < DIM
+        mask_d = offs_d < width
         dy = tl.load(dy_rows[:, None] + offs_d[None, :] * syd, mask=mask_m[:, None] & mask_d[None, :],
                      other=0.0)
         w = tl.load(w_ptr + offs_d[:, None] * swd + (kcol + offs_k)[None, :] * swk,
@@ -367,12 +418,13 @@ def _column_starts(tubes, channels: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _geometry_table(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], channels: int,
+def _geometry_table(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], channels: int, dim: int,
                     device: torch.device) -> torch.Tensor:
     starts = token_offsets(tubes, size)
     kcols = _column_starts(tubes, channels)
-    rows = [[starts[i], tube.num_tokens(size), *tube.grid(size), *tube.kernel, *tube.stride, *tube.offset,
-             tube.patch_size(channels), kcols[i]] for i, tube in enumerate(tubes)]
+    rows = [[starts[i], math.prod(tube.sampler_grid(size)), *tube.sampler_grid(size), *tube.kernel,
+             *tube.stride, *tube.offset, tube.patch_size(channels), kcols[i], dim // tube.merge, *tube.factors]
+            for i, tube in enumerate(tubes)]
     assert all(len(r) == GEO_COLS for r in rows)
     return torch.tensor(rows, dtype=torch.int32).to(device)
 
@@ -383,10 +435,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _pack_weights(weights) -> torch.Tensor:
-    """(dim, Kpad): tube i's W_i.reshape(dim, K_i) from its start column, then zeros to the next."""
+    """(width, Kpad): tube i's W_i.reshape(width_i, K_i) from its start column, then zeros to the
+    next; width is the widest tube's (narrower space-to-depth tubes are zero-padded, never read)."""
+    width = max(w.shape[0] for w in weights)
     flat = [w.reshape(w.shape[0], -1) for w in weights]
-    pads = [(-f.shape[1]) % _KCOL_ALIGN for f in flat]
-    return torch.cat([torch.nn.functional.pad(f, (0, p)) if p else f for f, p in zip(flat, pads)], dim=1)
+    pads = [((-f.shape[1]) % _KCOL_ALIGN, width - f.shape[0]) for f in flat]
+    return torch.cat([torch.nn.functional.pad(f, (0, p, 0, q)) if p or q else f for f, (p, q) in zip(flat, pads)],
+                     dim=1)
+
+
+def _pack_biases(biases, width: int) -> torch.Tensor:
+    """(tubes, width) biases, zero-padded like the weights."""
+    return torch.stack([torch.nn.functional.pad(b.reshape(-1), (0, width - b.numel())) for b in biases])
 
 
 def _m_tiles(rows: int, block: int) -> int:
@@ -418,28 +478,39 @@ def _launch(kernel, grid, args, flags):
 
 # Argument lists, shared by the launches and the AOT audit (which must compile what runs).
 
-def _fwd_args(video, w, bias, pos, out, geo, ntubes):
+def _merge_flags(tubes, dim: int) -> dict:
+    """SPACE_TO_DEPTH (does any tube merge tokens) and WIDTH_ALIGN (the largest power of two up
+    to 16 dividing every tube's width) of a launch over `tubes`."""
+    align = math.gcd(16, *(dim // t.merge for t in tubes))
+    merges = any(t.merge > 1 for t in tubes)
+    return dict(SPACE_TO_DEPTH=merges, WIDTH_ALIGN=align & -align if merges else 1)
+
+
+def _fwd_args(video, w, bias, pos, out, geo, tubes):
     has_pos = pos is not None
     args = (video, w, bias, pos if has_pos else bias, out, geo,  # pos_ptr unread without HAS_POS
             video.shape[0], w.shape[0], w.shape[1],
             *video.stride(), *w.stride(), *bias.stride(),
             *(pos.stride() if has_pos else (0, 0)), *out.stride())
-    flags = dict(NUM_TUBES=ntubes, HAS_POS=has_pos, DOT_PRECISION=_dot_precision(video.dtype))
+    flags = dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, out.shape[-1]), HAS_POS=has_pos,
+                 DOT_PRECISION=_dot_precision(video.dtype))
     return args, flags
 
 
-def _bwd_weight_args(video, grad_out, dw_part, db_part, geo, ntubes):
+def _bwd_weight_args(video, grad_out, dw_part, db_part, geo, tubes):
     args = (video, grad_out, dw_part, db_part, geo,
             video.shape[0], dw_part.shape[1], dw_part.shape[2], dw_part.shape[0],
             *video.stride(), *grad_out.stride(), *dw_part.stride(), *db_part.stride())
-    return args, dict(NUM_TUBES=ntubes, DOT_PRECISION=_dot_precision(video.dtype))
+    return args, dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, grad_out.shape[-1]),
+                      DOT_PRECISION=_dot_precision(video.dtype))
 
 
-def _bwd_input_args(grad_out, w, dx, geo, ntubes, kmax, phase, period, atomic):
+def _bwd_input_args(grad_out, w, dx, geo, tubes, kmax, phase, period, atomic):
     args = (grad_out, w, dx, geo,
             dx.shape[0], w.shape[0], w.shape[1], kmax, *phase, *period,
             *grad_out.stride(), *w.stride(), *dx.stride())
-    return args, dict(NUM_TUBES=ntubes, ATOMIC=atomic, DOT_PRECISION=_dot_precision(w.dtype))
+    return args, dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, grad_out.shape[-1]), ATOMIC=atomic,
+                      DOT_PRECISION=_dot_precision(w.dtype))
 
 
 def tube_embed_forward(video, weights, biases, pos, tubes):
@@ -447,15 +518,16 @@ def tube_embed_forward(video, weights, biases, pos, tubes):
     tubes = tuple(tubes)
     B, C, T, H, W = video.shape
     counts = [t.num_tokens((T, H, W)) for t in tubes]
-    dim = weights[0].shape[0]
-    geo = _geometry_table(tubes, (T, H, W), C, video.device)
+    samplers = [math.prod(t.sampler_grid((T, H, W))) for t in tubes]
+    dim = weights[0].shape[0] * tubes[0].merge
+    geo = _geometry_table(tubes, (T, H, W), C, dim, video.device)
     w = _pack_weights(weights)
-    bias = torch.stack([b.reshape(-1) for b in biases])
+    bias = _pack_biases(biases, w.shape[0])
     out = torch.empty((B, sum(counts), dim), device=video.device, dtype=video.dtype)
-    args, flags = _fwd_args(video, w, bias, pos, out, geo, len(tubes))
+    args, flags = _fwd_args(video, w, bias, pos, out, geo, tubes)
 
     def grid(meta):
-        return (sum(_m_tiles(B * n, meta["BLOCK_M"]) for n in counts) * triton.cdiv(dim, meta["BLOCK_N"]),)
+        return (sum(_m_tiles(B * n, meta["BLOCK_M"]) for n in samplers) * triton.cdiv(w.shape[0], meta["BLOCK_N"]),)
 
     _launch(_tube_embed_fwd_kernel, grid, args, flags)
     return out
@@ -465,20 +537,21 @@ def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
     """Gradients of tube_embed_forward: (grad_video or None, grad_weights, grad_biases)."""
     tubes = tuple(tubes)
     B, C, T, H, W = video.shape
-    counts = [t.num_tokens((T, H, W)) for t in tubes]
+    samplers = [math.prod(t.sampler_grid((T, H, W))) for t in tubes]
     ks = [t.patch_size(C) for t in tubes]
     kcols = _column_starts(tubes, C)
-    dim = weights[0].shape[0]
+    widths = [w.shape[0] for w in weights]
+    dim = max(widths)  # the packed rows; narrower space-to-depth tubes use the first width_i
     if grad_out.dtype != video.dtype:
         grad_out = grad_out.to(video.dtype)
-    geo = _geometry_table(tubes, (T, H, W), C, video.device)
+    geo = _geometry_table(tubes, (T, H, W), C, weights[0].shape[0] * tubes[0].merge, video.device)
 
-    split = _split_count(B, counts, dim, kcols[-1], video.device)
+    split = _split_count(B, samplers, dim, kcols[-1], video.device)
     # Every entry read below is written (a split without M tiles stores zeros); the pad
-    # columns between tubes stay unwritten and unread.
+    # columns between tubes, and rows past a tube's width, stay unwritten and unread.
     dw_part = torch.empty((split, dim, kcols[-1]), device=video.device, dtype=torch.float32)
     db_part = torch.empty((split, len(tubes), dim), device=video.device, dtype=torch.float32)
-    args, flags = _bwd_weight_args(video, grad_out, dw_part, db_part, geo, len(tubes))
+    args, flags = _bwd_weight_args(video, grad_out, dw_part, db_part, geo, tubes)
 
     def grid_w(meta):
         return (sum(triton.cdiv(k, meta["BLOCK_K"]) for k in ks), triton.cdiv(dim, meta["BLOCK_N"]), split)
@@ -487,23 +560,23 @@ def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
     dw = dw_part.sum(0)
     db = db_part.sum(0)
     # copy=True: each gradient gets its own storage (a custom op's outputs may not alias).
-    grad_weights = [dw[:, kcols[i]:kcols[i] + ks[i]].reshape(w.shape).to(w.dtype, copy=True)
+    grad_weights = [dw[:widths[i], kcols[i]:kcols[i] + ks[i]].reshape(w.shape).to(w.dtype, copy=True)
                     for i, w in enumerate(weights)]
-    grad_biases = [db[i].to(w.dtype, copy=True) for i, w in enumerate(weights)]
+    grad_biases = [db[i, :widths[i]].to(w.dtype, copy=True) for i, w in enumerate(weights)]
 
     grad_video = None
     if input_requires_grad:
-        grad_video = _input_grad(grad_out, video, weights, tubes, geo, counts, ks)
+        grad_video = _input_grad(grad_out, video, weights, tubes, geo, samplers, ks)
     return grad_video, grad_weights, grad_biases
 
 
-def _input_grad(grad_out, video, weights, tubes, geo, counts, ks):
+def _input_grad(grad_out, video, weights, tubes, geo, samplers, ks):
     B, C, T, H, W = video.shape
     w = _pack_weights(weights)
     dx = torch.zeros(video.shape, device=video.device, dtype=torch.float32)
 
-    def launch(geo_rows, ntubes, rows_per_tube, kmax, phase, period, atomic):
-        args, flags = _bwd_input_args(grad_out, w, dx, geo_rows, ntubes, kmax, phase, period, atomic)
+    def launch(geo_rows, launched, rows_per_tube, kmax, phase, period, atomic):
+        args, flags = _bwd_input_args(grad_out, w, dx, geo_rows, launched, kmax, phase, period, atomic)
 
         def grid(meta):
             m_tiles = sum(_m_tiles(r, meta["BLOCK_M"]) for r in rows_per_tube)
@@ -512,15 +585,15 @@ def _input_grad(grad_out, video, weights, tubes, geo, counts, ks):
         _launch(_tube_embed_bwd_input_kernel, grid, args, flags)
 
     if not torch.are_deterministic_algorithms_enabled():
-        launch(geo, len(tubes), [B * n for n in counts], max(ks), (0, 0, 0), (1, 1, 1), True)
+        launch(geo, tubes, [B * n for n in samplers], max(ks), (0, 0, 0), (1, 1, 1), True)
     else:
         # Colouring: tokens whose grid indices agree modulo P_a = ceil(k_a / s_a) on every axis
         # are at least k_a apart, so their footprints are disjoint. One launch per tube and phase,
         # in a fixed order, fixes every pixel's summation order: bitwise reproducible.
         for i, tube in enumerate(tubes):
-            grid3 = tube.grid((T, H, W))
+            grid3 = tube.sampler_grid((T, H, W))
             for phase, period, tokens in _phases(tube, grid3):
-                launch(geo[i:i + 1], 1, [B * tokens], ks[i], phase, period, False)
+                launch(geo[i:i + 1], tubes[i:i + 1], [B * tokens], ks[i], phase, period, False)
     return dx.to(video.dtype)
 
 
@@ -597,19 +670,23 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
     db_part = torch.empty((split, len(tubes), dim), dtype=torch.float32, device=meta)
     dx = torch.empty(video.shape, dtype=torch.float32, device=meta)
     # Deterministic dX: one phase of the tube that overlaps itself in time (period (3, 1, 1)).
-    phase, period, _ = list(_phases(tubes[1], tubes[1].grid((T, H, W))))[-1]
+    phase, period, _ = list(_phases(tubes[1], tubes[1].sampler_grid((T, H, W))))[-1]
 
     fwd, bwd_w, bwd_x = ((_FWD_CONFIGS_FP32, _BWD_W_CONFIGS_FP32, _BWD_X_CONFIGS_FP32) if single
                          else (_FWD_CONFIGS, _BWD_W_CONFIGS, _BWD_X_CONFIGS))
-    launches = [
-        ("", _tube_embed_fwd_kernel, fwd, _fwd_args(video, w, bias, pos, tokens, geo, len(tubes))),
-        ("", _tube_embed_bwd_weight_kernel, bwd_w,
-         _bwd_weight_args(video, tokens, dw_part, db_part, geo, len(tubes))),
-        ("-atomic", _tube_embed_bwd_input_kernel, bwd_x,
-         _bwd_input_args(tokens, w, dx, geo, len(tubes), max(ks), (0, 0, 0), (1, 1, 1), True)),
-        ("-deterministic", _tube_embed_bwd_input_kernel, bwd_x,
-         _bwd_input_args(tokens, w, dx, geo[1:2], 1, ks[1], phase, period, False)),
-    ]
+    # The space-to-depth specialisation (SPACE_TO_DEPTH=True): the paper's 2D tube merged in pairs
+    # along w; only the flag differs in what is compiled.
+    s2d = (*tubes[:3], TubeSpec(tubes[3].kernel, tubes[3].stride, tubes[3].offset, ("w", 2)))
+    launches = []
+    for suffix, ts in (("", tubes), ("-s2d", s2d)):
+        launches += [
+            (suffix, _tube_embed_fwd_kernel, fwd, _fwd_args(video, w, bias, pos, tokens, geo, ts)),
+            (suffix, _tube_embed_bwd_weight_kernel, bwd_w, _bwd_weight_args(video, tokens, dw_part, db_part, geo, ts)),
+            ("-atomic" + suffix, _tube_embed_bwd_input_kernel, bwd_x,
+             _bwd_input_args(tokens, w, dx, geo, ts, max(ks), (0, 0, 0), (1, 1, 1), True)),
+        ]
+    launches.append(("-deterministic", _tube_embed_bwd_input_kernel, bwd_x,
+                     _bwd_input_args(tokens, w, dx, geo[1:2], tubes[1:2], ks[1], phase, period, False)))
     targets = []
     for suffix, autotuner, configs, (args, flags) in launches:
         fn = autotuner.fn

@@ -69,17 +69,30 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def device_for(backend):
+    if backend != "triton":
+        return torch.device("cpu")
+    pytest.importorskip("triton")
+    from conftest import TRITON_DEVICE
+    return TRITON_DEVICE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_equals_explicit_merge(case, backend):
     s2d = CASES[case]
     embed = make(s2d, backend=backend).double() if backend == "reference" else make(s2d, backend=backend)
+    embed = embed.to(device_for(backend))
     dtype = embed.weights[0].dtype
-    x = torch.randn(2, 3, *SIZE, dtype=dtype)
+    x = torch.randn(2, 3, *SIZE, dtype=dtype).to(device_for(backend))
     normalised = [None if m is None else ({"t": 0, "h": 1, "w": 2}.get(m[0], m[0]), m[1]) for m in s2d]
     with torch.no_grad():
-        expected = explicit(x, list(embed.weights), list(embed.biases), TUBES, normalised, DIM)
-        got = embed(x)
+        expected = explicit(x.cpu(), [w.cpu() for w in embed.weights], [b.cpu() for b in embed.biases], TUBES,
+                            normalised, DIM)
+        got = embed(x).cpu()
     assert got.shape == expected.shape == (2, embed.num_tokens(SIZE), DIM)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(got, expected.to(dtype), rtol=tol, atol=tol)
@@ -90,8 +103,25 @@ def test_parameters_are_narrow():
     assert embed.weights[0].shape == (DIM // 2, 3, 2, 3, 3) and embed.biases[0].shape == (DIM // 2,)
     assert embed.weights[1].shape == (DIM // 4, 3, 4, 2, 2)
     assert embed.weights[2].shape == (DIM, 3, 1, 4, 4)
-    assert embed.op_tubes[0] == TubeSpec((2, 7, 3), (2, 8, 4), (0, 0, 0))
+    assert embed.op_tubes[0] == TubeSpec((2, 3, 3), (2, 4, 4), (0, 0, 0), space_to_depth=(1, 2))
+    assert embed.op_tubes[2] == TUBES[2]
     assert "space_to_depth" in repr(embed)
+
+
+def test_no_work_on_zeros():
+    """The torch path multiplies by the tube's own (dim/f, C*kt*kh*kw) kernel: its patch matrix
+    is the plain sampler's, one row per sampler token, rows reordered so a group's tokens are
+    adjacent (no block-structured kernel, no zero columns)."""
+    from tubevit_fast.torch_backend.tube_embed import patches
+
+    tube = make(CASES["all"]).op_tubes[0]  # factor 3 along t
+    sampler = TubeSpec(tube.kernel, tube.stride, tube.offset)
+    x = torch.randn(2, 3, *SIZE)
+    nt, nh, nw = sampler.grid(SIZE)
+    K = tube.patch_size(3)
+    plain = patches(x, sampler).view(2, nt, nh, nw, K)[:, :nt // 3 * 3]
+    grouped = plain.reshape(2, nt // 3, 3, nh, nw, K).permute(0, 1, 3, 4, 2, 5).reshape(2, -1, K)
+    assert torch.equal(patches(x, tube), grouped)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -113,19 +143,21 @@ def test_time_merged_2d_tube_becomes_3d():
         embed(torch.randn(1, 3, 13, 14))
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients(backend):
+    """Every gradient (video, narrow kernels, narrow biases) against the explicit merge."""
+    device = device_for(backend)
     s2d = CASES["all"]
-    embed = make(s2d, backend=backend)
-    x = torch.randn(2, 3, *SIZE, requires_grad=True)
+    embed = make(s2d, backend=backend).to(device)
+    x = torch.randn(2, 3, *SIZE, device=device, requires_grad=True)
     normalised = [(0, 3), (1, 2), (1, 2)]
     params = [x, *embed.weights, *embed.biases]
-    g = torch.randn(2, embed.num_tokens(SIZE), DIM)
+    g = torch.randn(2, embed.num_tokens(SIZE), DIM, device=device)
     got = torch.autograd.grad(embed(x), params, g)
-    want = torch.autograd.grad(explicit(x, list(embed.weights), list(embed.biases), TUBES, normalised, DIM),
-                               params, g)
+    cpu = [p.detach().cpu().requires_grad_() for p in params]
+    want = torch.autograd.grad(explicit(cpu[0], cpu[1:4], cpu[4:], TUBES, normalised, DIM), cpu, g.cpu())
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
 
 
 def test_gradcheck_float64():
@@ -143,20 +175,28 @@ def test_gradcheck_float64():
 
 
 @pytest.mark.interpreter
-def test_triton_backend():
-    """The merge is an ordinary tube with a structured kernel, so the Triton kernels run it unchanged."""
-    pytest.importorskip("triton")
-    from conftest import TRITON_DEVICE
+def test_triton_fp16_and_deterministic_input_grad():
+    """fp16 through the Triton kernels' space-to-depth epilogue, and deterministic mode's dX
+    (one launch per tube and phase) bitwise reproducible with merged tubes."""
+    device = device_for("triton")
+    embed = make(CASES["h2_w4"], backend="triton").to(device, torch.float16)
+    ref = make(CASES["h2_w4"], cls=reference.TubeEmbed)
+    x = torch.randn(1, 3, *SIZE)
+    out = embed(x.to(device, torch.float16))
+    torch.testing.assert_close(out.float().cpu(), ref(x), rtol=2e-2, atol=2e-2)
 
-    embed = make(CASES["all"], backend="triton").to(TRITON_DEVICE)
-    ref = make(CASES["all"], cls=reference.TubeEmbed).to(TRITON_DEVICE)
-    x = torch.randn(1, 3, *SIZE, device=TRITON_DEVICE)
-    out, out_ref = embed(x), ref(x)
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, list(embed.parameters()), g),
-                    torch.autograd.grad(out_ref, list(ref.parameters()), g)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    xd = x.to(device).requires_grad_()
+    embed32 = make(CASES["all"], backend="triton").to(device)
+    g = torch.randn(1, embed32.num_tokens(SIZE), DIM, device=device)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, again = (torch.autograd.grad(embed32(xd), xd, g)[0] for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first, again)
+    ref32 = make(CASES["all"], cls=reference.TubeEmbed)
+    xr = x.clone().requires_grad_()
+    torch.testing.assert_close(first.cpu(), torch.autograd.grad(ref32(xr), xr, g.cpu())[0], rtol=1e-4, atol=1e-5)
 
 
 def test_tubevit_passthrough():

@@ -33,9 +33,9 @@ def _make_inputs(tubes, B, C, size, dim, with_pos=True, seed=0):
     """float64 video, weights, biases and float32 pos; weights scaled so outputs are O(1)."""
     g = torch.Generator().manual_seed(seed)
     video = torch.randn(B, C, *size, generator=g, dtype=torch.float64)
-    weights = [torch.randn(dim, C, *t.kernel, generator=g, dtype=torch.float64) / math.sqrt(t.patch_size(C))
-               for t in tubes]
-    biases = [torch.randn(dim, generator=g, dtype=torch.float64) for _ in tubes]
+    weights = [torch.randn(t.width(dim), C, *t.kernel, generator=g, dtype=torch.float64)
+               / math.sqrt(t.patch_size(C)) for t in tubes]
+    biases = [torch.randn(t.width(dim), generator=g, dtype=torch.float64) for t in tubes]
     pos = torch.randn(num_tokens(tubes, size), dim, generator=g, dtype=torch.float32) if with_pos else None
     return video, weights, biases, pos
 
@@ -112,6 +112,15 @@ def test_mixed_tubes_forward_and_grads(dtype, poisoned_empty):
     _check(MIXED_TUBES, 2, 3, (4, 9, 10), 20, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_space_to_depth_tubes(dtype, poisoned_empty):
+    # Widths 10, 10, 20: the narrow tubes skip the second dim tile; merges along w and t.
+    m0, m1, m2 = MIXED_TUBES
+    tubes = (TubeSpec(m0.kernel, m0.stride, m0.offset, ("w", 2)), TubeSpec(m1.kernel, m1.stride, m1.offset, ("t", 2)),
+             m2)
+    _check(tubes, 2, 3, (4, 9, 10), 20, dtype)
+
+
 def test_eight_tubes():
     # The largest tube count the op takes: the tile -> tube scan runs over all eight rows.
     tubes = tuple(TubeSpec((1 + i % 2, 2 + i % 3, 3 - i % 2), (2, 2 + i % 2, 3), (i % 2, i % 3, 0))
@@ -123,8 +132,9 @@ def test_no_pos_no_input_grad():
     _check(MIXED_TUBES[:2], 1, 2, (4, 8, 9), 16, torch.float32, with_pos=False, input_grad=False, seed=3)
 
 
-def _tube_strategy(size):
-    """A random tube that fits in `size` (kt == 1 when T == 1)."""
+def _tube_strategy(size, dim):
+    """A random tube that fits in `size` (kt == 1 when T == 1), sometimes with space-to-depth
+    (a factor dividing dim, along an axis with room for a whole group)."""
     @st.composite
     def tube(draw):
         kernel, stride, offset = [], [], []
@@ -135,7 +145,11 @@ def _tube_strategy(size):
             kernel.append(k)
             stride.append(s)
             offset.append(o)
-        return TubeSpec(tuple(kernel), tuple(stride), tuple(offset))
+        plain = TubeSpec(tuple(kernel), tuple(stride), tuple(offset))
+        merges = [(axis, f) for axis in range(3) for f in (2, 3) if dim % f == 0
+                  and TubeSpec(plain.kernel, plain.stride, plain.offset, (axis, f)).fits(size)]
+        merge = draw(st.sampled_from([None, *merges]))
+        return TubeSpec(plain.kernel, plain.stride, plain.offset, merge)
     return tube()
 
 
@@ -143,9 +157,9 @@ def _tube_strategy(size):
 def _problem(draw):
     T = draw(st.sampled_from([1, 3, 5]))
     size = (T, draw(st.integers(4, 9)), draw(st.integers(4, 9)))
-    tubes = tuple(draw(st.lists(_tube_strategy(size), min_size=1, max_size=5)))
-    return dict(tubes=tubes, B=draw(st.integers(1, 2)), C=draw(st.integers(1, 4)), size=size,
-                dim=draw(st.sampled_from([8, 17, 24])),
+    dim = draw(st.sampled_from([8, 17, 24]))
+    tubes = tuple(draw(st.lists(_tube_strategy(size, dim), min_size=1, max_size=5)))
+    return dict(tubes=tubes, B=draw(st.integers(1, 2)), C=draw(st.integers(1, 4)), size=size, dim=dim,
                 dtype=draw(st.sampled_from([torch.float32, torch.float16])),
                 seed=draw(st.integers(0, 2**16)))
 
@@ -219,6 +233,9 @@ def test_audit_targets_cover_every_kernel_and_config():
             assert all(t.signature[k] == "constexpr" for k in t.constexprs)
             assert t.signature["x_ptr" if "x_ptr" in t.signature else "dy_ptr"] == "*" + dtype
             assert t.matmul and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(t.constexprs)
-        assert len(per_kernel["_tube_embed_fwd_kernel"]) == len(te._FWD_CONFIGS)
-        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == len(te._BWD_W_CONFIGS)
-        assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 2 * len(te._BWD_X_CONFIGS)
+        # Each kernel plain and specialised for space-to-depth; dX also in deterministic mode.
+        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 2 * len(te._FWD_CONFIGS)
+        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(te._BWD_W_CONFIGS)
+        assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 3 * len(te._BWD_X_CONFIGS)
+        s2d = [t for t in targets if t.config.endswith("-s2d")]
+        assert s2d and all(t.constexprs["SPACE_TO_DEPTH"] and t.constexprs["WIDTH_ALIGN"] == 16 for t in s2d)

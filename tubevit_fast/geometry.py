@@ -31,53 +31,113 @@ def _triple(name: str, value, minimum: int) -> Triple:
     return items
 
 
+_AXIS_NAMES = {"t": 0, "h": 1, "w": 2}
+
+
+def _space_to_depth(value) -> tuple[int, int] | None:
+    """None, or (axis, factor) with axis 0/1/2 (or "t"/"h"/"w") and an int factor >= 2."""
+    if value is None:
+        return None
+    try:
+        axis, factor = value
+    except (TypeError, ValueError):
+        raise TypeError(f"TubeSpec.space_to_depth must be None or (axis, factor), got {value!r}") from None
+    axis = _AXIS_NAMES.get(axis, axis) if isinstance(axis, str) else axis
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or axis not in (0, 1, 2):
+        raise ValueError(f"TubeSpec.space_to_depth: axis must be 0/1/2 or 't'/'h'/'w', got {value[0]!r}")
+    if not isinstance(factor, (int, np.integer)) or isinstance(factor, bool) or factor < 2:
+        raise ValueError(f"TubeSpec.space_to_depth: factor must be an int >= 2, got {factor!r}")
+    return int(axis), int(factor)
+
+
 @dataclass(frozen=True)
 class TubeSpec:
-    """One tube: Conv3d(kernel, stride) over the video cropped at `offset`."""
+    """One tube: Conv3d(kernel, stride) over the video cropped at `offset`.
+
+    space_to_depth: None, or (axis, factor) (the paper's space-to-depth): the sampler's tokens
+    are grouped `factor` at a time along `axis` (0/1/2 = t/h/w) and each group becomes ONE
+    token, the group's per-token projections (dim / factor channels each) concatenated along
+    channels, the one nearer the grid origin first. A leftover partial group is dropped. The
+    merged token sits at the group's mean centre. `sampler_grid` is the grid the kernel is
+    applied on, `grid` the grid of the tokens that come out.
+    """
 
     kernel: Triple
     stride: Triple
     offset: Triple = (0, 0, 0)
+    space_to_depth: tuple[int, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "kernel", _triple("kernel", self.kernel, 1))
         object.__setattr__(self, "stride", _triple("stride", self.stride, 1))
         object.__setattr__(self, "offset", _triple("offset", self.offset, 0))
+        object.__setattr__(self, "space_to_depth", _space_to_depth(self.space_to_depth))
+
+    @property
+    def factors(self) -> Triple:
+        """Tokens merged per output token along (t, h, w): all 1 without space-to-depth."""
+        factors = [1, 1, 1]
+        if self.space_to_depth is not None:
+            axis, factor = self.space_to_depth
+            factors[axis] = factor
+        return tuple(factors)
+
+    @property
+    def merge(self) -> int:
+        """Sampler tokens per output token (space-to-depth factor, or 1)."""
+        return math.prod(self.factors)
 
     @property
     def is_2d(self) -> bool:
         """A tube that reads a single frame: the one images go through."""
-        return self.kernel[0] == 1
+        return self.kernel[0] == 1 and self.factors[0] == 1
 
     def patch_size(self, in_channels: int) -> int:
         """Length of one flattened patch, C * kt * kh * kw (the GEMM's K)."""
         kt, kh, kw = self.kernel
         return in_channels * kt * kh * kw
 
-    def grid(self, size: Sequence[int]) -> Triple:
-        """Tokens per axis: floor((L - offset - kernel) / stride) + 1, or 0 if it does not fit."""
+    def width(self, dim: int) -> int:
+        """Channels one sampler token is projected to: dim / (space-to-depth factor)."""
+        if dim % self.merge:
+            raise ValueError(f"{self}: dim {dim} is not divisible by the space-to-depth factor {self.merge}")
+        return dim // self.merge
+
+    def sampler_grid(self, size: Sequence[int]) -> Triple:
+        """Positions the kernel is applied at per axis: floor((L - offset - kernel) / stride) + 1
+        (0 if it does not fit), cut to whole space-to-depth groups."""
         size = _size(size)
         return tuple(
-            (length - o - k) // s + 1 if length >= o + k else 0
-            for length, k, s, o in zip(size, self.kernel, self.stride, self.offset)
+            ((length - o - k) // s + 1) // f * f if length >= o + k else 0
+            for length, k, s, o, f in zip(size, self.kernel, self.stride, self.offset, self.factors)
         )
+
+    def grid(self, size: Sequence[int]) -> Triple:
+        """Output tokens per axis (the sampler grid divided by the space-to-depth factors)."""
+        return tuple(n // f for n, f in zip(self.sampler_grid(size), self.factors))
 
     def fits(self, size: Sequence[int]) -> bool:
         return all(n > 0 for n in self.grid(size))
+
+    def min_size(self) -> Triple:
+        """The smallest (T, H, W) this tube yields a token on: offset + one group's span."""
+        return tuple(o + k + (f - 1) * s for k, s, o, f in zip(self.kernel, self.stride, self.offset, self.factors))
 
     def num_tokens(self, size: Sequence[int]) -> int:
         return math.prod(self.grid(size))
 
     def centres(self, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-axis token centres in input pixels, float64: o + i * s + (k - 1) / 2."""
+        """Per-axis token centres in input pixels, float64: o + i * s + (k - 1) / 2 for a
+        sampler token; the mean over its group, o + i * f * s + ((f - 1) * s + k - 1) / 2, for a
+        merged one."""
         return tuple(
-            o + np.arange(n, dtype=np.float64) * s + (k - 1) / 2.0
-            for n, k, s, o in zip(self.grid(size), self.kernel, self.stride, self.offset)
+            o + np.arange(n, dtype=np.float64) * (f * s) + ((f - 1) * s + k - 1) / 2.0
+            for n, k, s, o, f in zip(self.grid(size), self.kernel, self.stride, self.offset, self.factors)
         )
 
     def footprint(self, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sorted indices of the frames, rows and columns this tube reads (empty if it does not fit)."""
-        grid = self.grid(size)
+        grid = self.sampler_grid(size)
         if not all(grid):
             return tuple(np.zeros(0, dtype=np.int64) for _ in range(3))
         return tuple(
@@ -89,23 +149,15 @@ class TubeSpec:
         """True when neighbouring tokens read shared pixels (stride < kernel on some axis)."""
         return any(s < k for k, s in zip(self.kernel, self.stride))
 
-    def merged(self, axis: int, factor: int) -> "TubeSpec":
-        """The tube equal to `factor` neighbouring tokens merged along `axis` (space-to-depth):
-        its kernel spans their receptive fields, its stride is `factor` strides, so its grid and
-        centres are the merged tokens' ones."""
-        kernel, stride = list(self.kernel), list(self.stride)
-        kernel[axis] += (factor - 1) * stride[axis]
-        stride[axis] *= factor
-        return TubeSpec(tuple(kernel), tuple(stride), self.offset)
-
     def as_image_tube(self) -> "TubeSpec":
         """The tube as used on a single image: temporal offset ignored."""
         if not self.is_2d:
-            raise ValueError(f"{self} has temporal kernel {self.kernel[0]} and cannot read an image")
-        return TubeSpec(self.kernel, self.stride, (0, self.offset[1], self.offset[2]))
+            raise ValueError(f"{self} reads more than one frame and cannot read an image")
+        return TubeSpec(self.kernel, self.stride, (0, self.offset[1], self.offset[2]), self.space_to_depth)
 
     def __str__(self) -> str:
-        return f"TubeSpec(kernel={self.kernel}, stride={self.stride}, offset={self.offset})"
+        s2d = "" if self.space_to_depth is None else f", space_to_depth={self.space_to_depth}"
+        return f"TubeSpec(kernel={self.kernel}, stride={self.stride}, offset={self.offset}{s2d})"
 
 
 # The four tubes of the paper's main results (shared/TUBEVIT.md), in that order.
@@ -151,7 +203,7 @@ def check_fits(tubes: Sequence[TubeSpec], size: Sequence[int]) -> None:
     size = _size(size)
     for i, tube in enumerate(as_tubes(tubes)):
         if not tube.fits(size):
-            need = tuple(o + k for k, o in zip(tube.kernel, tube.offset))
+            need = tube.min_size()
             raise ValueError(
                 f"input of size (T, H, W) = {size} is too small for tube {i} ({tube}): "
                 f"it needs at least {need}"
@@ -199,16 +251,21 @@ def pixel_fraction(tubes: Sequence[TubeSpec], size: Sequence[int]) -> float:
     return float(read_mask(tubes, size).mean())
 
 
+_PACKED = 12  # ints per packed tube: kernel, stride, offset, space-to-depth factors (t, h, w)
+
+
 def pack_tubes(tubes: Sequence[TubeSpec]) -> list[int]:
-    """Flatten tubes to 9 ints each (kernel, stride, offset): the form custom ops take."""
-    return [v for tube in as_tubes(tubes) for v in (*tube.kernel, *tube.stride, *tube.offset)]
+    """Flatten tubes to 12 ints each (kernel, stride, offset, factors): the form custom ops take."""
+    return [v for tube in as_tubes(tubes) for v in (*tube.kernel, *tube.stride, *tube.offset, *tube.factors)]
 
 
 def unpack_tubes(packed: Sequence[int]) -> tuple[TubeSpec, ...]:
     packed = list(packed)
-    if len(packed) % 9:
-        raise ValueError(f"packed tube list must hold 9 ints per tube, got {len(packed)}")
-    return tuple(
-        TubeSpec(tuple(packed[i:i + 3]), tuple(packed[i + 3:i + 6]), tuple(packed[i + 6:i + 9]))
-        for i in range(0, len(packed), 9)
-    )
+    if len(packed) % _PACKED:
+        raise ValueError(f"packed tube list must hold {_PACKED} ints per tube, got {len(packed)}")
+    tubes = []
+    for i in range(0, len(packed), _PACKED):
+        merged = [(axis, f) for axis, f in enumerate(packed[i + 9:i + 12]) if f != 1]
+        tubes.append(TubeSpec(tuple(packed[i:i + 3]), tuple(packed[i + 3:i + 6]), tuple(packed[i + 6:i + 9]),
+                              merged[0] if merged else None))
+    return tuple(tubes)

@@ -21,8 +21,9 @@ class TubeEmbed(reference.TubeEmbed):
     """Sparse tube tokenizer on the fused kernels; same state_dict as the reference layer.
 
     backend: "auto" (best for the input's device), "reference", "torch" or "triton".
-    interpolated_from, space_to_depth: see the reference layer (the tube kernels are derived in
-    each forward and fed to the same fused op, on any backend).
+    interpolated_from, space_to_depth: see the reference layer. Interpolated kernels are derived
+    in each forward and fed to the same fused op; space-to-depth tubes reach the op as
+    TubeSpec.space_to_depth and are merged where the kernels store their tokens.
     """
 
     def __init__(self, tubes: Sequence[TubeSpec] = PAPER_TUBES, in_channels: int = 3, dim: int = 768,

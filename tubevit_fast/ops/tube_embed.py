@@ -31,8 +31,9 @@ def _tube_embed_op(video: torch.Tensor, weights: list[torch.Tensor], biases: lis
 
 @_tube_embed_op.register_fake
 def _(video, weights, biases, pos, tubes, backend):
-    n = num_tokens(unpack_tubes(tubes), video.shape[2:])
-    return video.new_empty(video.shape[0], n, weights[0].shape[0])
+    tubes = unpack_tubes(tubes)
+    n = num_tokens(tubes, video.shape[2:])
+    return video.new_empty(video.shape[0], n, weights[0].shape[0] * tubes[0].merge)
 
 
 @torch.library.custom_op("tubevit_fast::tube_embed_backward", mutates_args=())
@@ -72,9 +73,7 @@ _tube_embed_op.register_autograd(_backward, setup_context=_setup_context)
 def _make_selfcheck(backend: str, weights, biases, tubes, in_channels: int, device, dtype):
     """A check that runs `backend` against the reference on a small random input."""
     def check():
-        size = tuple(max(o + k for o, k in zip(ts, ks)) for ts, ks in
-                     zip(zip(*[t.offset for t in tubes]), zip(*[t.kernel for t in tubes])))
-        size = tuple(s + 3 for s in size)
+        size = tuple(max(sizes) + 3 for sizes in zip(*[t.min_size() for t in tubes]))
         gen = torch.Generator(device="cpu").manual_seed(0)
         video = torch.randn(2, in_channels, *size, generator=gen).to(device=device, dtype=dtype).requires_grad_()
         ws = [torch.randn(w.shape, generator=gen).mul_(0.05).to(device=device, dtype=dtype).requires_grad_()

@@ -48,13 +48,10 @@ class TubeEmbed(nn.Module):
         one nearer the grid origin first) into one token; a leftover partial group is dropped. The
         given TubeSpec is the sampler before merging (choose its stride to get the token count
         you want, e.g. halve it on `axis` for factor 2). The merged token's position embedding is
-        taken at its centre, the mean of the merged tokens' centres. Implementation: the merge is
-        exactly an ordinary tube TubeSpec(kernel + (factor-1)*stride, factor*stride, offset) on
-        `axis` whose kernel is block-structured (group j = the tube's kernel shifted by j*stride,
-        zeros elsewhere; bias repeated), built in each forward, so every backend runs it unchanged
-        and gradients reach the small kernel. The price is the zero blocks: the tube's GEMM is
-        (kernel + (factor-1)*stride) / kernel times larger on that axis. `op_tubes` lists the
-        effective tubes. Not combinable with interpolated_from.
+        taken at its centre, the mean of the merged tokens' centres. `op_tubes` lists the tubes
+        with TubeSpec.space_to_depth set, the form every tube_embed backend takes: the fused
+        kernels write each sampler token's projection straight into its merged token's channel
+        block (an output-index mapping, no extra pass). Not combinable with interpolated_from.
     """
 
     def __init__(self, tubes: Sequence[TubeSpec] = PAPER_TUBES, in_channels: int = 3, dim: int = 768,
@@ -66,12 +63,14 @@ class TubeEmbed(nn.Module):
         self.dim = check_positive_int("dim", dim, minimum=6)
         self.pos_embed = bool(pos_embed)
         self.interpolated_from = _check_base_size(interpolated_from)
-        self.space_to_depth = _check_space_to_depth(space_to_depth, len(self.tubes), dim)
+        self.space_to_depth = _check_space_to_depth(space_to_depth, self.tubes, dim)
         if self.space_to_depth is not None and self.interpolated_from is not None:
             raise ValueError("space_to_depth and interpolated_from cannot be combined")
-        merges = self.space_to_depth or (None,) * len(self.tubes)
-        self.op_tubes = tuple(t if m is None else t.merged(*m) for t, m in zip(self.tubes, merges))
-        widths = [dim if m is None else dim // m[1] for m in merges]
+        self.op_tubes = self.tubes  # tubes may carry TubeSpec.space_to_depth themselves
+        if self.space_to_depth is not None:
+            self.op_tubes = tuple(TubeSpec(t.kernel, t.stride, t.offset, m)
+                                  for t, m in zip(self.tubes, self.space_to_depth))
+        widths = [t.width(dim) for t in self.op_tubes]
         if self.interpolated_from is None:
             self.weights = nn.ParameterList(
                 [nn.Parameter(torch.empty(w, in_channels, *t.kernel)) for w, t in zip(widths, self.tubes)])
@@ -100,27 +99,19 @@ class TubeEmbed(nn.Module):
         index = range(len(self.tubes)) if index is None else index
         if self.interpolated_from is not None:
             return [interpolate_kernel(self.base_weight, self.tubes[i].kernel) for i in index]
-        if self.space_to_depth is not None:
-            merges = self.space_to_depth
-            return [self.weights[i] if merges[i] is None else
-                    space_to_depth_kernel(self.weights[i], self.tubes[i], *merges[i]) for i in index]
         return [self.weights[i] for i in index]
 
     def tube_biases(self, index: Sequence[int] | None = None) -> list[torch.Tensor]:
         """The biases (dim,) of the tubes in `index` (default: all). A hook, like `tube_kernels`, for
         subclasses that derive a tube's kernel and bias from other parameters."""
         index = range(len(self.tubes)) if index is None else index
-        if self.space_to_depth is not None:
-            return [self.biases[i] if self.space_to_depth[i] is None else
-                    self.biases[i].repeat(self.space_to_depth[i][1]) for i in index]
         return [self.biases[i] for i in index]
 
     def _first_param(self) -> torch.Tensor:
         return self.weights[0] if self.interpolated_from is None else self.base_weight
 
     def _tubes_for(self, is_image: bool) -> tuple[list[int], tuple[TubeSpec, ...]]:
-        # op_tubes == tubes unless space_to_depth merges tokens (then the merged tubes' geometry).
-        tubes = self.op_tubes
+        tubes = self.op_tubes  # the tubes with their space-to-depth settings
         if not is_image:
             return list(range(len(tubes))), tubes
         return [i for i, t in enumerate(tubes) if t.is_2d], image_tubes(tubes)
@@ -153,45 +144,24 @@ class TubeEmbed(nn.Module):
         return text
 
 
-_AXES = {"t": 0, "h": 1, "w": 2}
-
-
-def _check_space_to_depth(entries, count: int, dim: int):
+def _check_space_to_depth(entries, tubes: Sequence[TubeSpec], dim: int):
+    """None, or one (axis, factor) or None per tube, checked (TubeSpec parses the entries)."""
     if entries is None:
         return None
     entries = list(entries)
-    if len(entries) != count:
-        raise ValueError(f"space_to_depth needs one entry per tube ({count}), got {len(entries)}")
+    if len(entries) != len(tubes):
+        raise ValueError(f"space_to_depth needs one entry per tube ({len(tubes)}), got {len(entries)}")
     out = []
-    for i, entry in enumerate(entries):
-        if entry is None:
-            out.append(None)
-            continue
+    for i, (entry, tube) in enumerate(zip(entries, tubes)):
         try:
-            axis, factor = entry
-        except (TypeError, ValueError):
-            raise ValueError(f"space_to_depth[{i}] must be None or (axis, factor), got {entry!r}") from None
-        axis = _AXES.get(axis, axis) if isinstance(axis, str) else axis
-        if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1, 2):
-            raise ValueError(f"space_to_depth[{i}]: axis must be 0/1/2 or 't'/'h'/'w', got {entry[0]!r}")
-        if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2 or dim % factor:
+            merged = TubeSpec(tube.kernel, tube.stride, tube.offset, entry)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"space_to_depth[{i}]: {err}") from None
+        if dim % merged.merge:
             raise ValueError(f"space_to_depth[{i}]: factor must be an int >= 2 dividing dim {dim}, "
-                             f"got {factor!r}")
-        out.append((axis, factor))
+                             f"got {merged.merge}")
+        out.append(merged.space_to_depth)
     return tuple(out) if any(e is not None for e in out) else None
-
-
-def space_to_depth_kernel(weight: torch.Tensor, tube: TubeSpec, axis: int, factor: int) -> torch.Tensor:
-    """(dim/f, C, kt, kh, kw) -> the merged tube's (dim, C, *kernel') kernel: output group j is
-    `weight` shifted by j * stride along `axis`, zero elsewhere."""
-    k, s = tube.kernel[axis], tube.stride[axis]
-    span = k + (factor - 1) * s
-    groups = []
-    for j in range(factor):
-        pad = [0] * 6  # F.pad order: (w_lo, w_hi, h_lo, h_hi, t_lo, t_hi)
-        pad[2 * (2 - axis)], pad[2 * (2 - axis) + 1] = j * s, span - k - j * s
-        groups.append(F.pad(weight, pad))
-    return torch.cat(groups, 0)
 
 
 def _check_base_size(size) -> tuple[int, int, int] | None:

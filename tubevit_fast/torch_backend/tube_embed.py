@@ -5,11 +5,10 @@ reshape copy into A_i (B, N_i, K_i), K_i in the (c, dt, dh, dw) order of
 W_i.reshape(dim, -1). Where alignment allows, the copy moves several neighbouring pixels of
 a row as one 8- or 16-byte element (bit-exact), which makes the gather 2-4x cheaper.
 
-Forward, per tube: one GEMM A_i W_i^T over all B * N_i tokens, then bias + position added
-on the way into the tokens' slot of the output (no concatenation, no transpose, no separate
-pass for the position embedding). With B == 1 the slot is one contiguous block and
-`torch.addmm` writes it directly, bias + pos fused as the GEMM's beta term. For B > 1,
-per-sample addmm calls into the slots were measured slower than this: each call re-packs
+Forward, per tube: one GEMM A_i W_i^T + b_i over all B * N_i tokens (torch_backend.gemm:
+oneDNN on CPU), then the position embedding added on the way into the tokens' slot of the
+output (no concatenation, no transpose, no separate pass for the position embedding).
+Per-sample GEMMs writing straight into the slots were measured slower: each call re-packs
 W_i, and W_i (up to 4.7 MB in the paper config) is larger than the extra pass over the tokens.
 
 Backward recomputes A_i (a cheap gather) instead of saving it:
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from tubevit_fast.geometry import TubeSpec, token_offsets
+from tubevit_fast.torch_backend.gemm import linear
 
 # Wide element types by size in bytes, widest first: moving several neighbouring pixels of a
 # row as one element makes the gather's inner loop 2-8x shorter. Only ever copied, never
@@ -56,11 +56,24 @@ def _wide_view(video: torch.Tensor, tube: TubeSpec) -> tuple[torch.Tensor, int]:
     return video, 1
 
 
+def _grouped_tokens(t: torch.Tensor, tube: TubeSpec, first: int) -> torch.Tensor:
+    """`t` with its sampler-grid axes (nt, nh, nw) at first..first+2 split into (n', f) per axis
+    and ordered (nt', nh', nw', ft, fh, fw): the sampler tokens of one space-to-depth group side by
+    side, so that their projections, one after the other, are the merged token's channels. A view;
+    with no space-to-depth the order is unchanged."""
+    ft, fh, fw = tube.factors
+    t = t.unflatten(first, (-1, ft)).unflatten(first + 2, (-1, fh)).unflatten(first + 4, (-1, fw))
+    order = list(range(t.dim()))
+    order[first:first + 6] = [first + a for a in (0, 2, 4, 1, 3, 5)]
+    return t.permute(order)
+
+
 def patches(video: torch.Tensor, tube: TubeSpec) -> torch.Tensor:
-    """(B, N_i, C * kt * kh * kw) patches of one tube, token-major, K in (c, dt, dh, dw) order."""
+    """(B, N_s, C * kt * kh * kw) patches of one tube's N_s sampler tokens, K in (c, dt, dh, dw)
+    order, tokens row-major (grouped for space-to-depth: `_grouped_tokens`)."""
     B, C, T, H, W = video.shape
     (kt, kh, kw), (st, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
-    nt, nh, nw = tube.grid((T, H, W))
+    nt, nh, nw = tube.sampler_grid((T, H, W))
     src, r = _wide_view(video, tube)
     crop = src[:, :, ot:ot + (nt - 1) * st + kt, oh:oh + (nh - 1) * sh + kh,
                ow // r:(ow + (nw - 1) * sw + kw) // r]
@@ -72,14 +85,17 @@ def patches(video: torch.Tensor, tube: TubeSpec) -> torch.Tensor:
         windows = windows.permute(0, 1, 2, 5, 3, 6, 4, 7).contiguous().permute(0, 2, 4, 6, 1, 3, 5, 7)
     else:
         windows = windows.permute(0, 2, 3, 4, 1, 5, 6, 7)
-    a = windows.reshape(B, nt * nh * nw, C * kt * kh * (kw // r))  # B nt nh nw C kt kh kw/r, flattened
+    windows = _grouped_tokens(windows, tube, 1)
+    a = windows.reshape(B, nt * nh * nw, C * kt * kh * (kw // r))  # B tokens C kt kh kw/r, flattened
     # (reshape copies except in degenerate cases, where it may return a strided view)
     return a.contiguous().view(video.dtype) if r > 1 else a
 
 
-def _bias_plus_pos(bias: torch.Tensor, pos: torch.Tensor | None, start: int, end: int,
+def _bias_plus_pos(bias: torch.Tensor, merge: int, pos: torch.Tensor | None, start: int, end: int,
                    dtype: torch.dtype) -> torch.Tensor:
-    """bias (dim,), or bias + pos[start:end] (N_i, dim) summed in fp32 (or wider), as `dtype`."""
+    """bias repeated `merge` times (dim,), or that + pos[start:end] (N_i, dim) summed in fp32 (or
+    wider), as `dtype`."""
+    bias = bias.repeat(merge)
     if pos is None:
         return bias.to(dtype)
     wide = torch.promote_types(torch.promote_types(pos.dtype, bias.dtype), torch.float32)
@@ -90,7 +106,7 @@ def tube_embed_forward(video: torch.Tensor, weights: Sequence[torch.Tensor], bia
                        pos: torch.Tensor | None, tubes: Sequence[TubeSpec]) -> torch.Tensor:
     """(B, C, T, H, W) video -> (B, N, dim) tokens (+ bias + pos), dtype of the video."""
     B = video.shape[0]
-    dim = weights[0].shape[0]
+    dim = weights[0].shape[0] * tubes[0].merge
     dtype = video.dtype
     wide = torch.promote_types(dtype, torch.float32)
     starts = token_offsets(tubes, video.shape[2:])
@@ -98,27 +114,20 @@ def tube_embed_forward(video: torch.Tensor, weights: Sequence[torch.Tensor], bia
     for i, tube in enumerate(tubes):
         start, end = starts[i], starts[i + 1]
         a = patches(video, tube)
-        w_t = weights[i].reshape(dim, -1).t()
-        if B == 1:
-            # out[0, start:end] is one contiguous (N_i, dim) block: the GEMM writes it in place,
-            # bias + pos fused as its beta term.
-            torch.addmm(_bias_plus_pos(biases[i], pos, start, end, dtype), a[0], w_t, out=out[0, start:end])
+        # One GEMM over all B * N_s sampler tokens; the bias rides in it except for fp16/bf16,
+        # which add bias + pos in fp32 below (the tokens are rounded once more, as in the
+        # reference: conv, then + pos). Space-to-depth: the projections of a group's tokens are
+        # consecutive rows, so the (B * N_s, dim / f) result viewed as (B, N_i, dim) is merged.
+        fused_bias = biases[i] if dtype == wide else None
+        w = weights[i].reshape(weights[i].shape[0], -1)
+        y = linear(a.reshape(-1, a.shape[-1]), w, fused_bias).view(B, end - start, dim)
+        slot = out[:, start:end]
+        if fused_bias is None:
+            torch.add(y, _bias_plus_pos(biases[i], tube.merge, pos, start, end, wide), out=slot)
+        elif pos is None:
+            slot.copy_(y)
         else:
-            # One GEMM over all B * N_i tokens (per-sample GEMMs would re-pack W_i B times, which
-            # costs more than this one extra pass), then bias + pos added on the way into the slot,
-            # in fp32 for fp16/bf16.
-            y = torch.mm(a.reshape(B * (end - start), a.shape[-1]), w_t).view(B, end - start, dim)
-            slot = out[:, start:end]
-            if pos is None:
-                torch.add(y, biases[i], out=slot)
-            elif dtype == wide:
-                # fp32/fp64: bias into the GEMM result while it is hot in cache, then one pass
-                # adding pos into the slot (no (N_i, dim) bias + pos temporary).
-                torch.add(y.add_(biases[i]), pos[start:end], out=slot)
-            else:
-                # fp16/bf16: bias + pos summed in fp32 and added to the GEMM result in fp32, so
-                # the tokens are rounded once more, as in the reference (conv, then + pos).
-                torch.add(y, _bias_plus_pos(biases[i], pos, start, end, wide), out=slot)
+            torch.add(y, pos[start:end], out=slot)
     return out
 
 
@@ -133,9 +142,10 @@ def _fold_add_(grad_video: torch.Tensor, grad_patches: torch.Tensor, tube: TubeS
     """grad_video += the transpose of `patches` applied to grad_patches (B, N_i, K_i)."""
     B, C, T, H, W = grad_video.shape
     (kt, kh, kw), (st, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
-    nt, nh, nw = tube.grid((T, H, W))
-    # B C nt nh nw kt kh kw
-    g = grad_patches.view(B, nt, nh, nw, C, kt, kh, kw).permute(0, 4, 1, 2, 3, 5, 6, 7)
+    (ft, fh, fw), (nt, nh, nw) = tube.factors, tube.sampler_grid((T, H, W))
+    # Both sides indexed B C nt' ft nh' fh nw' fw kt kh kw (tokens in `patches`' order).
+    g = grad_patches.view(B, *tube.grid((T, H, W)), *tube.factors, C, kt, kh, kw)
+    g = g.permute(0, 7, 1, 4, 2, 5, 3, 6, 8, 9, 10)
     for jt, lt in _kernel_slices(kt, st):
         for jh, lh in _kernel_slices(kh, sh):
             for jw, lw in _kernel_slices(kw, sw):
@@ -145,6 +155,7 @@ def _fold_add_(grad_video: torch.Tensor, grad_patches: torch.Tensor, tube: TubeS
                                     ow + jw:ow + jw + (nw - 1) * sw + lw]
                 # Window length <= step along every axis: a view without self-overlap.
                 dst = region.unfold(2, lt, st).unfold(3, lh, sh).unfold(4, lw, sw)
+                dst = dst.unflatten(2, (-1, ft)).unflatten(4, (-1, fh)).unflatten(6, (-1, fw))
                 dst.add_(g[..., jt:jt + lt, jh:jh + lh, jw:jw + lw])
 
 
@@ -153,7 +164,6 @@ def tube_embed_backward(grad_out: torch.Tensor, video: torch.Tensor, weights: Se
                         ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
     """(grad_video or None, grad_weights, grad_biases) for grad_out (B, N, dim), any strides."""
     B = video.shape[0]
-    dim = weights[0].shape[0]
     dtype = video.dtype
     starts = token_offsets(tubes, video.shape[2:])
     acc_dtype = torch.promote_types(dtype, torch.float32)
@@ -164,16 +174,18 @@ def tube_embed_backward(grad_out: torch.Tensor, video: torch.Tensor, weights: Se
     grad_weights, grad_biases = [], []
     for i, tube in enumerate(tubes):
         start, end = starts[i], starts[i + 1]
-        n = end - start
         a = patches(video, tube)
-        # dY_i as one (B * N_i, dim) matrix: a copy unless B == 1 (or grad_out has stride 0).
-        dy = grad_out[:, start:end].reshape(B * n, dim)
-        # One GEMM reducing over all B * N_i tokens (fp32 accumulation inside for fp16/bf16).
-        dw = torch.mm(dy.t(), a.reshape(B * n, a.shape[-1]))
+        a = a.reshape(-1, a.shape[-1])
+        width = weights[i].shape[0]
+        # dY_i as one (B * N_s, dim / f) matrix, a row per sampler token (space-to-depth: the
+        # merged token's channel blocks): a copy unless B == 1 (or grad_out has stride 0).
+        dy = grad_out[:, start:end].reshape(-1, width)
+        # One GEMM reducing over all B * N_s tokens (fp32 accumulation inside for fp16/bf16).
+        dw = linear(dy.t(), a.t())
         grad_weights.append(dw.view(weights[i].shape))
         grad_biases.append(dy.sum(0, dtype=acc_dtype).to(dtype))
         if grad_video is not None:
-            grad_a = torch.mm(dy, weights[i].reshape(dim, -1))  # (B * N_i, K_i)
+            grad_a = linear(dy, weights[i].reshape(width, -1).t())  # (B * N_s, K_i)
             _fold_add_(grad_video, grad_a, tube)
     if grad_video is not None and grad_video.dtype != dtype:
         grad_video = grad_video.to(dtype)
