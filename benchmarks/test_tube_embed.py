@@ -5,13 +5,21 @@ gradients; the video needs no gradient):
   reference  Conv3d per tube on the offset slice + flatten + transpose + cat + pos add
              (tubevit_fast.reference.tube_embed), backward through autograd
   floor      the GEMMs alone on patches gathered beforehand (A_i @ W_i^T, and dY_i^T A_i for
-             the weight gradient): what is left if gathering, bias, position and layout were free
+             the weight gradient): what is left if gathering, bias, position and layout were free.
+             Same GEMM library as the torch backend (torch_backend.gemm.linear: oneDNN for fp32
+             on CPU, which runs these shapes about 2x faster than torch.mm's MKL sgemm here), so
+             ours/floor measures our overhead, not a library difference
   compiled_reference  torch.compile of the reference (Inductor), compiled before timing
   torch      the "torch" backend through the public op (tubevit_fast.ops.tube_embed, autograd)
   triton     the fused Triton kernels through the public op (CUDA only)
 
 Before timing, every case is checked once against the reference output (and gradients), so a
 broken implementation cannot look fast. Nothing asserts on time.
+
+Peak memory, every case: peak_memory_bytes of one untimed call after the timed rounds, above
+what was allocated before it (inputs and weights not counted; temporaries freed inside the call
+are), and peak_memory_method saying how it was measured (BenchTools.peak_memory: CUDA allocator
+counters, or the CPU profiler's allocation events). The summary row shows ours / reference MiB.
 
 Ratios (extra_info of the torch case, and the summary table), all from this session:
   speedup_vs_reference  the reference benchmark's median / ours (each run back to back)
@@ -34,6 +42,7 @@ from tubevit_fast.geometry import PAPER_TUBES, token_offsets
 from tubevit_fast.ops.tube_embed import tube_embed
 from tubevit_fast.posembed import tube_position_embedding
 from tubevit_fast.reference.tube_embed import tube_embed_reference
+from tubevit_fast.torch_backend.gemm import linear
 from tubevit_fast.torch_backend.tube_embed import patches
 
 TUBES = PAPER_TUBES
@@ -66,7 +75,7 @@ class Problem:
         self.grad = torch.randn(BATCH, self.starts[-1], DIM, generator=gen).to(device, dtype)
         # Floor operands: patches and flattened output gradients, prepared outside the timing.
         self.a = [patches(self.video, t).reshape(-1, t.patch_size(CHANNELS)) for t in TUBES]
-        self.w_t = [w.detach().reshape(DIM, -1).t() for w in self.weights]
+        self.w = [w.detach().reshape(DIM, -1) for w in self.weights]
         self.dy = [self.grad[:, s:e].reshape(-1, DIM).contiguous()
                    for s, e in zip(self.starts, self.starts[1:])]
         self.params = self.weights + self.biases
@@ -116,10 +125,10 @@ class Problem:
         return self._fast_forward_backward("triton")
 
     def floor_forward(self):
-        return [a @ w for a, w in zip(self.a, self.w_t)]
+        return [linear(a, w) for a, w in zip(self.a, self.w)]
 
     def floor_forward_backward(self):
-        return self.floor_forward(), [dy.t() @ a for dy, a in zip(self.dy, self.a)]
+        return self.floor_forward(), [linear(dy.t(), a.t()) for dy, a in zip(self.dy, self.a)]
 
     # -- the once-only correctness checks --
     def _close(self, name, got, want):
@@ -192,6 +201,8 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
 
     name = pass_.replace("+", "_")
     key = ("tube_embed", pass_, device.type, dtype)
+    peak, method = bench.peak_memory(fn, device, key=key + (impl,))
+    benchmark.extra_info.update(peak_memory_bytes=peak, peak_memory_method=method)
     if impl not in FAST:
         bench.record_baseline(key + (impl,), benchmark)
         return
@@ -202,6 +213,8 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
     ref = bench.baseline(key + ("reference",), getattr(p, f"reference_{name}"), device)
     floor = bench.baseline(key + ("floor",), getattr(p, f"floor_{name}"), device)
     compiled = bench.baseline(key + ("compiled_reference",), getattr(p, f"compiled_reference_{name}"), device)
+    ref_peak, _ = bench.peak_memory(getattr(p, f"reference_{name}"), device, key=key + ("reference",))
+    benchmark.extra_info["reference_peak_memory_bytes"] = ref_peak
     benchmark.extra_info["speedup_vs_reference"] = ref / median
     benchmark.extra_info["speedup_vs_compiled_reference"] = compiled / median
     benchmark.extra_info["reference_median_s"] = ref
@@ -215,5 +228,6 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
     benchmark.extra_info["speedup_vs_reference_interleaved"] = mixed["reference"] / mixed[impl]
     benchmark.extra_info["ratio_to_floor_interleaved"] = mixed[impl] / mixed["floor"]
     bench.add_row(f"tube_embed {pass_} [{impl}]", device.type, dtype, median, ref, "reference", floor=floor,
+                  peak=peak, baseline_peak=ref_peak,
                   notes=f"interleaved: {mixed['reference'] / mixed[impl]:.2f}x vs reference, "
                         f"{mixed[impl] / mixed['floor']:.2f} x floor; {compiled / median:.2f}x vs compiled ref")
