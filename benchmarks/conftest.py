@@ -98,18 +98,36 @@ def tube_embed_min_bytes(tubes: Sequence[TubeSpec], size: Sequence[int], batch: 
 # ---- same-session baselines and the summary -----------------------------------------------
 
 def median_seconds(fn: Callable[[], object], device: torch.device, rounds: int = 15,
-                   warmup: int = 2) -> float:
-    """Median wall time of fn(), synchronised: for baselines whose own benchmark did not run."""
+                   warmup: int = 2, before: Callable[[], object] | None = None) -> float:
+    """Median wall time of fn(), synchronised: for baselines whose own benchmark did not run.
+    `before` runs ahead of every call, outside the timing (e.g. evict_caches)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
     for _ in range(rounds):
+        if before is not None:
+            before()
+            synchronize(device)
         start = time.perf_counter()
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+_EVICT_BYTES = 256 * 2**20  # more than any CPU L3 or GPU L2 these benchmarks run on
+_evict_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def evict_caches(device: torch.device) -> None:
+    """Read a buffer larger than the last-level cache, so the next call starts cold: its inputs
+    and weights come from DRAM/HBM, as in a model where other layers ran in between. (A read:
+    writing would leave dirty lines whose write-back the timed call would pay for.)"""
+    buf = _evict_buffers.get(device)
+    if buf is None:
+        buf = _evict_buffers[device] = torch.ones(_EVICT_BYTES // 4, device=device)
+    buf.sum()
 
 
 @dataclass
@@ -137,6 +155,8 @@ class BenchTools:
     flops = staticmethod(tube_embed_flops)
     min_bytes = staticmethod(tube_embed_min_bytes)
     synchronize = staticmethod(synchronize)
+    median_seconds = staticmethod(median_seconds)
+    evict_caches = staticmethod(evict_caches)
 
     @staticmethod
     def median_of(benchmark) -> float | None:
