@@ -239,3 +239,20 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
     for a, b in zip(embed.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_opcheck(backend):
+    """The custom op with merged tubes: schema, fake shapes (width x factor channels), autograd."""
+    from tubevit_fast.geometry import pack_tubes
+    from tubevit_fast.ops.tube_embed import _tube_embed_op
+
+    device = device_for(backend)
+    tubes = make(CASES["all"]).op_tubes
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, *SIZE, device=device, requires_grad=True)
+    ws = [torch.randn(t.width(DIM), 3, *t.kernel, device=device, requires_grad=True) for t in tubes]
+    bs = [torch.randn(t.width(DIM), device=device, requires_grad=True) for t in tubes]
+    args = (x, ws, bs, None, pack_tubes(tubes), backend)
+    torch.library.opcheck(_tube_embed_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
