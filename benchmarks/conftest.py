@@ -83,7 +83,7 @@ def tube_embed_min_bytes(tubes: Sequence[TubeSpec], size: Sequence[int], batch: 
     size = tuple(size)
     n_tokens = geometry.num_tokens(tubes, size)
     pixels = int(np.count_nonzero(geometry.read_mask(tubes, size))) * batch * channels
-    weights = sum(dim * t.patch_size(channels) for t in tubes) + dim * len(tubes)
+    weights = sum(t.width(dim) * (t.patch_size(channels) + 1) for t in tubes)  # kernels + biases
     tokens = batch * n_tokens * dim
     total = (pixels + weights + tokens) * itemsize + (n_tokens * dim * 4 if pos else 0)
     if weight_grad or input_grad:

@@ -1,9 +1,9 @@
 """Fused tube embedding: implicit-im2col gather + GEMM + bias + position embedding, all tubes at once.
 
 Maths. Video x of shape (B, C, T, H, W), any strides. Tube i has kernel (kt, kh, kw), stride
-(st, sh, sw), offset (ot, oh, ow), grid (nt, nh, nw) from `geometry.TubeSpec.grid`, weight
-W_i (dim, C, kt, kh, kw) and bias b_i (dim,). With K_i = C*kt*kh*kw, token n = (it*nh + ih)*nw + iw
-and patch column k = ((c*kt + dt)*kh + dh)*kw + dw,
+(st, sh, sw), offset (ot, oh, ow), grid (nt, nh, nw) from `geometry.TubeSpec.sampler_grid`,
+weight W_i (dim, C, kt, kh, kw) and bias b_i (dim,). With K_i = C*kt*kh*kw, token
+n = (it*nh + ih)*nw + iw and patch column k = ((c*kt + dt)*kh + dh)*kw + dw,
 
     A_i[b, n, k]        = x[b, c, ot + it*st + dt, oh + ih*sh + dh, ow + iw*sw + dw]
     out[b, s_i + n, :]  = A_i[b, n, :] @ W_i.reshape(dim, K_i).T + b_i + pos[s_i + n]
@@ -11,7 +11,7 @@ and patch column k = ((c*kt + dt)*kh + dh)*kw + dw,
 where s_i is the tube's first token (`geometry.token_offsets`). This is Conv3d per tube on the
 offset-cropped video, flattened, concatenated over tubes, plus the position embedding.
 Space-to-depth (TubeSpec.space_to_depth, factor f) changes only where a row lands: W_i is
-(dim/f, ...), and sampler token (it, ih, iw) writes channels j*dim/f ... (j+1)*dim/f of output
+(dim/f, ...) (the "width" below), and sampler token (it, ih, iw) writes channels j*dim/f ... (j+1)*dim/f of output
 token (it//ft, ih//fh, iw//fw), j its place in the group (`_token_slot`); the backward kernels
 read dY through the same mapping. The backward pass is
 

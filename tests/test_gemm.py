@@ -19,8 +19,17 @@ def test_onednn_is_used_here():
 
 @pytest.mark.parametrize("m,k,n", [(392, 1536, 768), (7, 54, 20), (1, 3, 1)])
 def test_fp32_error_is_that_of_fp32_accumulation(m, k, n):
-    """No silent down-conversion (bf16/tf32 would miss by ~1e-2 relative): within fp32 rounding
-    of the float64 product, on the same order as torch.mm's own error."""
+    """No silent down-conversion at torch's default matmul precision (bf16/tf32 would miss by
+    ~1e-2 relative): within fp32 rounding of the float64 product, on the order of torch.mm's."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        _check_fp32_error(m, k, n)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _check_fp32_error(m, k, n):
     x, w, b = _operands(m, k, n)
     exact = x.double() @ w.double().t() + b.double()
     err = (gemm.linear(x, w, b).double() - exact).abs().max().item()
@@ -56,3 +65,25 @@ def test_other_dtypes(dtype):
 def test_empty():
     x, w, b = _operands(0, 4, 3)
     assert gemm.linear(x, w, b).shape == (0, 3)
+
+
+@pytest.mark.parametrize("bias_layout", ["sliced", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_any_strides(bias_layout, dtype):
+    """oneDNN reads the bias as a dense vector: strided or expanded ones must be materialised."""
+    x, w, _ = _operands(16, 24, 10, dtype)
+    bias = (torch.randn(20)[::2] if bias_layout == "sliced" else torch.randn(1).expand(10)).to(dtype)
+    want = x.double() @ w.double().t() + bias.double()
+    tol = 1e-4 if dtype == torch.float32 else 1e-1
+    torch.testing.assert_close(gemm.linear(x, w, bias).double(), want, rtol=tol, atol=tol)
+
+
+def test_bias_of_another_dtype_and_bad_shapes():
+    x, w, b = _operands(8, 12, 6)
+    # fp32 x with an fp64 bias: torch.addmm's type promotion rules, no oneDNN primitive error.
+    with pytest.raises(RuntimeError):
+        gemm.linear(x, w, b.double())
+    with pytest.raises(ValueError, match="bias must be"):
+        gemm.linear(x, w, torch.randn(7))
+    with pytest.raises(ValueError, match=r"x must be \(M, K\)"):
+        gemm.linear(x, torch.randn(6, 11))

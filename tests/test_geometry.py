@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,3 +111,61 @@ def test_empty_or_foreign_tube_list():
         as_tubes([])
     with pytest.raises(TypeError, match="tube 1 must be a TubeSpec"):
         as_tubes([PAPER_TUBES[0], (8, 8, 8)])
+
+
+# ---- space-to-depth ---------------------------------------------------------------------------
+
+@st.composite
+def _merged_tubes(draw):
+    kernel = tuple(draw(st.integers(1, 4)) for _ in range(3))
+    stride = tuple(draw(st.integers(1, 4)) for _ in range(3))
+    offset = tuple(draw(st.integers(0, 3)) for _ in range(3))
+    merge = (draw(st.sampled_from([0, 1, 2, "t", "h", "w"])), draw(st.integers(2, 4)))
+    size = tuple(draw(st.integers(1, 24)) for _ in range(3))
+    return TubeSpec(kernel, stride, offset, merge), size
+
+
+@settings(max_examples=200, deadline=None)
+@given(_merged_tubes())
+def test_space_to_depth_geometry(case):
+    """Merged grid, centres, footprint and min_size against the plain sampler they come from."""
+    tube, size = case
+    plain = TubeSpec(tube.kernel, tube.stride, tube.offset)
+    f = tube.factors
+    assert tube.merge == max(f) and sorted(f)[:2] == [1, 1]
+    full = plain.grid(size)
+    assert tube.sampler_grid(size) == tuple(n // k * k for n, k in zip(full, f))
+    assert tube.grid(size) == tuple(n // k for n, k in zip(full, f))
+    assert tube.fits(size) == all(n >= k for n, k in zip(full, f))
+    assert TubeSpec(tube.kernel, tube.stride, tube.offset, tube.space_to_depth).fits(tube.min_size())
+    axis = tube.space_to_depth[0]
+    smaller = list(tube.min_size())
+    smaller[axis] -= 1
+    assert not tube.fits(smaller)
+    if not tube.fits(size):
+        return
+    # A merged token's centre is the mean of its group's sampler-token centres.
+    for a, (merged, sampler) in enumerate(zip(tube.centres(size), plain.centres(size))):
+        groups = sampler[:len(merged) * f[a]].reshape(len(merged), f[a]).mean(1)
+        np.testing.assert_allclose(merged, groups, rtol=0, atol=1e-12)
+    # The footprint leaves out the pixels only a dropped partial group would read.
+    cut = TubeSpec(tube.kernel, tube.stride, tube.offset)
+    kept = [o + (n - 1) * s + k for o, n, s, k in zip(tube.offset, tube.sampler_grid(size), tube.stride, tube.kernel)]
+    for a, read in enumerate(tube.footprint(size)):
+        assert read.max() == kept[a] - 1 and set(read) <= set(cut.footprint(size)[a])
+    assert unpack_tubes(pack_tubes([tube, plain])) == (tube, plain)
+
+
+def test_space_to_depth_bad_values():
+    with pytest.raises(ValueError, match="axis"):
+        TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=("x", 2))
+    with pytest.raises(ValueError, match="factor"):
+        TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=(1, 1))
+    with pytest.raises(TypeError, match=r"\(axis, factor\)"):
+        TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=2)
+    with pytest.raises(ValueError, match="more than one axis"):
+        unpack_tubes([1, 2, 2, 1, 2, 2, 0, 0, 0, 2, 2, 1])
+    with pytest.raises(ValueError, match="not divisible"):
+        TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=("w", 3)).width(32)
+    assert not TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=("t", 2)).is_2d
+    assert TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=("h", 2)).as_image_tube().space_to_depth == (1, 2)

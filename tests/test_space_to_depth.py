@@ -256,3 +256,22 @@ def test_opcheck(backend):
     args = (x, ws, bs, None, pack_tubes(tubes), backend)
     torch.library.opcheck(_tube_embed_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_merges_given_in_the_tube_specs():
+    """TubeSpec.space_to_depth works like the list; giving both, or combining with interpolated
+    kernels, is refused."""
+    carried = tuple(TubeSpec(t.kernel, t.stride, t.offset, m) for t, m in zip(TUBES, [("t", 2), None, None]))
+    torch.manual_seed(0)
+    by_spec = TubeEmbed(carried, 3, DIM, backend="torch")
+    by_list = make([("t", 2), None, None], backend="torch")
+    assert by_spec.op_tubes == by_list.op_tubes and by_spec.space_to_depth == by_list.space_to_depth == ((0, 2), None, None)
+    assert "space_to_depth" in repr(by_spec)
+    by_list.load_state_dict(by_spec.state_dict())
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(by_spec(x), by_list(x))
+    with pytest.raises(ValueError, match="not both"):
+        TubeEmbed(carried, 3, DIM, space_to_depth=[None, ("w", 2), None])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        TubeEmbed(carried, 3, DIM, interpolated_from=(2, 2, 2))

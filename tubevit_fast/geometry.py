@@ -266,6 +266,8 @@ def unpack_tubes(packed: Sequence[int]) -> tuple[TubeSpec, ...]:
     tubes = []
     for i in range(0, len(packed), _PACKED):
         merged = [(axis, f) for axis, f in enumerate(packed[i + 9:i + 12]) if f != 1]
+        if len(merged) > 1:
+            raise ValueError(f"packed tube {i // _PACKED} merges along more than one axis: {packed[i + 9:i + 12]}")
         tubes.append(TubeSpec(tuple(packed[i:i + 3]), tuple(packed[i + 3:i + 6]), tuple(packed[i + 6:i + 9]),
                               merged[0] if merged else None))
     return tuple(tubes)

@@ -63,13 +63,18 @@ class TubeEmbed(nn.Module):
         self.dim = check_positive_int("dim", dim, minimum=6)
         self.pos_embed = bool(pos_embed)
         self.interpolated_from = _check_base_size(interpolated_from)
-        self.space_to_depth = _check_space_to_depth(space_to_depth, self.tubes, dim)
+        merges = _check_space_to_depth(space_to_depth, self.tubes, dim)
+        self.op_tubes = self.tubes  # tubes may carry TubeSpec.space_to_depth themselves
+        if merges is not None:
+            if any(t.space_to_depth is not None for t in self.tubes):
+                raise ValueError("give space-to-depth either in the TubeSpecs or as space_to_depth=[...], "
+                                 "not both")
+            self.op_tubes = tuple(TubeSpec(t.kernel, t.stride, t.offset, m) for t, m in zip(self.tubes, merges))
+        # The effective setting, whichever way it was given (None when no tube merges).
+        self.space_to_depth = (tuple(t.space_to_depth for t in self.op_tubes)
+                               if any(t.merge > 1 for t in self.op_tubes) else None)
         if self.space_to_depth is not None and self.interpolated_from is not None:
             raise ValueError("space_to_depth and interpolated_from cannot be combined")
-        self.op_tubes = self.tubes  # tubes may carry TubeSpec.space_to_depth themselves
-        if self.space_to_depth is not None:
-            self.op_tubes = tuple(TubeSpec(t.kernel, t.stride, t.offset, m)
-                                  for t, m in zip(self.tubes, self.space_to_depth))
         widths = [t.width(dim) for t in self.op_tubes]
         if self.interpolated_from is None:
             self.weights = nn.ParameterList(
@@ -94,15 +99,16 @@ class TubeEmbed(nn.Module):
             nn.init.uniform_(bias, -bound, bound)
 
     def tube_kernels(self, index: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """The kernels (dim, in_channels, kt, kh, kw) of the tubes in `index` (default: all): the
-        `weights` parameters, or the kernels derived from `base_weight` with interpolation on."""
+        """The kernels (width, in_channels, kt, kh, kw) of the tubes in `index` (default: all): the
+        `weights` parameters, or the kernels derived from `base_weight` with interpolation on.
+        width is dim, or dim / factor for a space-to-depth tube."""
         index = range(len(self.tubes)) if index is None else index
         if self.interpolated_from is not None:
             return [interpolate_kernel(self.base_weight, self.tubes[i].kernel) for i in index]
         return [self.weights[i] for i in index]
 
     def tube_biases(self, index: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """The biases (dim,) of the tubes in `index` (default: all). A hook, like `tube_kernels`, for
+        """The biases (width,) of the tubes in `index` (default: all). A hook, like `tube_kernels`, for
         subclasses that derive a tube's kernel and bias from other parameters."""
         index = range(len(self.tubes)) if index is None else index
         return [self.biases[i] for i in index]

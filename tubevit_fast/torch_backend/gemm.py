@@ -3,10 +3,12 @@
 For fp32 CPU tensors torch.mm calls MKL's sgemm, and on the AMD Zen 5 machine this project
 is measured on, MKL takes a code path that reaches about 205 GFLOP/s on 2 threads, while
 oneDNN's inner-product primitive (the one Inductor's CPU linear fusion calls,
-`mkldnn::_linear_pointwise`) reaches 430-470 GFLOP/s on the tube-embedding shapes, in plain
-fp32 arithmetic (no bf16/tf32 down-conversion: its error against an fp64 product is that
-of fp32 accumulation). It takes strided 2D operands, transposed views included, without
-copying. Other dtypes and devices (and builds without oneDNN) use torch.mm.
+`mkldnn::_linear_pointwise`) reaches 430-470 GFLOP/s on the tube-embedding shapes. Precision
+follows torch's float32 matmul setting exactly as torch.mm does: at the default ("highest")
+it is plain fp32, its error against an fp64 product that of fp32 accumulation; with
+torch.set_float32_matmul_precision("medium") both may use bf16 arithmetic on CPUs that have
+it. The weight operand may have any strides; x is made contiguous by the op (a copy when it
+is a transposed view). Other dtypes and devices (and builds without oneDNN) use torch.mm.
 """
 from __future__ import annotations
 
@@ -39,9 +41,15 @@ def _uses_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ w (N, K).T (+ bias (N,)), a new (M, N) tensor in x's dtype; any strides."""
-    if _uses_onednn(x, w):
-        # A dimension of stride 0 (an expanded gradient) is materialised: oneDNN wants real strides.
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear: x must be (M, K) and w (N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != w.shape[0]):
+        raise ValueError(f"linear: bias must be ({w.shape[0]},), got {tuple(bias.shape)}")
+    if _uses_onednn(x, w) and (bias is None or bias.dtype == x.dtype):
+        # oneDNN reads bias as a dense vector and wants real strides: materialise stride-0 (an
+        # expanded gradient) and sliced operands' bias.
         x = x if 0 not in x.stride() else x.contiguous()
         w = w if 0 not in w.stride() else w.contiguous()
+        bias = bias if bias is None else bias.contiguous()
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
