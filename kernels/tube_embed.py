@@ -423,7 +423,7 @@ def _geometry_table(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], cha
     starts = token_offsets(tubes, size)
     kcols = _column_starts(tubes, channels)
     rows = [[starts[i], math.prod(tube.sampler_grid(size)), *tube.sampler_grid(size), *tube.kernel,
-             *tube.stride, *tube.offset, tube.patch_size(channels), kcols[i], dim // tube.merge, *tube.factors]
+             *tube.stride, *tube.offset, tube.patch_size(channels), kcols[i], tube.width(dim), *tube.factors]
             for i, tube in enumerate(tubes)]
     assert all(len(r) == GEO_COLS for r in rows)
     return torch.tensor(rows, dtype=torch.int32).to(device)
@@ -481,7 +481,7 @@ def _launch(kernel, grid, args, flags):
 def _merge_flags(tubes, dim: int) -> dict:
     """SPACE_TO_DEPTH (does any tube merge tokens) and WIDTH_ALIGN (the largest power of two up
     to 16 dividing every tube's width) of a launch over `tubes`."""
-    align = math.gcd(16, *(dim // t.merge for t in tubes))
+    align = math.gcd(16, *(t.width(dim) for t in tubes))
     merges = any(t.merge > 1 for t in tubes)
     return dict(SPACE_TO_DEPTH=merges, WIDTH_ALIGN=align & -align if merges else 1)
 
@@ -519,7 +519,7 @@ def tube_embed_forward(video, weights, biases, pos, tubes):
     B, C, T, H, W = video.shape
     counts = [t.num_tokens((T, H, W)) for t in tubes]
     samplers = [math.prod(t.sampler_grid((T, H, W))) for t in tubes]
-    dim = weights[0].shape[0] * tubes[0].merge
+    dim = tubes[0].token_dim(weights[0].shape[0])
     geo = _geometry_table(tubes, (T, H, W), C, dim, video.device)
     w = _pack_weights(weights)
     bias = _pack_biases(biases, w.shape[0])
@@ -544,7 +544,7 @@ def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
     dim = max(widths)  # the packed rows; narrower space-to-depth tubes use the first width_i
     if grad_out.dtype != video.dtype:
         grad_out = grad_out.to(video.dtype)
-    geo = _geometry_table(tubes, (T, H, W), C, weights[0].shape[0] * tubes[0].merge, video.device)
+    geo = _geometry_table(tubes, (T, H, W), C, grad_out.shape[-1], video.device)
 
     split = _split_count(B, samplers, dim, kcols[-1], video.device)
     # Every entry read below is written (a split without M tiles stores zeros); the pad

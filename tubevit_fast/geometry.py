@@ -103,6 +103,10 @@ class TubeSpec:
             raise ValueError(f"{self}: dim {dim} is not divisible by the space-to-depth factor {self.merge}")
         return dim // self.merge
 
+    def token_dim(self, width: int) -> int:
+        """Channels of an output token when each sampler token is projected to `width`."""
+        return width * self.merge
+
     def sampler_grid(self, size: Sequence[int]) -> Triple:
         """Positions the kernel is applied at per axis: floor((L - offset - kernel) / stride) + 1
         (0 if it does not fit), cut to whole space-to-depth groups."""

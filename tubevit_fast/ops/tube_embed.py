@@ -33,7 +33,7 @@ def _tube_embed_op(video: torch.Tensor, weights: list[torch.Tensor], biases: lis
 def _(video, weights, biases, pos, tubes, backend):
     tubes = unpack_tubes(tubes)
     n = num_tokens(tubes, video.shape[2:])
-    return video.new_empty(video.shape[0], n, weights[0].shape[0] * tubes[0].merge)
+    return video.new_empty(video.shape[0], n, tubes[0].token_dim(weights[0].shape[0]))
 
 
 @torch.library.custom_op("tubevit_fast::tube_embed_backward", mutates_args=())

@@ -161,11 +161,9 @@ def _check_space_to_depth(entries, tubes: Sequence[TubeSpec], dim: int):
     for i, (entry, tube) in enumerate(zip(entries, tubes)):
         try:
             merged = TubeSpec(tube.kernel, tube.stride, tube.offset, entry)
+            merged.width(dim)  # the factor must divide dim
         except (TypeError, ValueError) as err:
             raise ValueError(f"space_to_depth[{i}]: {err}") from None
-        if dim % merged.merge:
-            raise ValueError(f"space_to_depth[{i}]: factor must be an int >= 2 dividing dim {dim}, "
-                             f"got {merged.merge}")
         out.append(merged.space_to_depth)
     return tuple(out) if any(e is not None for e in out) else None
 

@@ -106,7 +106,7 @@ def tube_embed_forward(video: torch.Tensor, weights: Sequence[torch.Tensor], bia
                        pos: torch.Tensor | None, tubes: Sequence[TubeSpec]) -> torch.Tensor:
     """(B, C, T, H, W) video -> (B, N, dim) tokens (+ bias + pos), dtype of the video."""
     B = video.shape[0]
-    dim = weights[0].shape[0] * tubes[0].merge
+    dim = tubes[0].token_dim(weights[0].shape[0])
     dtype = video.dtype
     wide = torch.promote_types(dtype, torch.float32)
     starts = token_offsets(tubes, video.shape[2:])
