@@ -14,8 +14,9 @@ import torch
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR", "benchmark_results")
 
 
-def save(rows: list, threads: int) -> list[str]:
-    """Write summary.json (and summary.png when matplotlib is installed); return the paths."""
+def save(rows: list, threads: int, dispatch_rows: list[str] = ()) -> list[str]:
+    """Write summary.json (and summary.png when matplotlib is installed); return the paths.
+    dispatch_rows: BenchTools.dispatch_rows(), the measured backend order on this GPU."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     records = []
     for row in rows:
@@ -27,7 +28,7 @@ def save(rows: list, threads: int) -> list[str]:
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     json_path = os.path.join(RESULTS_DIR, "summary.json")
     with open(json_path, "w") as f:
-        json.dump({"meta": meta, "rows": records}, f, indent=2)
+        json.dump({"meta": meta, "rows": records, "dispatch_rows": list(dispatch_rows)}, f, indent=2)
     paths = [json_path]
     chart = _chart(records, os.path.join(RESULTS_DIR, "summary.png"))
     if chart:

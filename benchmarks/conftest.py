@@ -21,6 +21,7 @@ allocator's counters; CPU replays the profiler's allocation and free events (`_c
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import statistics
@@ -36,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench_results
 
-from tubevit_fast import geometry
+from tubevit_fast import backends, geometry
 from tubevit_fast.geometry import TubeSpec
 
 BENCH_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
@@ -151,6 +152,7 @@ class BenchTools:
     baselines: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
+    dispatch: dict = field(default_factory=dict)  # (op, dtype, head_dim, layout) -> pass -> backend -> s
 
     flops = staticmethod(tube_embed_flops)
     min_bytes = staticmethod(tube_embed_min_bytes)
@@ -224,6 +226,34 @@ class BenchTools:
         """One line of the end-of-session summary table (times in seconds, peaks in bytes)."""
         self.rows.append(SummaryRow(op, str(device), str(dtype).replace("torch.", ""), ours, baseline,
                                     baseline_name, floor, notes, _mib(peak), _mib(baseline_peak)))
+
+
+    def record_dispatch(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None,
+                        layout: str | None, pass_: str, backend: str, seconds: float) -> None:
+        """A backend's median for one MEASURED_ORDER key (CUDA only: the table is for GPUs)."""
+        if device.type == "cuda":
+            key = (op, backends.DTYPE_NAMES[dtype], head_dim, layout)
+            self.dispatch.setdefault(key, {}).setdefault(pass_, {})[backend] = seconds
+
+    def dispatch_rows(self) -> list[str]:
+        """tubevit_fast.backends.MEASURED_ORDER rows for this GPU, ready to paste: the backends ordered
+        by their forward+backward median (training is what they are chosen for), else forward."""
+        if not self.dispatch:
+            return []
+        device = torch.device("cuda", torch.cuda.current_device())
+        arch = backends.arch_name(device)
+        import triton
+        lines = [f"    # {torch.cuda.get_device_name(device)}, torch {torch.__version__} + triton {triton.__version__}, "
+                 f"{datetime.date.today().isoformat()}"]
+        for (op, dtype, head_dim, layout), passes in sorted(self.dispatch.items(), key=str):
+            pass_ = "forward+backward" if "forward+backward" in passes else "forward"
+            timing = passes[pass_]
+            if "torch" not in timing:
+                continue  # the table orders against PyTorch's own kernels
+            order = tuple(sorted(timing, key=timing.get))
+            ms = ", ".join(f"{b} {timing[b] * 1e3:.3f}" for b in order)
+            lines.append(f"    ({op!r}, {arch!r}, {dtype!r}, {head_dim!r}, {layout!r}): {order!r},  # {pass_} ms: {ms}")
+        return lines
 
 
 def _cuda_peak(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
@@ -306,5 +336,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(fmt.format(*header))
     for line in lines:
         terminalreporter.write_line(fmt.format(*line))
-    for path in bench_results.save(rows, BENCH_THREADS):
+    dispatch = _TOOLS.dispatch_rows()
+    if dispatch:
+        terminalreporter.section("measured backend order on this GPU (rows for tubevit_fast.backends.MEASURED_ORDER)")
+        for line in dispatch:
+            terminalreporter.write_line(line)
+    for path in bench_results.save(rows, BENCH_THREADS, dispatch):
         terminalreporter.write_line(f"saved {path}")

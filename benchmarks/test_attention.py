@@ -1,16 +1,20 @@
 """Attention benchmarks: tubevit_fast.attention against PyTorch SDPA called directly.
 
-Shapes (H=12, Dh=64, the TubeViT-B heads):
-  dense   the paper configuration, N=539 tokens (PAPER_TUBES on 32x224x224); B=1 on CPU, 8 on CUDA
-  varlen  a packed batch mixing videos (539 tokens) and images (196 tokens): segments
-          [539, 196, 539, 196] on CPU, x4 that on CUDA. Ours runs packed with cu_seqlens; the
-          SDPA baseline is what one does without varlen support: pad every sample to the longest
-          and pass a boolean key-padding mask (padded query rows are computed and thrown away).
+Shapes (Shape below):
+  CPU   dense B=1 N=539 H=12 Dh=64 (the paper configuration: PAPER_TUBES on 32x224x224), and
+        varlen segments [539, 196, 539, 196] (videos and images packed), H=12 Dh=64
+  CUDA  dense B=32 N=539 H=12 Dh=64 (TubeViT-B), B=8 N=539 H=16 Dh=80 (TubeViT-H's head dim),
+        B=8 N=1176 H=16 Dh=128, and varlen [539, 196] x 8, H=12 Dh=64
+Varlen: ours runs packed with cu_seqlens; the SDPA baseline is what one does without varlen
+support: pad every sample to the longest and pass a boolean key-padding mask (padded query
+rows are computed and thrown away).
 
 Impls: "sdpa" (the baseline, F.scaled_dot_product_attention on (B, H, N, D), autograd backward),
-ours with backend "torch" on CPU, or "triton" (and "cuda" when tubevit_fast.extension is built)
-on CUDA, plus flash-attn / xformers when importable (CUDA only). Each for the forward pass
-(no_grad) and forward+backward (gradients of q, k, v).
+ours with every backend that runs on the device ("torch" on CPU; "torch", "triton" and "cuda"
+when tubevit_fast.extension is built, on CUDA) and "auto" as its own row (what a user gets),
+plus flash-attn / xformers when importable (CUDA only). Each for the forward pass (no_grad) and
+forward+backward (gradients of q, k, v). On CUDA the end-of-run summary also prints the
+backends' order for tubevit_fast.backends.MEASURED_ORDER on this GPU (BenchTools.dispatch_rows).
 
 Before timing, each impl is checked once against the SDPA baseline (output, and gradients for
 forward+backward) within a dtype tolerance. Nothing asserts on time.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -37,28 +42,48 @@ import torch.nn.functional as F
 
 from tubevit_fast import extension
 from tubevit_fast.ops.attention import attention
+from tubevit_fast.packing import cu_seqlens_from_lengths
 
-HEADS, HEAD_DIM = 12, 64
-DENSE = {"cpu": (1, 539), "cuda": (8, 539)}                 # (B, N)
-VARLEN = {"cpu": [539, 196, 539, 196], "cuda": [539, 196, 539, 196] * 4}
+
+@dataclass(frozen=True)
+class Shape:
+    layout: str          # "dense" or "varlen"
+    lengths: tuple       # one sequence length per sample
+    heads: int
+    head_dim: int
+
+    @property
+    def id(self) -> str:
+        if self.layout == "dense":
+            return f"dense-B{len(self.lengths)}-N{self.lengths[0]}-H{self.heads}-D{self.head_dim}"
+        return f"varlen-{len(self.lengths)}seq-H{self.heads}-D{self.head_dim}"
+
+
+SHAPES = {
+    "cpu": [Shape("dense", (539,), 12, 64), Shape("varlen", (539, 196) * 2, 12, 64)],
+    "cuda": [Shape("dense", (539,) * 32, 12, 64), Shape("dense", (539,) * 8, 16, 80),
+             Shape("dense", (1176,) * 8, 16, 128), Shape("varlen", (539, 196) * 8, 12, 64)],
+}
 ROUNDS = {"cpu": (10, 2), "cuda": (50, 10)}                 # (rounds, warmup rounds)
 INTERLEAVED_ROUNDS = {"cpu": 10, "cuda": 30}
 PASSES = ["forward", "forward+backward"]
 
 _DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-CONFIGS = [(d, torch.float32) for d in _DEVICES if d.type == "cpu"] + \
-          [(d, torch.bfloat16) for d in _DEVICES if d.type == "cuda"]
+CONFIGS = [(d, torch.float32, shape) for d in _DEVICES if d.type == "cpu" for shape in SHAPES["cpu"]] + \
+          [(d, torch.bfloat16, shape) for d in _DEVICES if d.type == "cuda" for shape in SHAPES["cuda"]]
 HAVE_FLASH = importlib.util.find_spec("flash_attn") is not None
 HAVE_XFORMERS = importlib.util.find_spec("xformers") is not None
+BACKENDS = ("torch", "triton", "cuda", "auto")
 
 
 def impls_for(device: torch.device) -> list[str]:
     """Baseline first: the other impls read its median."""
     if device.type == "cpu":
-        return ["sdpa", "torch"]
-    out = ["sdpa", "triton"]
+        return ["sdpa", "torch", "auto"]
+    out = ["sdpa", "torch", "triton"]
     if extension.is_available():
         out.append("cuda")
+    out.append("auto")
     if HAVE_FLASH:
         out.append("flash_attn")
     if HAVE_XFORMERS:
@@ -66,21 +91,19 @@ def impls_for(device: torch.device) -> list[str]:
     return out
 
 
-ALL_IMPLS = ["sdpa", "torch", "triton", "cuda", "flash_attn", "xformers"]
+ALL_IMPLS = ["sdpa", "torch", "triton", "cuda", "auto", "flash_attn", "xformers"]
 
 
 class Problem:
     """Inputs for one (layout, device, dtype): packed tensors for ours, padded ones for SDPA."""
 
-    def __init__(self, layout: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, shape: Shape, device: torch.device, dtype: torch.dtype):
         gen = torch.Generator().manual_seed(0)
-        self.layout, self.device, self.dtype = layout, device, dtype
-        if layout == "dense":
-            batch, n = DENSE[device.type]
-            self.lengths = [n] * batch
-        else:
-            self.lengths = list(VARLEN[device.type])
+        self.shape, self.layout, self.device, self.dtype = shape, shape.layout, device, dtype
+        self.lengths = list(shape.lengths)
+        self.heads, self.head_dim = shape.heads, shape.head_dim
         self.batch, self.max_len = len(self.lengths), max(self.lengths)
+        layout = self.layout
         total = sum(self.lengths)
 
         def rand(*shape):
@@ -88,15 +111,15 @@ class Problem:
 
         if layout == "dense":
             # (B, N, H, D): the layout tubevit_fast.attention takes; SDPA gets transposed views.
-            self.q, self.k, self.v = (rand(self.batch, self.max_len, HEADS, HEAD_DIM).requires_grad_()
+            self.q, self.k, self.v = (rand(self.batch, self.max_len, self.heads, self.head_dim).requires_grad_()
                                       for _ in range(3))
-            self.dout = rand(self.batch, self.max_len, HEADS, HEAD_DIM)
+            self.dout = rand(self.batch, self.max_len, self.heads, self.head_dim)
             self.cu = None
             self.mask = None
         else:
-            self.q, self.k, self.v = (rand(total, HEADS, HEAD_DIM).requires_grad_() for _ in range(3))
-            self.dout = rand(total, HEADS, HEAD_DIM)
-            self.cu = torch.tensor([0] + self.lengths, device=device).cumsum(0).to(torch.int32)
+            self.q, self.k, self.v = (rand(total, self.heads, self.head_dim).requires_grad_() for _ in range(3))
+            self.dout = rand(total, self.heads, self.head_dim)
+            self.cu = cu_seqlens_from_lengths(self.lengths, device)  # as TubeViT.pack builds it
             # Padded copies for SDPA (leaf tensors of their own, so autograd stops at them).
             self.pad_q, self.pad_k, self.pad_v = (self.pad(t.detach()).requires_grad_()
                                                   for t in (self.q, self.k, self.v))
@@ -119,12 +142,12 @@ class Problem:
 
     # -- work counts --
     def flops(self, backward: bool) -> int:
-        fwd = sum(4 * HEADS * n * n * HEAD_DIM for n in self.lengths)
+        fwd = sum(4 * self.heads * n * n * self.head_dim for n in self.lengths)
         return int(fwd * 3.5) if backward else fwd
 
     def min_bytes(self, backward: bool) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        tensor = sum(self.lengths) * HEADS * HEAD_DIM * itemsize
+        tensor = sum(self.lengths) * self.heads * self.head_dim * itemsize
         return tensor * (8 if backward else 4)  # fwd: q k v out; bwd adds dout dq dk dv
 
     # -- the callables: each returns (out, grads or None) in the packed/dense layout of ours --
@@ -148,7 +171,7 @@ class Problem:
         return out, torch.autograd.grad(out, inputs, dout)
 
     def _ours(self, impl, q, k, v):
-        if impl in ("torch", "triton", "cuda"):
+        if impl in BACKENDS:
             return attention(q, k, v, self.cu, self.cu, backend=impl)
         if impl == "flash_attn":
             import flash_attn
@@ -183,24 +206,24 @@ class Problem:
 
 
 @functools.cache
-def problem(layout: str, device: torch.device, dtype: torch.dtype) -> Problem:
-    return Problem(layout, device, dtype)
+def problem(shape: Shape, device: torch.device, dtype: torch.dtype) -> Problem:
+    return Problem(shape, device, dtype)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[f"{d.type}-{_dtype_name(t)}" for d, t in CONFIGS])
-@pytest.mark.parametrize("layout", ["dense", "varlen"])
+@pytest.mark.parametrize("config", CONFIGS, ids=[f"{d.type}-{_dtype_name(t)}-{s.id}" for d, t, s in CONFIGS])
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("impl", ALL_IMPLS)
-def test_attention(benchmark, bench, config, layout, pass_, impl):
-    device, dtype = config
+def test_attention(benchmark, bench, config, pass_, impl):
+    device, dtype, shape = config
     if impl not in impls_for(device):
         pytest.skip(f"{impl} does not run on {device.type} here")
     backward = pass_ != "forward"
-    p = problem(layout, device, dtype)
+    layout = shape.layout
+    p = problem(shape, device, dtype)
     p.check(impl, backward)  # once, untimed
 
     def timed():
@@ -209,15 +232,15 @@ def test_attention(benchmark, bench, config, layout, pass_, impl):
         return result
 
     rounds, warmup = ROUNDS[device.type]
-    shape = (f"B={p.batch} N={p.max_len}" if layout == "dense" else f"segments={p.lengths}") + \
-        f" H={HEADS} Dh={HEAD_DIM}"
-    benchmark.group = f"attention {layout} {pass_} {device.type} {_dtype_name(dtype)}"
+    described = (f"B={p.batch} N={p.max_len}" if layout == "dense" else f"segments={p.lengths}") + \
+        f" H={p.heads} Dh={p.head_dim}"
+    benchmark.group = f"attention {shape.id} {pass_} {device.type} {_dtype_name(dtype)}"
     benchmark.extra_info.update(op="attention", impl=impl, layout=layout, pass_=pass_, device=device.type,
-                                dtype=_dtype_name(dtype), shape=shape, threads=torch.get_num_threads(),
+                                dtype=_dtype_name(dtype), shape=described, threads=torch.get_num_threads(),
                                 baseline_note="sdpa on padded + key-padding mask" if layout == "varlen" else "sdpa")
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
     median = bench.annotate(benchmark, flops=p.flops(backward), min_bytes=p.min_bytes(backward))
-    key = ("attention", layout, pass_, device.type, dtype)
+    key = ("attention", shape, pass_, device.type, dtype)
     peak, method = bench.peak_memory(lambda: p.run(impl, backward), device, key=key + (impl,))
     benchmark.extra_info.update(peak_memory_bytes=peak, peak_memory_method=method)
 
@@ -226,6 +249,8 @@ def test_attention(benchmark, bench, config, layout, pass_, impl):
         return
     if median is None:
         return
+    if impl in BACKENDS[:-1]:
+        bench.record_dispatch("attention", device, dtype, p.head_dim, layout, pass_, impl, median)
     base = bench.baseline(key + ("sdpa",), lambda: p.run("sdpa", backward), device)
     benchmark.extra_info["speedup_vs_sdpa"] = base / median
     benchmark.extra_info["sdpa_median_s"] = base
@@ -241,5 +266,5 @@ def test_attention(benchmark, bench, config, layout, pass_, impl):
     note = f"interleaved {mixed['sdpa'] / mixed[impl]:.2f}x; {tflops:.3f} TFLOP/s, {gbps:.1f} GB/s"
     if layout == "varlen":
         note += ", sdpa padded+mask"
-    bench.add_row(f"attention {layout} {pass_} [{impl}]", device.type, dtype, median, base, "sdpa", notes=note,
+    bench.add_row(f"attention {shape.id} {pass_} [{impl}]", device.type, dtype, median, base, "sdpa", notes=note,
                   peak=peak, baseline_peak=base_peak)

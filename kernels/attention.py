@@ -44,37 +44,58 @@ from tubevit_fast.kernels.audit_spec import AuditTarget
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
-# Autotune sets kept small: each must compile spill-free for every supported head dim on
-# sm_80 and sm_90 (see audit_targets). The fp32 accumulators of a 128-row tile (forward, dQ)
-# or of dK and dV together need 8 warps at BLOCK_D 128; the 4-warp variants that reached
-# ptxas' 255-register ceiling were dropped for headroom; a 3-stage 64x32 forward (sm_80, D 64)
-# and a 2-stage 32x64 8-warp dK/dV (sm_80, D 32) were dropped for 8-16 byte stack spills. The interpreter
-# (read at import, like Triton itself) runs one program at a time: a single small config.
+# The head dims the kernels take: powers of two run in a BLOCK_D of their size, 80 and 96 in a
+# 128 block with the real D masked.
+HEAD_DIMS = (32, 64, 80, 96, 128)
+
+
+def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Autotune sets kept small: each must compile spill-free for every head dim on sm_80 and sm_90
+# (see audit_targets). fp16/bf16 (tensor cores): the fp32 accumulators of a 128-row tile
+# (forward, dQ) or of dK and dV together need 8 warps at BLOCK_D 128; the 4-warp variants that
+# reached ptxas' 255-register ceiling were dropped for headroom; a 3-stage 64x32 forward (sm_80,
+# D 64) and a 2-stage 32x64 8-warp dK/dV (sm_80, D 32) were dropped for 8-16 byte stack spills.
+# fp32 inputs take the exact ("ieee") dot, done with FMAs on operands held in registers, so
+# their tiles are smaller (their own lists, chosen by _keep_precision). The interpreter (read at
+# import, like Triton itself) runs one program at a time: a single small config.
 if interpreter_enabled():
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    _DQ_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    _FWD_CONFIGS = _FWD_CONFIGS_FP32 = [_cfg(32, 16, 4, 1)]
+    _DKDV_CONFIGS = _DKDV_CONFIGS_FP32 = [_cfg(16, 32, 4, 1)]
+    _DQ_CONFIGS = _DQ_CONFIGS_FP32 = [_cfg(32, 16, 4, 1)]
 else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    ]
-    _DKDV_CONFIGS = [
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    ]
-    _DQ_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    ]
+    _FWD_CONFIGS = [_cfg(64, 32, 4, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2)]
+    _DKDV_CONFIGS = [_cfg(32, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 8, 3)]
+    _DQ_CONFIGS = [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 8, 3)]
+    # (ptxas' allocation for FMA dots is fragile: 64x32, 64x16 and 32x16 forwards, 2-stage 32x32
+    # dK/dV and dQ and 16x16 dQ each spilled 8-232 bytes at some head dim and arch.)
+    _FWD_CONFIGS_FP32 = [_cfg(32, 32, 8, 2)]
+    _DKDV_CONFIGS_FP32 = [_cfg(32, 32, 8, 1), _cfg(32, 16, 4, 2)]
+    _DQ_CONFIGS_FP32 = [_cfg(32, 32, 8, 1), _cfg(32, 16, 4, 2)]
 _PREPROCESS_BLOCK_M = 64
-# Retune per head dim, layout and sequence lengths (a pooling head's single query wants other
-# tiles than self-attention); the dtype is part of Triton's autotune key already. Varlen
-# lengths are bucketed by the launchers (see _seqlen_bucket) so that every batch does not retune.
-_AUTOTUNE_KEY = ["HEAD_DIM", "VARLEN", "max_seqlen_q", "max_seqlen_k"]
+
+
+def _keep_precision(fp32_configs):
+    """early_config_prune: keep the configs made for the launch's dot precision."""
+    fp32_ids = {id(c) for c in fp32_configs}
+
+    def prune(configs, named_args, **kwargs):
+        ieee = kwargs.get("DOT_PRECISION") == "ieee"
+        return [c for c in configs if (id(c) in fp32_ids) == ieee] or configs
+    return prune
+
+
+def _tuned(configs, fp32_configs):
+    """Autotune over both lists, pruned to the launch's precision. Retuned per head dim, layout,
+    sequence lengths (a pooling head's single query wants other tiles than self-attention) and
+    size class (next power of two of batch x heads: a tiny self-check input must not fix the
+    tiles of a real batch); the dtype is part of Triton's key already. Varlen lengths are
+    bucketed by the launchers (_seqlen_bucket) so that every batch does not retune."""
+    both = configs + [c for c in fp32_configs if c not in configs]
+    return triton.autotune(configs=both, key=["HEAD_DIM", "VARLEN", "max_seqlen_q", "max_seqlen_k", "size_class"],
+                           prune_configs_by={"early_config_prune": _keep_precision(fp32_configs)})
 
 
 # ---- shared helpers --------------------------------------------------------------------------
@@ -114,7 +135,7 @@ def _store_tile(base, value, rows, row_stride, n_rows, HEAD_DIM: tl.constexpr, B
 
 # ---- forward ---------------------------------------------------------------------------------
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY)
+@_tuned(_FWD_CONFIGS, _FWD_CONFIGS_FP32)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
@@ -123,7 +144,7 @@ def _attention_fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
-    num_heads, max_seqlen_q, max_seqlen_k, sm_scale,
+    num_heads, max_seqlen_q, max_seqlen_k, size_class, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -209,7 +230,7 @@ def _attention_bwd_preprocess_kernel(
     tl.store(DELTA + offs_m, delta, mask=offs_m < seqlen_q)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_AUTOTUNE_KEY)
+@_tuned(_DKDV_CONFIGS, _DKDV_CONFIGS_FP32)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
@@ -220,7 +241,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_lb, stride_lh,
-    num_heads, max_seqlen_q, max_seqlen_k, sm_scale,
+    num_heads, max_seqlen_q, max_seqlen_k, size_class, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -272,7 +293,7 @@ def _attention_bwd_dkdv_kernel(
     _store_tile(DV, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, seqlen_k, HEAD_DIM, BLOCK_D)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_AUTOTUNE_KEY)
+@_tuned(_DQ_CONFIGS, _DQ_CONFIGS_FP32)
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
@@ -282,7 +303,7 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh,
     stride_lb, stride_lh,
-    num_heads, max_seqlen_q, max_seqlen_k, sm_scale,
+    num_heads, max_seqlen_q, max_seqlen_k, size_class, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -360,6 +381,11 @@ def _batch_heads(q: torch.Tensor, cu_q: torch.Tensor | None) -> tuple[int, int]:
     return (cu_q.numel() - 1, q.shape[1]) if cu_q is not None else (q.shape[0], q.shape[2])
 
 
+def _size_class(batch: int, heads: int) -> int:
+    """Part of the autotune key: batch x heads to the next power of two (see _tuned)."""
+    return triton.next_power_of_2(max(batch * heads, 1))
+
+
 def _seqlen_bucket(max_seqlen: int, varlen: bool) -> int:
     """Varlen max lengths rounded up to a power of two: they only size the grid (surplus tiles
     exit at once), and bucketed they keep autotuning to a few runs. Dense lengths are exact
@@ -388,7 +414,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float)
         q, k, v, out, lse, cu_q, cu_k,
         *_row_strides(q, varlen), *_row_strides(k, varlen), *_row_strides(v, varlen),
         *_row_strides(out, varlen), *_lse_strides(lse, varlen),
-        heads, max_q, max_k, scale, **_kernel_flags(q, varlen),
+        heads, max_q, max_k, _size_class(batch, heads), scale, **_kernel_flags(q, varlen),
     )
     return out, lse
 
@@ -419,23 +445,20 @@ def attention_backward(do, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
             *_row_strides(q, varlen), *_row_strides(k, varlen), *_row_strides(v, varlen),
             *_row_strides(do, varlen), *_row_strides(dk, varlen), *_row_strides(dv, varlen), *lse_strides,
-            heads, max_q, max_k, scale, **flags,
+            heads, max_q, max_k, _size_class(batch, heads), scale, **flags,
         )
     if q.numel() and max_q:
         _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]) * batch * heads,)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_row_strides(q, varlen), *_row_strides(k, varlen), *_row_strides(v, varlen),
             *_row_strides(do, varlen), *_row_strides(dq, varlen), *lse_strides,
-            heads, max_q, max_k, scale, **flags,
+            heads, max_q, max_k, _size_class(batch, heads), scale, **flags,
         )
     return dq, dk, dv
 
 
 # ---- ahead-of-time audit -----------------------------------------------------------------------
 
-# Every supported head dim: register allocation differs per dim (a D 32 config once spilled
-# where 64/80/128 did not). 80 and 96 exercise the masked, padded-to-128 head-dim path.
-AUDIT_HEAD_DIMS = (32, 64, 80, 96, 128)
 _POINTER_DTYPE = {"CU_Q": "*i32", "CU_K": "*i32", "LSE": "*fp32", "DELTA": "*fp32"}
 
 
@@ -461,11 +484,15 @@ def _audit_signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
 
 
 def audit_targets(dtype: str) -> list[AuditTarget]:
-    """One AuditTarget per kernel x kept autotune config x head dim in AUDIT_HEAD_DIMS (dense layout)."""
-    if dtype not in ("fp16", "bf16"):
-        raise ValueError(f"audit dtype must be 'fp16' or 'bf16', got {dtype!r}")
+    """One AuditTarget per kernel x kept autotune config x head dim in HEAD_DIMS (dense layout):
+    register allocation differs per head dim (a D 32 config once spilled where 64/80/128 did not),
+    and 80 and 96 exercise the masked, padded-to-128 head-dim path. "fp32" audits the fp32 configs,
+    whose exact dots run on FMAs (matmul False: no MMA expected)."""
+    if dtype not in ("fp16", "bf16", "fp32"):
+        raise ValueError(f"audit dtype must be 'fp16', 'bf16' or 'fp32', got {dtype!r}")
+    single = dtype == "fp32"
     targets = []
-    for head_dim in AUDIT_HEAD_DIMS:
+    for head_dim in HEAD_DIMS:
         common = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), VARLEN=False)
         fn = _attention_bwd_preprocess_kernel
         constexprs = {**common, "BLOCK_M": _PREPROCESS_BLOCK_M}
@@ -473,16 +500,16 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
         targets.append(AuditTarget(
             kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs, attrs=attrs, matmul=False,
             config=f"D{head_dim}-BM{_PREPROCESS_BLOCK_M}-w4-s1", num_warps=4, num_stages=1))
-        for tuned, configs in ((_attention_fwd_kernel, _FWD_CONFIGS),
-                               (_attention_bwd_dkdv_kernel, _DKDV_CONFIGS),
-                               (_attention_bwd_dq_kernel, _DQ_CONFIGS)):
+        for tuned, configs, fp32_configs in ((_attention_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_FP32),
+                                             (_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, _DKDV_CONFIGS_FP32),
+                                             (_attention_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_FP32)):
             fn = tuned.fn
-            for cfg in configs:
-                constexprs = {**common, "DOT_PRECISION": "tf32", **cfg.kwargs}
+            for cfg in (fp32_configs if single else configs):
+                constexprs = {**common, "DOT_PRECISION": "ieee" if single else "tf32", **cfg.kwargs}
                 signature, attrs = _audit_signature(fn, dtype, constexprs)
                 bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
                 targets.append(AuditTarget(
                     kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
                     config=f"D{head_dim}-BM{bm}-BN{bn}-w{cfg.num_warps}-s{cfg.num_stages}",
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, matmul=not single))
     return targets

@@ -46,6 +46,9 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA
 
 @pytest.fixture(autouse=True)
 def _clean_backend_env(monkeypatch):
-    # A developer's TUBEVIT_FAST_BACKEND must not change what tests exercise.
+    # A developer's TUBEVIT_FAST_BACKEND / _SELFCHECK must not change what tests exercise, and
+    # a test's self-check verdicts (cached per process) must not leak into the next test.
     monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    monkeypatch.delenv(backends.ENV_SELFCHECK, raising=False)
     yield
+    backends.reset_selfchecks()

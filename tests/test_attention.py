@@ -12,8 +12,8 @@ import torch
 from conftest import TRITON_DEVICE, assert_close_to_golden, dtype_atol
 from tubevit_fast import backends
 from tubevit_fast.ops import attention as ops_attention
-from tubevit_fast.ops.attention import (SUPPORTED_HEAD_DIMS, _attention_bwd_op, _attention_fwd_op, attention,
-                                        check_attention_inputs)
+from tubevit_fast.kernels.attention import HEAD_DIMS as TRITON_HEAD_DIMS
+from tubevit_fast.ops.attention import _attention_bwd_op, _attention_fwd_op, attention, check_attention_inputs
 from tubevit_fast.reference.attention import attention_reference
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -52,7 +52,7 @@ def varlen(seg_q, seg_k, heads, head_dim):
 
 
 CASES = [
-    *(dense(2, 33, 33, 2, d) for d in SUPPORTED_HEAD_DIMS),   # every head dim, ragged tails
+    *(dense(2, 33, 33, 2, d) for d in TRITON_HEAD_DIMS),     # every Triton head dim, ragged tails
     dense(1, 7, 7, 1, 64),                                     # shorter than one tile
     dense(2, 7, 33, 2, 96),                                    # Nq != Nk
     dense(3, 1, 33, 2, 128),                                   # pooling head: one query per sample
@@ -222,8 +222,8 @@ def test_selfcheck_passes_and_catches_a_wrong_backend(backend, monkeypatch):
     """The first-use GPU self-check (run here on CPU): passes for the real backend, raises
     AssertionError for one whose output is 1% off."""
     device = device_for(backend)
-    for varlen_input in (False, True):
-        ops_attention._make_selfcheck(backend, torch.float32, 80, varlen_input, device)()
+    for layout in ("dense", "varlen"):
+        ops_attention._make_selfcheck(backend, device, torch.float32, 80, layout)()
     impl = ops_attention._impl(backend)
     real_forward = impl.attention_forward
 
@@ -233,7 +233,7 @@ def test_selfcheck_passes_and_catches_a_wrong_backend(backend, monkeypatch):
 
     monkeypatch.setattr(impl, "attention_forward", off_by_one_percent)
     with pytest.raises(AssertionError, match="out: error"):
-        ops_attention._make_selfcheck(backend, torch.float32, 64, False, device)()
+        ops_attention._make_selfcheck(backend, device, torch.float32, 64, "dense")()
 
 
 def test_auto_and_env_override_on_cpu(monkeypatch):
@@ -255,7 +255,7 @@ def test_unsupported_inputs_are_skipped_by_auto_and_refused_by_name(monkeypatch)
     from tubevit_fast import extension
 
     monkeypatch.setattr(backends, "unavailable_reason", lambda op, backend, device: None)
-    monkeypatch.setattr(backends, "_PREFERENCE", {"attention": {"cpu": ("cuda", "torch")}})
+    monkeypatch.setattr(backends, "auto_order", lambda *args: ("cuda", "torch"))
     monkeypatch.setattr(extension, "supported_head_dims", lambda: (64, 128))
     q = torch.randn(1, 4, 2, 32)
     torch.testing.assert_close(attention(q, q, q), attention(q, q, q, backend="torch"), rtol=0, atol=0)
@@ -263,6 +263,104 @@ def test_unsupported_inputs_are_skipped_by_auto_and_refused_by_name(monkeypatch)
         attention(q, q, q, backend="cuda")
     with pytest.raises(ValueError, match=r"built for head dims \(64, 128\), got 32"):
         attention(q.half(), q.half(), q.half(), backend="cuda")
+
+
+# ---- the torch backend's routes (PyTorch's fused kernels) ------------------------------------------
+
+from tubevit_fast.torch_backend import attention as torch_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype, head_dim, expected", [
+    (torch.bfloat16, 64, ["flash", "efficient", "math"]),
+    (torch.float16, 16, ["flash", "efficient", "math"]),
+    (torch.float16, 12, ["math"]),                  # flash needs a multiple of 8, efficient of 16 bytes
+    (torch.float32, 12, ["efficient", "math"]),
+    (torch.float32, 260, ["math"]),
+    (torch.float64, 64, ["math"]),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_cuda_routes_follow_what_each_kernel_takes(dtype, head_dim, expected):
+    q = torch.empty(1, 4, 2, head_dim, dtype=dtype, device="meta")
+    assert torch_attention.routes(q, device_type="cuda") == expected
+    assert torch_attention.routes(q, device_type="cpu") == ["cpu_flash"]
+
+
+@pytest.mark.parametrize("route, dtype", [("flash", torch.bfloat16), ("efficient", torch.float32),
+                                          ("math", torch.float64)])
+def test_cuda_routes_call_the_aten_kernels_with_the_right_arguments(route, dtype):
+    """The private ATen kernels of the CUDA routes, run on meta tensors (their meta kernels check
+    the arguments and give the shapes): out like q, lse (B, H, Nq), gradients like q, k, v."""
+    q, do = (torch.empty(2, 37, 3, 64, dtype=dtype, device="meta") for _ in range(2))
+    k, v = (torch.empty(2, 45, 3, 64, dtype=dtype, device="meta") for _ in range(2))
+    out, lse = torch_attention.DENSE_FORWARD[route](q, k, v, 0.3)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (2, 3, 37) and lse.dtype == torch_attention.lse_dtype(dtype)
+    grads = torch_attention.DENSE_BACKWARD[route](do, q, k, v, out, lse, 0.3)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_flash_varlen_route_calls_the_cu_seqlens_kernels():
+    q, do = (torch.empty(57, 3, 64, dtype=torch.bfloat16, device="meta") for _ in range(2))
+    k, v = (torch.empty(60, 3, 64, dtype=torch.bfloat16, device="meta") for _ in range(2))
+    cu_q = torch.tensor([0, 1, 20, 57], dtype=torch.int32, device="meta")
+    cu_k = torch.tensor([0, 3, 3, 60], dtype=torch.int32, device="meta")
+    out, lse = torch_attention.VARLEN_FORWARD["flash"](q, k, v, cu_q, cu_k, 37, 57, 0.3)
+    assert out.shape == q.shape and lse.shape == (3, 57) and lse.dtype == torch.float32
+    grads = torch_attention.VARLEN_BACKWARD["flash"](do, q, k, v, out, lse, cu_q, cu_k, 37, 57, 0.3)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_no_keys_rows_are_found_on_the_device():
+    cu_q, cu_k = cu_seqlens([2, 1, 0, 3], "cpu"), cu_seqlens([4, 0, 2, 0], "cpu")
+    assert torch_attention._no_keys(cu_q, cu_k, 6).tolist() == [False, False, True, True, True, True]
+
+
+@pytest.mark.parametrize("route", ["math", "cpu_flash"])
+@pytest.mark.parametrize("case", [dense(2, 9, 12, 2, 12), varlen([4, 3, 0, 2], [5, 0, 6, 3], 2, 24)],
+                         ids=lambda c: c.id)
+@pytest.mark.usefixtures("poison_empty")
+def test_routes_run_on_cpu_against_golden(route, case):
+    """The math route is the CUDA fallback (float64, odd head dims): run here with the per-segment
+    varlen wrapper every route but flash uses, at a custom scale."""
+    inputs, dout, cu = make_inputs(case, torch.device("cpu"))
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    golden = attention_reference(*leaves, *cu, softmax_scale=0.2)
+    golden_grads = torch.autograd.grad(golden, leaves, dout)
+    q, k, v = inputs
+    if case.varlen:
+        out, lse = torch_attention.VARLEN_FORWARD[route](q, k, v, *cu, max(case.seg_q), max(case.seg_k), 0.2)
+        grads = torch_attention.VARLEN_BACKWARD[route](dout, q, k, v, out, lse, *cu, max(case.seg_q),
+                                                       max(case.seg_k), 0.2)
+    else:
+        out, lse = torch_attention.DENSE_FORWARD[route](q, k, v, 0.2)
+        grads = torch_attention.DENSE_BACKWARD[route](dout, q, k, v, out, lse, 0.2)
+    for name, fast, gold in zip(("out", "dq", "dk", "dv"), (out, *grads), (golden, *golden_grads)):
+        torch.testing.assert_close(fast, gold, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_sdpa_grads_are_the_softmax_gradient_formulas():
+    """_sdpa_grads (the math route's backward) against autograd through the reference, fp32 and
+    fp64, at a custom scale (a dropped scale factor on dQ or dK shows here)."""
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (torch.randn(2, n, 2, 16, dtype=dtype, requires_grad=True) for n in (5, 7, 7))
+        do = torch.randn(2, 5, 2, 16, dtype=dtype)
+        expected = torch.autograd.grad(attention_reference(q, k, v, softmax_scale=0.37), (q, k, v), do)
+        for name, got, want in zip("qkv", torch_attention._sdpa_grads(do, q, k, v, 0.37), expected):
+            torch.testing.assert_close(got, want, msg=f"d{name}")
+
+
+def test_a_route_that_refuses_an_input_hands_it_to_the_next():
+    def refuse(*args):
+        raise RuntimeError("not for this input")
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("no room")
+
+    table = {"a": refuse, "b": lambda x: x + 1, "oom": out_of_memory}
+    assert torch_attention._run_first(["a", "b"], table, 1) == 2
+    with pytest.raises(torch.OutOfMemoryError):
+        torch_attention._run_first(["oom", "b"], table, 1)
+    with pytest.raises(RuntimeError, match="not for this input"):
+        torch_attention._run_first(["b", "a"][1:], table, 1)
 
 
 # ---- torch.library / torch.compile ---------------------------------------------------------------
@@ -333,7 +431,7 @@ BAD_INPUTS = {
     "q-not-a-tensor": (lambda: _bad(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
     "int-dtype": (lambda: _bad(q=torch.ones(2, 5, 2, 32, dtype=torch.int64)), TypeError,
                   "supported: float32"),
-    "fp64": (lambda: _bad(q=torch.randn(2, 5, 2, 32, dtype=torch.float64)), TypeError, "supported: float32"),
+    "complex": (lambda: _bad(q=torch.randn(2, 5, 2, 32, dtype=torch.complex64)), TypeError, "supported: float32"),
     "dtype-mismatch": (lambda: _bad(k=torch.randn(2, 6, 2, 32).half()), TypeError, "share one dtype"),
     "device-mismatch": (lambda: _bad(v=torch.randn(2, 6, 2, 32, device="meta")), ValueError, "one device"),
     "rank-3-dense": (lambda: _bad(q=torch.randn(5, 2, 32)), ValueError, "need cu_seqlens"),
@@ -344,9 +442,9 @@ BAD_INPUTS = {
     "head-dim-mismatch": (lambda: _bad(k=torch.randn(2, 6, 2, 64), v=torch.randn(2, 6, 2, 64)), ValueError,
                           "q has head dim 32 but k/v have 64"),
     "kv-shape-mismatch": (lambda: _bad(v=torch.randn(2, 7, 2, 32)), ValueError, "same shape"),
-    "unsupported-head-dim": (lambda: _bad(q=torch.randn(2, 5, 2, 48), k=torch.randn(2, 6, 2, 48),
-                                          v=torch.randn(2, 6, 2, 48)), ValueError,
-                             r"head dim 48 is not supported; supported head dims: \(32, 64, 80, 96, 128\)"),
+    "head-dim-too-large": (lambda: _bad(q=torch.randn(2, 5, 2, 257), k=torch.randn(2, 6, 2, 257),
+                                        v=torch.randn(2, 6, 2, 257)), ValueError,
+                           "head dim 257 is not supported: head dims run from 1 to 256"),
     "batch-mismatch": (lambda: _bad(k=torch.randn(3, 6, 2, 32), v=torch.randn(3, 6, 2, 32)), ValueError,
                        "q has batch 2 but k/v have batch 3"),
     "cu-only-q": (lambda: _bad(varlen=True, cu_seqlens_k=None), ValueError,
@@ -390,23 +488,27 @@ def test_audit_targets_cover_every_kernel_config_and_head_dim():
     """What tubevit_fast.audit compiles (it runs outside the interpreter; here only the listing)."""
     from tubevit_fast.kernels import attention as kernels
 
-    for dtype in ("fp16", "bf16"):
+    for dtype in ("fp16", "bf16", "fp32"):
+        single = dtype == "fp32"
         targets = kernels.audit_targets(dtype)
         labels = [(t.kernel, t.config) for t in targets]
         assert len(set(labels)) == len(labels)
         per_kernel = {name: len(configs) for name, configs in (
-            ("_attention_fwd_kernel", kernels._FWD_CONFIGS),
-            ("_attention_bwd_dkdv_kernel", kernels._DKDV_CONFIGS),
-            ("_attention_bwd_dq_kernel", kernels._DQ_CONFIGS),
+            ("_attention_fwd_kernel", kernels._FWD_CONFIGS_FP32 if single else kernels._FWD_CONFIGS),
+            ("_attention_bwd_dkdv_kernel", kernels._DKDV_CONFIGS_FP32 if single else kernels._DKDV_CONFIGS),
+            ("_attention_bwd_dq_kernel", kernels._DQ_CONFIGS_FP32 if single else kernels._DQ_CONFIGS),
             ("_attention_bwd_preprocess_kernel", [None]))}
         for name, n_configs in per_kernel.items():
             mine = [t for t in targets if t.kernel == name]
-            assert len(mine) == n_configs * len(kernels.AUDIT_HEAD_DIMS), name
-            assert {t.constexprs["HEAD_DIM"] for t in mine} == set(SUPPORTED_HEAD_DIMS)
-            assert all(t.matmul == (name != "_attention_bwd_preprocess_kernel") for t in mine)
+            assert len(mine) == n_configs * len(kernels.HEAD_DIMS), name
+            assert {t.constexprs["HEAD_DIM"] for t in mine} == set(TRITON_HEAD_DIMS)
+            # fp32 dots are exact FMAs: no tensor-core instruction is expected there.
+            assert all(t.matmul == (name != "_attention_bwd_preprocess_kernel" and not single) for t in mine)
+            precision = {t.constexprs.get("DOT_PRECISION") for t in mine} - {None}
+            assert precision <= ({"ieee"} if single else {"tf32"}), (name, precision)
         for t in targets:
             assert set(t.signature) == set(t.fn.arg_names)
             assert {n for n, s in t.signature.items() if s == "constexpr"} == set(t.constexprs)
             assert f"*{dtype}" in t.signature.values()
     with pytest.raises(ValueError, match="fp16"):
-        kernels.audit_targets("fp32")
+        kernels.audit_targets("fp8")

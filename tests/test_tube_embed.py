@@ -127,8 +127,8 @@ def test_selfcheck_falls_back_or_raises(monkeypatch):
     from tubevit_fast import backends
     import tubevit_fast.torch_backend.tube_embed as torch_impl
 
-    monkeypatch.setattr(backends, "selfcheck_enabled", lambda device: True)
-    monkeypatch.setattr(backends, "_checked", {})
+    monkeypatch.setenv(backends.ENV_SELFCHECK, "always")
+    backends.reset_selfchecks()
     monkeypatch.setattr(torch_impl, "tube_embed_forward", lambda video, w, b, pos, tubes: original(video, w, b, tubes, pos) + 1)
     from tubevit_fast.reference.tube_embed import tube_embed_reference as original
     embed = random_embed(TubeEmbed)

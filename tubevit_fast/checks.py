@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from tubevit_fast import amp
+
 
 def check_tube_input(x, in_channels: int, params: Sequence[torch.Tensor]) -> bool:
     """Validate a video (B, C, T, H, W) or image (B, C, H, W) batch; return True for an image."""
@@ -21,7 +23,8 @@ def check_tube_input(x, in_channels: int, params: Sequence[torch.Tensor]) -> boo
     for p in params:
         if p.device != x.device:
             raise ValueError(f"input is on {x.device} but the layer's parameters are on {p.device}")
-        if p.dtype != x.dtype:
+        # Under autocast both are cast to the autocast dtype (tubevit_fast.amp), as Conv3d's are.
+        if amp.compute_dtype(x.device.type, p.dtype) != amp.compute_dtype(x.device.type, x.dtype):
             raise TypeError(f"input dtype {x.dtype} does not match the layer's parameter dtype {p.dtype}; "
                             f"cast one of them (e.g. layer.to({x.dtype}))")
     return x.dim() == 4

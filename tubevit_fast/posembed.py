@@ -8,13 +8,12 @@ Images go through `geometry.image_tubes`, whose single frame has c_t = 0.
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from tubevit_fast.geometry import TubeSpec, as_tubes, check_fits, token_centres
+from tubevit_fast.geometry import TubeSpec, as_tubes, check_fits, pack_tubes, token_centres, unpack_tubes
 
 TAU = 10000.0
 
@@ -30,10 +29,22 @@ def _position_embedding_table(centres: np.ndarray, dim: int) -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=64)
-def _cached(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], dim: int, device: torch.device):
-    table = _position_embedding_table(token_centres(tubes, size), dim)
-    return torch.from_numpy(table).to(device=device, dtype=torch.float32)
+_CACHE_SIZE = 64
+_tables: dict[tuple, torch.Tensor] = {}
+
+
+@torch.compiler.assume_constant_result
+def _cache_key(packed: tuple[int, ...], size: tuple[int, int, int], dim: int, device: torch.device) -> tuple:
+    """Fill the cache for these arguments and return their key. Under torch.compile this runs
+    once at trace time (a constant), so the table is a constant of the graph, not recomputed
+    in it, and the cache is a plain dict that the traced code only reads."""
+    key = (packed, size, dim, str(device))
+    if key not in _tables:
+        if len(_tables) >= _CACHE_SIZE:
+            _tables.pop(next(iter(_tables)))
+        table = _position_embedding_table(token_centres(unpack_tubes(packed), size), dim)
+        _tables[key] = torch.from_numpy(table).to(device=device, dtype=torch.float32)
+    return key
 
 
 def tube_position_embedding(
@@ -48,4 +59,5 @@ def tube_position_embedding(
         raise ValueError(f"position embedding needs dim >= 6 (6 channels per frequency), got dim={dim!r}")
     size = tuple(int(v) for v in size)
     check_fits(tubes, size)
-    return _cached(tubes, size, dim, torch.device(device if device is not None else "cpu"))
+    device = torch.device(device if device is not None else "cpu")
+    return _tables[_cache_key(tuple(pack_tubes(tubes)), size, dim, device)]

@@ -1,19 +1,22 @@
 """attention: non-causal multi-head attention, dense or packed varlen, with backend dispatch.
 
 Backends: "reference" (tubevit_fast.reference.attention, plain autograd), "torch"
-(tubevit_fast.torch_backend.attention: SDPA), "triton" (tubevit_fast.kernels.attention),
-"cuda" (the csrc/ extension, tubevit_fast.extension: fp16/bf16 and the head dims it was built for). The fast ones run behind two torch.library
-custom ops with fake kernels and registered autograd, so torch.compile traces them without a
-graph break (not triton_op: its fake path runs the kernels on meta tensors):
+(tubevit_fast.torch_backend.attention: PyTorch's fused attention kernels), "triton"
+(tubevit_fast.kernels.attention), "cuda" (the csrc/ extension, tubevit_fast.extension). The
+reference and torch backends take every input the maths allows (head dims 1 to 256, float64);
+the fast kernels have their own lists (`_unsupported`), which "auto" respects. The fast ones run
+behind two torch.library custom ops with fake kernels and registered autograd, so torch.compile
+traces them without a graph break (not triton_op: its fake path runs the kernels on meta tensors):
 
     tubevit_fast::attention_fwd(q, k, v, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q, max_seqlen_k,
                                 softmax_scale, backend) -> (out, lse)
     tubevit_fast::attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q,
                                 max_seqlen_k, softmax_scale, backend) -> (dq, dk, dv)
 
-Saved log-sum-exp convention (shared with the CUDA extension): fp32, natural log of
-sum_j exp(softmax_scale * q_i . k_j), shape (B, H, Nq) for dense inputs and (H, total_q) for
-packed varlen ones, from every backend.
+Under torch.autocast, q, k and v are cast to the autocast dtype (tubevit_fast.amp), as SDPA does.
+Saved log-sum-exp convention (shared with the CUDA extension): fp32 (fp64 for fp64 inputs),
+natural log of sum_j exp(softmax_scale * q_i . k_j), shape (B, H, Nq) for dense inputs and
+(H, total_q) for packed varlen ones, from every backend.
 All outputs are contiguous.
 """
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Optional
 
 import torch
 
-from tubevit_fast import backends
+from tubevit_fast import amp, backends, numerics
+from tubevit_fast.packing import cu_seqlens_from_lengths, known_bounds
 from tubevit_fast.reference.attention import attention_reference
 
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_HEAD_DIM = 256
 
 _IMPL_MODULES = {"torch": "tubevit_fast.torch_backend.attention", "triton": "tubevit_fast.kernels.attention",
                  "cuda": "tubevit_fast.extension"}
@@ -38,16 +42,21 @@ def _impl(backend: str):
     return importlib.import_module(_IMPL_MODULES[backend])
 
 
-def _unsupported(backend: str, q: torch.Tensor) -> str | None:
-    """What `backend` cannot do with inputs like q (None if it can)."""
-    if backend != "cuda":
-        return None
-    from tubevit_fast import extension
+def _unsupported(backend: str, dtype: torch.dtype, head_dim: int, layout: str, details: tuple) -> str | None:
+    """What `backend` cannot do with such inputs (None if it can): backends.register_op's hook."""
+    if backend == "triton":
+        head_dims = _impl("triton").HEAD_DIMS
+        if dtype == torch.float64:
+            return f"runs float32/float16/bfloat16 only, got {dtype}"
+        if head_dim not in head_dims:
+            return f"supports head dims {head_dims}, got {head_dim}"
+    if backend == "cuda":
+        from tubevit_fast import extension
 
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"runs float16/bfloat16 only (tensor-core kernels), got {q.dtype}"
-    if q.shape[-1] not in extension.supported_head_dims():
-        return f"was built for head dims {extension.supported_head_dims()}, got {q.shape[-1]}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"runs float16/bfloat16 only (tensor-core kernels), got {dtype}"
+        if head_dim not in extension.supported_head_dims():
+            return f"was built for head dims {extension.supported_head_dims()}, got {head_dim}"
     return None
 
 
@@ -68,7 +77,8 @@ def lse_shape(q: torch.Tensor, varlen: bool, backend: str) -> tuple[int, ...]:
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, backend):
-    lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None, backend), dtype=torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None, backend), dtype=lse_dtype)
     return q.new_empty(q.shape), lse
 
 
@@ -102,6 +112,7 @@ def _backward(ctx, dout, dlse):
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+amp.register_autocast(_attention_fwd_op, "tubevit_fast::attention_fwd", cast_args=(0, 1, 2))
 
 
 # ---- input checks ----------------------------------------------------------------------------
@@ -109,7 +120,9 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _check_cu_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                       ) -> tuple[int, int] | None:
     """Check cu_seqlens_q/k; return the longest query and key segment, or None while tracing
-    under torch.compile (the values are then unknown and not checked)."""
+    under torch.compile (the values are then unknown and not checked). Bounds recorded by
+    tubevit_fast.packing (a packed batch built on the host) are used as they are; any other
+    cu_seqlens is read back once (one device sync for both)."""
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -124,13 +137,15 @@ def _check_cu_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, q: torch.Tensor, k
                          f"both must be batch + 1 long")
     if torch.compiler.is_compiling():
         return None
-    bounds_q, bounds_k = torch.stack([cu_q, cu_k]).tolist()  # one device sync for both
+    bounds_q, bounds_k = known_bounds(cu_q), known_bounds(cu_k)
+    if bounds_q is None or bounds_k is None:
+        bounds_q, bounds_k = torch.stack([cu_q, cu_k]).tolist()
     for name, bounds, total in (("cu_seqlens_q", bounds_q, q.shape[0]),
                                 ("cu_seqlens_k", bounds_k, k.shape[0])):
         if bounds[0] != 0:
             raise ValueError(f"{name} must start at 0, got {bounds[0]}")
         if any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-            raise ValueError(f"{name} must be non-decreasing, got {bounds}")
+            raise ValueError(f"{name} must be non-decreasing, got {list(bounds)}")
         if bounds[-1] != total:
             raise ValueError(f"{name} ends at {bounds[-1]} but the packed tensor has {total} rows")
     return tuple(max(b - a for a, b in zip(bounds[:-1], bounds[1:])) for bounds in (bounds_q, bounds_k))
@@ -155,7 +170,7 @@ def check_attention_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; supported: float32, float16, bfloat16")
+        raise TypeError(f"q has dtype {q.dtype}; supported: float32, float16, bfloat16, float64")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -177,8 +192,8 @@ def check_attention_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q has head dim {q.shape[-1]} but k/v have {k.shape[-1]}")
     head_dim = q.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {head_dim} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is not supported: head dims run from 1 to {MAX_HEAD_DIM}")
     if varlen:
         longest = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k)
         longest_q, longest_k = (None, None) if longest is None else longest
@@ -197,21 +212,26 @@ def check_attention_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
     return max_q, max_k, scale
 
 
-# ---- self-check on first real-GPU use ----------------------------------------------------------
+# ---- self-check ----------------------------------------------------------------------------------
 
-def _make_selfcheck(backend: str, dtype: torch.dtype, head_dim: int, varlen: bool, device: torch.device):
-    """A check that runs `backend` forward and backward against the reference on a small input:
-    errors may be at most 2x the reference's own error in `dtype` (vs float64) plus a small atol."""
+SELFCHECK_SCALE = 0.3  # not 1/sqrt(Dh): a backend that ignores softmax_scale fails the check
+
+
+def _make_selfcheck(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, layout: str,
+                    details: tuple = ()):
+    """A check that runs `backend` forward and backward on a small input against the float64
+    reference, by tubevit_fast.numerics' rule (backends.register_op's hook)."""
     def check():
         gen = torch.Generator(device="cpu").manual_seed(0)
-        if varlen:
-            cu = torch.tensor([0, 1, 20, 57], dtype=torch.int32, device=device)
+        if layout == "varlen":
+            cu = cu_seqlens_from_lengths([1, 19, 37], device)
             shapes, extra = [(57, 2, head_dim)] * 3, (cu, cu)
         else:
             shapes, extra = [(2, 37, 2, head_dim), (2, 45, 2, head_dim), (2, 45, 2, head_dim)], (None, None)
         golden_inputs = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes]
         dout = torch.randn(shapes[0], generator=gen, dtype=torch.float64).to(device)
-        max_q, max_k, scale = check_attention_inputs(*(t.to(dtype) for t in golden_inputs), *extra)
+        max_q, max_k, scale = check_attention_inputs(*(t.to(dtype) for t in golden_inputs), *extra,
+                                                     softmax_scale=SELFCHECK_SCALE)
 
         def run(fn, precision):
             inputs = [t.to(precision).requires_grad_() for t in golden_inputs]
@@ -221,12 +241,14 @@ def _make_selfcheck(backend: str, dtype: torch.dtype, head_dim: int, varlen: boo
         fast = run(lambda x: _attention_fwd_op(*x, *extra, max_q, max_k, scale, backend)[0], dtype)
         same_dtype = run(lambda x: attention_reference(*x, *extra, scale), dtype)
         golden = run(lambda x: attention_reference(*x, *extra, scale), torch.float64)
-        atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+        reduction = max(max_k, head_dim)
         for name, a, r, g in zip(("out", "dq", "dk", "dv"), fast, same_dtype, golden):
-            err, ref_err = (a.double() - g).abs().max().item(), (r.double() - g).abs().max().item()
-            assert err <= 2 * ref_err + atol, \
-                f"{name}: error {err:.3e} > 2 x reference error {ref_err:.3e} + {atol}"
+            verdict = numerics.judge(a, g, r, dtype, reduction)
+            assert verdict.ok, verdict.describe(name)
     return check
+
+
+backends.register_op("attention", _unsupported, _make_selfcheck)
 
 
 # ---- public entry point ------------------------------------------------------------------------
@@ -241,18 +263,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: t
     Packed varlen: q (total_q, H, Dh), k/v (total_k, H, Dh), int32 cu_seqlens_q/k of length
     batch + 1 on q's device (start 0, non-decreasing, end at total), FlashAttention's convention;
     max_seqlen_q/k default to the longest segment (pass them under torch.compile).
-    Head dims 32, 64, 80, 96, 128; float32/float16/bfloat16 with fp32 accumulation;
-    softmax_scale defaults to 1/sqrt(Dh). Varlen inputs are checked on the host: one device sync.
-    A query with no keys (an empty key segment) gets output 0, lse -inf and zero gradient, as in
-    FlashAttention.
-    backend: "auto", "reference", "torch", "triton" or "cuda" (see tubevit_fast.backends).
+    Head dims 1 to 256, float32/float16/bfloat16/float64, fp32 accumulation (fp64 for fp64);
+    softmax_scale defaults to 1/sqrt(Dh). Under torch.autocast the inputs are cast to the
+    autocast dtype first. Varlen inputs are checked on the host: one device sync, none when
+    cu_seqlens came from tubevit_fast.packing.cu_seqlens_from_lengths (as in TubeViT's packed
+    batches). A query with no keys (an empty key segment) gets output 0, lse -inf and zero
+    gradient, as in FlashAttention.
+    backend: "auto", "reference", "torch", "triton" or "cuda" (see tubevit_fast.backends); a
+    fast backend that cannot take the inputs (dtype, head dim) is skipped by "auto" and refused
+    with a ValueError when named.
     """
+    if isinstance(q, torch.Tensor):
+        q, k, v = amp.autocast_inputs(q.device.type, q, k, v)
     max_q, max_k, scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                  max_seqlen_k, softmax_scale)
-    varlen = cu_seqlens_q is not None
-    chosen = backends.pick("attention", backend, q.device, (q.dtype, q.shape[-1], varlen),
-                           lambda b: _make_selfcheck(b, q.dtype, q.shape[-1], varlen, q.device),
-                           lambda b: _unsupported(b, q))
+    layout = "dense" if cu_seqlens_q is None else "varlen"
+    chosen = backends.pick("attention", backend, q.device, q.dtype, q.shape[-1], layout)
     if chosen == "reference":
         return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
     return _attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, chosen)[0]

@@ -4,6 +4,9 @@ Backends: "reference" (Conv3d per tube), "torch" (tubevit_fast.torch_backend.tub
 "triton" (tubevit_fast.kernels.tube_embed). The fast ones run behind a torch.library
 custom op with a fake kernel and registered autograd, so torch.compile traces through
 them without a graph break. (Not triton_op: its fake path runs the kernel on meta tensors.)
+The reference and torch backends take float64 too; Triton runs float32/float16/bfloat16.
+Under torch.autocast the video, weights and biases are cast to the autocast dtype
+(tubevit_fast.amp), as Conv3d's are; the fixed position embedding stays float32.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from tubevit_fast import backends
+from tubevit_fast import amp, backends, numerics
 from tubevit_fast.geometry import TubeSpec, as_tubes, num_tokens, pack_tubes, unpack_tubes
 from tubevit_fast.reference.tube_embed import tube_embed_reference
 
@@ -68,28 +71,53 @@ def _backward(ctx, grad_out):
 
 
 _tube_embed_op.register_autograd(_backward, setup_context=_setup_context)
+amp.register_autocast(_tube_embed_op, "tubevit_fast::tube_embed", cast_args=(0, 1, 2))
 
 
-def _make_selfcheck(backend: str, weights, biases, tubes, in_channels: int, device, dtype):
-    """A check that runs `backend` against the reference on a small random input."""
+def _unsupported(backend: str, dtype: torch.dtype, head_dim, layout, details: tuple) -> str | None:
+    """What `backend` cannot do with such inputs (None if it can): backends.register_op's hook."""
+    if backend == "triton" and dtype == torch.float64:
+        return f"runs float32/float16/bfloat16 only, got {dtype}"
+    return None
+
+
+def _make_selfcheck(backend: str, device: torch.device, dtype: torch.dtype, head_dim, layout, details: tuple):
+    """A check that runs `backend` forward and backward (dX, dW, db) on a small random input
+    against the float64 reference, by tubevit_fast.numerics' rule (backends.register_op's hook).
+    details: (in_channels, each tube's width, pack_tubes(tubes))."""
+    channels, widths, packed = details
+    tubes = unpack_tubes(packed)
+
     def check():
         size = tuple(max(sizes) + 3 for sizes in zip(*[t.min_size() for t in tubes]))
         gen = torch.Generator(device="cpu").manual_seed(0)
-        video = torch.randn(2, in_channels, *size, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-        ws = [torch.randn(w.shape, generator=gen).mul_(0.05).to(device=device, dtype=dtype).requires_grad_()
-              for w in weights]
-        bs = [torch.randn(b.shape, generator=gen).to(device=device, dtype=dtype).requires_grad_() for b in biases]
-        fast = _tube_embed_op(video, ws, bs, None, pack_tubes(tubes), backend)
-        ref = tube_embed_reference(video, ws, bs, tubes, None)
-        grad = torch.randn(fast.shape, generator=gen).to(device=device, dtype=dtype)
-        fast_grads = torch.autograd.grad(fast, [video, *ws, *bs], grad)
-        ref_grads = torch.autograd.grad(ref, [video, *ws, *bs], grad)
-        tol = 1e-3 if dtype == torch.float32 else 5e-2
-        for name, a, b in [("output", fast, ref)] + [("grad", a, b) for a, b in zip(fast_grads, ref_grads)]:
-            err = (a.float() - b.float()).abs().max().item()
-            scale = b.float().abs().max().item() + 1.0
-            assert err <= tol * scale, f"{name}: max error {err:.3e} (scale {scale:.2e})"
+
+        def randn(*shape, scale=1.0):
+            return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device)
+
+        inputs = [randn(2, channels, *size), *(randn(w, channels, *t.kernel, scale=0.05) for w, t in zip(widths, tubes)),
+                  *(randn(w) for w in widths)]
+        n = len(tubes)
+        dout = randn(2, num_tokens(tubes, size), tubes[0].token_dim(widths[0]))
+
+        def run(fn, precision):
+            leaves = [t.to(precision).requires_grad_() for t in inputs]
+            out = fn(leaves[0], leaves[1:1 + n], leaves[1 + n:])
+            return [out, *torch.autograd.grad(out, leaves, dout.to(precision))]
+
+        fast = run(lambda v, ws, bs: _tube_embed_op(v, ws, bs, None, packed, backend), dtype)
+        same_dtype = run(lambda v, ws, bs: tube_embed_reference(v, ws, bs, tubes), dtype)
+        golden = run(lambda v, ws, bs: tube_embed_reference(v, ws, bs, tubes), torch.float64)
+        # Longest reduction: a patch (forward), a token's channels (dX), all tokens (dW, db).
+        reduction = max(max(t.patch_size(channels) for t in tubes), max(widths), dout.shape[0] * dout.shape[1])
+        names = ["output", "grad video"] + [f"grad weight {i}" for i in range(n)] + [f"grad bias {i}" for i in range(n)]
+        for name, a, r, g in zip(names, fast, same_dtype, golden):
+            verdict = numerics.judge(a, g, r, dtype, reduction)
+            assert verdict.ok, verdict.describe(name)
     return check
+
+
+backends.register_op("tube_embed", _unsupported, _make_selfcheck)
 
 
 def tube_embed(video: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
@@ -100,11 +128,10 @@ def tube_embed(video: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seq
     (the fixed embedding): no gradient flows to it.
     """
     tubes = as_tubes(tubes)
-    weights, biases = list(weights), list(biases)
-    key = (video.dtype, video.shape[1], weights[0].shape[0], tubes)
-    chosen = backends.pick("tube_embed", backend, video.device, key,
-                           lambda b: _make_selfcheck(b, weights, biases, tubes, video.shape[1],
-                                                     video.device, video.dtype))
+    video, weights, biases = amp.autocast_inputs(video.device.type, video, list(weights), list(biases))
+    packed = pack_tubes(tubes)
+    details = (video.shape[1], tuple(w.shape[0] for w in weights), tuple(packed))
+    chosen = backends.pick("tube_embed", backend, video.device, video.dtype, details=details)
     if chosen == "reference":
         return tube_embed_reference(video, weights, biases, tubes, pos)
-    return _tube_embed_op(video, weights, biases, pos, pack_tubes(tubes), chosen)
+    return _tube_embed_op(video, weights, biases, pos, packed, chosen)

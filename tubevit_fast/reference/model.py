@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tubevit_fast.checks import check_positive_int, check_tube_input
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec, as_tubes, check_fits, image_tubes, num_tokens
+from tubevit_fast.packing import cu_seqlens_from_lengths
 from tubevit_fast.posembed import tube_position_embedding
 from tubevit_fast.reference.attention import attention_reference
 from tubevit_fast.reference.tube_embed import tube_embed_reference
@@ -270,7 +271,7 @@ class AttentionPoolLatent(nn.Module):
             batch = cu_seqlens.numel() - 1
             q = self.q(self.latent[0]).expand(batch, -1).view(batch, H, Dh)
             k, v = self.kv(x).view(x.shape[0], 2, H, Dh).unbind(1)
-            cu_q = torch.arange(batch + 1, dtype=torch.int32, device=x.device)
+            cu_q = cu_seqlens_from_lengths([1] * batch, x.device)
             out = self._attend(q, k, v, cu_q, cu_seqlens, 1, max_seqlen)
         x = self.proj(out.reshape(batch, -1))
         return x + self.mlp(self.norm(x))
@@ -331,8 +332,8 @@ class TubeViT(nn.Module):
             for row, i in enumerate(index):
                 tokens[i] = embedded[row]
         lengths = [t.shape[0] for t in tokens]
-        cu_seqlens = torch.tensor([0] + lengths, device=tokens[0].device).cumsum(0).to(torch.int32)
-        return torch.cat(tokens), cu_seqlens, max(lengths)
+        # Built from host lengths: the attention layers need not read it back to check it.
+        return torch.cat(tokens), cu_seqlens_from_lengths(lengths, tokens[0].device), max(lengths)
 
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits (B, num_classes) of a (B, C, T, H, W) video or (B, C, H, W) image batch, or of a

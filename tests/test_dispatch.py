@@ -1,0 +1,308 @@
+"""What "auto" picks and how the self-check behaves: the measured preference table, the self-check
+in every caller mode (no_grad, autocast, inference_mode, torch.compile), autocast rules of the
+custom ops, any head dim and float64, and the host syncs a packed batch avoids.
+
+The self-check runs on CUDA by default; TUBEVIT_FAST_SELFCHECK=always makes every branch
+reachable on the CPU."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import TRITON_DEVICE
+from tubevit_fast import TubeEmbed, TubeSpec, TubeViT, backends, numerics
+from tubevit_fast.ops import attention as ops_attention
+from tubevit_fast.ops.attention import _attention_fwd_op, attention
+from tubevit_fast.ops.tube_embed import tube_embed
+from tubevit_fast.packing import cu_seqlens_from_lengths, known_bounds
+from tubevit_fast.reference import model as reference
+from tubevit_fast.reference.attention import attention_reference
+
+TUBES = (TubeSpec((2, 3, 3), (2, 4, 4)), TubeSpec((1, 4, 4), (3, 4, 4), (0, 2, 0)))
+SIZE = (4, 9, 10)
+
+
+@pytest.fixture
+def always_check(monkeypatch):
+    """TUBEVIT_FAST_SELFCHECK=always with no verdict cached yet; warnings are errors."""
+    monkeypatch.setenv(backends.ENV_SELFCHECK, "always")
+    backends.reset_selfchecks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+    backends.reset_selfchecks()
+
+
+def small_model(**kwargs) -> TubeViT:
+    torch.manual_seed(0)
+    return TubeViT(num_classes=3, tubes=TUBES, dim=24, depth=1, heads=2, **kwargs)
+
+
+def fast_verdicts() -> dict:
+    """op -> backend of every passed self-check (the fast backends that ran)."""
+    return {key[0]: key[1] for key, ok in backends._verdicts.items() if ok}
+
+
+# ---- the self-check in every caller mode -------------------------------------------------------
+
+MODES = {
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+    "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_first_call_in_any_mode_checks_cleanly_and_runs_the_fast_backend(mode, always_check):
+    model = small_model()
+    video = torch.randn(2, 3, *SIZE)
+    with MODES[mode]():
+        model(video)
+    assert fast_verdicts() == {"tube_embed": "torch", "attention": "torch"}
+    assert all(backends._verdicts.values())
+
+
+def test_first_call_inside_torch_compile_fullgraph(always_check):
+    """The choice and its check run once at trace time, outside the graph: a whole model compiles
+    with fullgraph=True on its first call and matches eager."""
+    torch._dynamo.reset()
+    model = small_model()
+    video = torch.randn(2, 3, *SIZE)
+    compiled = torch.compile(model, fullgraph=True)(video)
+    assert fast_verdicts() == {"tube_embed": "torch", "attention": "torch"}
+    torch.testing.assert_close(compiled, model(video))
+
+
+def test_selfcheck_leaves_the_callers_rng_alone(always_check):
+    model = small_model()
+    video = torch.randn(1, 3, *SIZE)
+    state = torch.get_rng_state()
+    model(video)
+    assert backends._verdicts, "no check ran"
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_selfcheck_mode_from_the_environment(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv(backends.ENV_SELFCHECK, raising=False)
+    assert (backends.selfcheck_enabled(cpu), backends.selfcheck_enabled(cuda)) == (False, True)
+    monkeypatch.setenv(backends.ENV_SELFCHECK, "always")
+    assert (backends.selfcheck_enabled(cpu), backends.selfcheck_enabled(cuda)) == (True, True)
+    monkeypatch.setenv(backends.ENV_SELFCHECK, "0")
+    assert (backends.selfcheck_enabled(cpu), backends.selfcheck_enabled(cuda)) == (False, False)
+    monkeypatch.setenv(backends.ENV_SELFCHECK, "sometimes")
+    with pytest.raises(ValueError, match="TUBEVIT_FAST_SELFCHECK='sometimes'"):
+        backends.selfcheck_enabled(cpu)
+
+
+def test_a_failing_check_demotes_auto_and_refuses_a_named_backend(always_check, monkeypatch):
+    impl = ops_attention._impl("torch")
+    real_forward = impl.attention_forward
+    monkeypatch.setattr(impl, "attention_forward", lambda *a: (real_forward(*a)[0] * 1.01, real_forward(*a)[1]))
+    q = torch.randn(1, 5, 2, 16)
+    with pytest.warns(RuntimeWarning, match="self-check failed"):
+        out = attention(q, q, q)
+    torch.testing.assert_close(out, attention_reference(q, q, q))  # the reference ran
+    with pytest.raises(RuntimeError, match="disagrees with the reference"):
+        attention(q, q, q, backend="torch")
+
+
+def test_selfcheck_catches_an_ignored_softmax_scale(monkeypatch):
+    """The check runs at a non-default scale: a backend that drops softmax_scale fails it."""
+    impl = ops_attention._impl("torch")
+    real_forward, real_backward = impl.attention_forward, impl.attention_backward
+    monkeypatch.setattr(impl, "attention_forward",
+                        lambda q, k, v, cq, ck, mq, mk, scale: real_forward(q, k, v, cq, ck, mq, mk, q.shape[-1] ** -0.5))
+    monkeypatch.setattr(impl, "attention_backward",
+                        lambda do, q, k, v, o, lse, cq, ck, mq, mk, scale: real_backward(do, q, k, v, o, lse, cq, ck, mq,
+                                                                                       mk, q.shape[-1] ** -0.5))
+    check = ops_attention._make_selfcheck("torch", torch.device("cpu"), torch.float32, 32, "dense")
+    with pytest.raises(AssertionError, match="out: error"):
+        check()
+
+
+# ---- autocast --------------------------------------------------------------------------------
+
+def test_attention_under_cpu_autocast_matches_the_reference_under_autocast():
+    qkv = [torch.randn(2, 7, 2, 32, requires_grad=True) for _ in range(3)]
+    dout = torch.randn(2, 7, 2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attention(*qkv)
+        ref = attention_reference(*(t.to(torch.bfloat16) for t in qkv))
+    assert fast.dtype == ref.dtype == torch.bfloat16
+    golden = attention_reference(*(t.double() for t in qkv))
+    verdict = numerics.judge(fast, golden, ref, torch.bfloat16, reduction=32)
+    assert verdict.ok, verdict.describe("out")
+    grads = torch.autograd.grad(fast, qkv, dout.to(torch.bfloat16))
+    assert all(g.dtype == torch.float32 for g in grads)  # back through the casts to the fp32 leaves
+
+
+def test_tube_embed_under_cpu_autocast_matches_the_reference_under_autocast():
+    torch.manual_seed(0)
+    fast = TubeEmbed(TUBES, 3, 12)
+    ref = reference.TubeEmbed(TUBES, 3, 12)
+    ref.load_state_dict(fast.state_dict())
+    video = torch.randn(2, 3, *SIZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = fast(video), ref(video)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    golden = ref.double()(video.double())
+    verdict = numerics.judge(out, golden, expected, torch.bfloat16, reduction=3 * 2 * 3 * 3)
+    assert verdict.ok, verdict.describe("tokens")
+    out.float().sum().backward()
+    assert fast.weights[0].grad.dtype == torch.float32
+
+
+def test_custom_ops_cast_under_autocast_when_called_directly():
+    q = torch.randn(1, 5, 2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, lse = torch.ops.tubevit_fast.attention_fwd(q, q, q, None, None, 5, 5, 0.25, "torch")
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    video = torch.randn(1, 3, *SIZE)
+    weights = [torch.randn(6, 3, *t.kernel) for t in TUBES]
+    biases = [torch.randn(6) for _ in TUBES]
+    from tubevit_fast.geometry import pack_tubes
+    with torch.autocast("cpu", dtype=torch.float16):
+        tokens = torch.ops.tubevit_fast.tube_embed(video, weights, biases, None, pack_tubes(TUBES), "torch")
+    assert tokens.dtype == torch.float16
+
+
+def test_mixed_dtypes_are_accepted_under_autocast_only():
+    embed = TubeEmbed(TUBES, 3, 12)
+    video = torch.randn(1, 3, *SIZE, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="does not match the layer's parameter dtype"):
+        embed(video)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert embed(video).dtype == torch.bfloat16
+
+
+# ---- what "auto" prefers -------------------------------------------------------------------------
+
+def test_auto_order_follows_the_measured_table_and_defaults_to_torch(monkeypatch):
+    monkeypatch.setattr(backends, "arch_name", lambda device: "sm_90")
+    cuda = torch.device("cuda", 0)
+    assert backends.auto_order("attention", cuda, torch.bfloat16, 64, "dense") == \
+        backends.MEASURED_ORDER[("attention", "sm_90", "bf16", 64, "dense")]
+    assert backends.auto_order("tube_embed", cuda, torch.bfloat16)[0] == "triton"
+    for unmeasured in [("attention", cuda, torch.float16, 64, "dense"), ("attention", cuda, torch.bfloat16, 64, "varlen"),
+                       ("attention", cuda, torch.bfloat16, 48, "dense"), ("tube_embed", cuda, torch.float16)]:
+        assert backends.auto_order(*unmeasured)[0] == "torch", unmeasured
+    monkeypatch.setattr(backends, "arch_name", lambda device: "sm_80")
+    assert backends.auto_order("attention", cuda, torch.bfloat16, 64, "dense")[0] == "torch"
+    assert backends.auto_order("tube_embed", torch.device("cpu"), torch.float32) == ("torch",)
+
+
+def test_measured_table_rows_are_well_formed():
+    for (op, arch, dtype, head_dim, layout), order in backends.MEASURED_ORDER.items():
+        assert op in backends._IMPLEMENTED and arch.startswith("sm_") and dtype in backends.DTYPE_NAMES.values()
+        assert (head_dim is None) == (layout is None) == (op == "tube_embed")
+        assert set(order) <= set(backends._IMPLEMENTED[op]) and "reference" not in order
+        assert "torch" in order and len(set(order)) == len(order)
+
+
+# ---- any head dim and float64 -------------------------------------------------------------------
+
+def test_odd_head_dims_and_float64_run_on_reference_and_auto():
+    torch.manual_seed(0)
+    model = TubeViT(num_classes=3, tubes=TUBES, dim=48, depth=1, heads=4, backend="reference")  # head dim 12
+    fast = TubeViT(num_classes=3, tubes=TUBES, dim=48, depth=1, heads=4)
+    fast.load_state_dict(model.state_dict())
+    video = torch.randn(2, 3, *SIZE)
+    torch.testing.assert_close(fast(video), model(video))
+    golden = model.double()(video.double())
+    torch.testing.assert_close(fast.double()(video.double()), golden, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("head_dim", [1, 12, 200, 256])
+def test_any_head_dim_on_the_torch_backend(head_dim):
+    q, k, v = (torch.randn(2, n, 2, head_dim, dtype=torch.float64) for n in (5, 6, 6))
+    out = attention(q, k, v, backend="torch", softmax_scale=0.2)
+    torch.testing.assert_close(out, attention_reference(q, k, v, softmax_scale=0.2), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(backends.unavailable_reason("attention", "triton", TRITON_DEVICE) is not None,
+                    reason="Triton backend unavailable here")
+def test_fast_backends_refuse_what_they_cannot_take_and_auto_skips_them(monkeypatch):
+    q = torch.randn(1, 4, 2, 12, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match=r"backend 'triton' supports head dims \(32, 64, 80, 96, 128\), got 12"):
+        attention(q, q, q, backend="triton")
+    with pytest.raises(ValueError, match="backend 'triton' runs float32/float16/bfloat16 only"):
+        attention(q.double(), q.double(), q.double(), backend="triton")
+    # "auto" with Triton first in line passes over it for such inputs.
+    monkeypatch.setattr(backends, "auto_order", lambda *args: ("triton", "torch"))
+    torch.testing.assert_close(attention(q, q, q), attention(q, q, q, backend="torch"))
+    video = torch.randn(1, 3, *SIZE, dtype=torch.float64, device=TRITON_DEVICE)
+    embed = TubeEmbed(TUBES, 3, 12).double().to(TRITON_DEVICE)
+    with pytest.raises(ValueError, match="backend 'triton' runs float32/float16/bfloat16 only"):
+        tube_embed(video, embed.weights, embed.biases, TUBES, backend="triton")
+    assert embed(video).dtype == torch.float64
+
+
+def test_head_dims_outside_1_to_256_are_refused():
+    q = torch.randn(1, 4, 2, 300)
+    with pytest.raises(ValueError, match="head dim 300 is not supported: head dims run from 1 to 256"):
+        attention(q, q, q)
+
+
+# ---- packed batches: validated once where they are built -----------------------------------------
+
+def test_packed_cu_seqlens_carry_their_host_bounds():
+    cu = cu_seqlens_from_lengths([3, 0, 4])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 7]
+    assert known_bounds(cu) == (0, 3, 3, 7)
+    assert known_bounds(torch.tensor([0, 3, 3, 7], dtype=torch.int32)) is None
+    cu[1] = 5  # changed after it was built: the record no longer holds
+    assert known_bounds(cu) is None
+
+
+def test_attention_trusts_recorded_bounds_and_rechecks_modified_ones(monkeypatch):
+    q = torch.randn(7, 2, 16)
+    cu = cu_seqlens_from_lengths([3, 4])
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real_tolist(self))
+    assert ops_attention.check_attention_inputs(q, q, q, cu, cu)[:2] == (4, 4)
+    assert reads == []  # no device read-back
+    cu[1] = 9
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops_attention.check_attention_inputs(q, q, q, cu, cu)
+    assert reads
+
+
+def test_a_packed_forward_reads_cu_seqlens_back_for_no_layer(monkeypatch):
+    """TubeViT.pack builds cu_seqlens from host lengths; no attention layer syncs to check them."""
+    model = small_model(backend="reference")
+    samples = [torch.randn(3, *SIZE[1:]), torch.randn(3, *SIZE)]
+    checked = []
+    real_check = ops_attention._check_cu_seqlens
+
+    def spy(cu_q, cu_k, q, k):
+        checked.append((known_bounds(cu_q) is not None, known_bounds(cu_k) is not None))
+        return real_check(cu_q, cu_k, q, k)
+
+    monkeypatch.setattr(ops_attention, "_check_cu_seqlens", spy)
+    from tubevit_fast import patch
+    patch(model, backend="torch")(samples)
+    assert checked and all(a and b for a, b in checked)  # blocks and the pooling head
+
+
+# ---- autotune keys ------------------------------------------------------------------------------
+
+def test_attention_autotune_key_has_a_size_class():
+    from tubevit_fast.kernels import attention as kernels
+
+    for tuned in (kernels._attention_fwd_kernel, kernels._attention_bwd_dkdv_kernel, kernels._attention_bwd_dq_kernel):
+        assert "size_class" in tuned.keys
+    assert kernels._size_class(2, 2) != kernels._size_class(32, 12)
+
+
+def test_fp32_attention_launches_keep_the_fp32_configs():
+    from tubevit_fast.kernels import attention as kernels
+
+    for tuned, half, single in ((kernels._attention_fwd_kernel, kernels._FWD_CONFIGS, kernels._FWD_CONFIGS_FP32),
+                                (kernels._attention_bwd_dkdv_kernel, kernels._DKDV_CONFIGS, kernels._DKDV_CONFIGS_FP32),
+                                (kernels._attention_bwd_dq_kernel, kernels._DQ_CONFIGS, kernels._DQ_CONFIGS_FP32)):
+        assert tuned.early_config_prune(tuned.configs, {}, DOT_PRECISION="ieee") == single
+        assert tuned.early_config_prune(tuned.configs, {}, DOT_PRECISION="tf32") == half

@@ -1,0 +1,37 @@
+"""Packed variable-length batches: cu_seqlens whose bounds the host already knows.
+
+Checking a cu_seqlens tensor that lives on a GPU costs a device sync. Whoever builds a packed
+batch knows its lengths on the host: `cu_seqlens_from_lengths` records them on the tensor it
+returns, and `tubevit_fast.attention` trusts that record instead of reading the tensor back, as
+long as the tensor has not been modified since (its version counter is unchanged). A TubeViT
+forward thus validates its packed batch once, where it is built, not once per layer.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+_ATTR = "_tubevit_fast_bounds"
+
+
+def cu_seqlens_from_lengths(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """int32 (len(lengths) + 1,) offsets [0, l0, l0 + l1, ...] on `device`, with the bounds recorded."""
+    bounds = [0]
+    for n in lengths:
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"sequence lengths must be >= 0, got {list(lengths)}")
+        bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int32).to(device if device is not None else "cpu")
+    if not torch.compiler.is_compiling():  # traced code checks nothing on the host anyway
+        setattr(cu, _ATTR, (cu._version, tuple(bounds)))
+    return cu
+
+
+def known_bounds(cu: torch.Tensor) -> tuple[int, ...] | None:
+    """The bounds recorded by cu_seqlens_from_lengths, or None (none recorded, or the tensor changed)."""
+    record = getattr(cu, _ATTR, None)
+    if record is None or record[0] != cu._version:
+        return None
+    return record[1]
