@@ -5,6 +5,8 @@ Written to benchmark_results/ (not committed; BENCH_RESULTS_DIR overrides the fo
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -21,10 +23,14 @@ def save(rows: list, threads: int, dispatch_rows: list[str] = ()) -> list[str]:
     records = []
     for row in rows:
         record = dataclasses.asdict(row)
-        record["speedup"] = row.baseline / row.ours if row.baseline and row.ours else None
+        record["speedup"] = row.speedup                # interleaved where measured
+        record["median_speedup"] = row.median_speedup
+        record["median_and_interleaved_disagree"] = row.disagree
         record["ours_over_floor"] = row.ours / row.floor if row.floor and row.ours else None
         records.append(record)
-    meta = {"torch": torch.__version__, "cpu_threads": threads, "machine": platform.machine(),
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "triton": _version("triton"), "python": platform.python_version(), "cpu_threads": threads,
+            "machine": platform.machine(), "cpu": _cpu_name(),
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     json_path = os.path.join(RESULTS_DIR, "summary.json")
     with open(json_path, "w") as f:
@@ -34,6 +40,21 @@ def save(rows: list, threads: int, dispatch_rows: list[str] = ()) -> list[str]:
     if chart:
         paths.append(chart)
     return paths
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def _chart(records: list[dict], path: str) -> str | None:
@@ -54,7 +75,7 @@ def _chart(records: list[dict], path: str) -> str | None:
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup over the baseline (same run, medians)")
+    ax.set_xlabel("speedup over the baseline (same run, timed interleaved)")
     for i, s in enumerate(speedups):
         ax.text(s, i, f" {s:.2f}x", va="center", fontsize=8)
     fig.tight_layout()

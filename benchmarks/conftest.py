@@ -133,6 +133,10 @@ def evict_caches(device: torch.device) -> None:
 
 @dataclass
 class SummaryRow:
+    """One line of the summary. The speedup it reports is the interleaved one (baseline median /
+    ours, both timed in a shuffled order round by round: load drift cannot fake it); the ratio of
+    the two benchmarks' own medians is kept beside it and flagged when the two disagree by more
+    than the run's spread (the larger relative interquartile range of the two benchmarks)."""
     op: str
     device: str
     dtype: str
@@ -143,6 +147,23 @@ class SummaryRow:
     notes: str = ""
     peak_mib: float | None = None           # peak memory of one call, ours
     baseline_peak_mib: float | None = None  # and the baseline's
+    interleaved: float | None = None        # speedup measured interleaved
+    spread: float | None = None             # relative IQR of the run (ours, baseline: the larger)
+
+    @property
+    def median_speedup(self) -> float | None:
+        return self.baseline / self.ours if self.baseline and self.ours else None
+
+    @property
+    def speedup(self) -> float | None:
+        return self.interleaved if self.interleaved is not None else self.median_speedup
+
+    @property
+    def disagree(self) -> bool:
+        """The median ratio and the interleaved speedup differ by more than the run's spread."""
+        if self.interleaved is None or self.median_speedup is None or self.spread is None:
+            return False
+        return abs(self.median_speedup / self.interleaved - 1) > self.spread
 
 
 @dataclass
@@ -153,12 +174,21 @@ class BenchTools:
     peaks: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
     dispatch: dict = field(default_factory=dict)  # (op, dtype, head_dim, layout) -> pass -> backend -> s
+    spreads: dict = field(default_factory=dict)   # baseline key -> its relative IQR
 
     flops = staticmethod(tube_embed_flops)
     min_bytes = staticmethod(tube_embed_min_bytes)
     synchronize = staticmethod(synchronize)
     median_seconds = staticmethod(median_seconds)
     evict_caches = staticmethod(evict_caches)
+
+    @staticmethod
+    def spread_of(benchmark) -> float | None:
+        """The relative interquartile range (IQR / median) of a finished benchmark, or None."""
+        stats = getattr(benchmark, "stats", None)
+        if stats is None or not stats.stats.median:
+            return None
+        return stats.stats.iqr / stats.stats.median
 
     @staticmethod
     def median_of(benchmark) -> float | None:
@@ -170,6 +200,12 @@ class BenchTools:
         median = self.median_of(benchmark)
         if median is not None:
             self.baselines[key] = median
+            self.spreads[key] = self.spread_of(benchmark)
+
+    def run_spread(self, benchmark, baseline_key) -> float | None:
+        """The larger relative IQR of this benchmark and of its baseline's (when it ran)."""
+        spreads = [x for x in (self.spread_of(benchmark), self.spreads.get(baseline_key)) if x is not None]
+        return max(spreads) if spreads else None
 
     def baseline(self, key, fn: Callable[[], object], device: torch.device) -> float:
         """The cached median for `key`, timing fn here if its own benchmark did not run."""
@@ -222,10 +258,13 @@ class BenchTools:
 
     def add_row(self, op: str, device: torch.device | str, dtype: torch.dtype | str, ours: float,
                 baseline: float | None, baseline_name: str, floor: float | None = None,
-                notes: str = "", peak: int | None = None, baseline_peak: int | None = None) -> None:
-        """One line of the end-of-session summary table (times in seconds, peaks in bytes)."""
+                notes: str = "", peak: int | None = None, baseline_peak: int | None = None,
+                interleaved: float | None = None, spread: float | None = None) -> None:
+        """One line of the end-of-session summary table (times in seconds, peaks in bytes;
+        interleaved: the speedup measured interleaved; spread: the run's relative IQR)."""
         self.rows.append(SummaryRow(op, str(device), str(dtype).replace("torch.", ""), ours, baseline,
-                                    baseline_name, floor, notes, _mib(peak), _mib(baseline_peak)))
+                                    baseline_name, floor, notes, _mib(peak), _mib(baseline_peak),
+                                    interleaved, spread))
 
 
     def record_dispatch(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int | None,
@@ -318,24 +357,33 @@ def _peaks(row: SummaryRow) -> str:
     return f"{row.peak_mib:.0f}/{base}"
 
 
+_SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _TOOLS.rows
     if not rows:
         return
-    header = ("op", "device", "dtype", "ours ms", "baseline ms", "baseline", "speedup", "floor ms",
-              "ours/floor", "peak MiB ours/base", "notes")
+    # Kept within 120 columns: the baseline's name and the notes go on a second line.
+    header = ("op", "where", "ours ms", "base ms", "speedup", "medians", "/floor", "peak MiB")
     lines = []
     for r in rows:
-        speedup = f"{r.baseline / r.ours:.2f}x" if r.baseline and r.ours else "-"
+        where = f"{r.device} {_SHORT_DTYPES.get(r.dtype, r.dtype)}"
+        speedup = f"{r.speedup:.2f}x" if r.speedup else "-"
+        median = f"{r.median_speedup:.2f}x{'(!)' if r.disagree else ''}" if r.median_speedup else "-"
         vs_floor = f"{r.ours / r.floor:.2f}" if r.floor and r.ours else "-"
-        lines.append((r.op, r.device, r.dtype, _ms(r.ours), _ms(r.baseline), r.baseline_name, speedup,
-                      _ms(r.floor), vs_floor, _peaks(r), r.notes))
+        lines.append((r.op, where, _ms(r.ours), _ms(r.baseline), speedup, median, vs_floor, _peaks(r)))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    terminalreporter.section(f"tubevit_fast benchmark summary (medians, CPU threads={BENCH_THREADS})")
+    terminalreporter.section(f"tubevit_fast benchmark summary (CPU threads={BENCH_THREADS})")
+    for text in ("speedup: baseline / ours, the two timed interleaved (shuffled order every round); medians: the",
+                 "ratio of the two benchmarks' own medians, (!) where it differs from the speedup by more than the",
+                 "run's spread; /floor: ours / the floor's median; peak MiB: ours/baseline"):
+        terminalreporter.write_line(text)
     terminalreporter.write_line(fmt.format(*header))
-    for line in lines:
+    for line, r in zip(lines, rows):
         terminalreporter.write_line(fmt.format(*line))
+        terminalreporter.write_line(f"    vs {r.baseline_name}" + (f"; {r.notes}" if r.notes else ""))
     dispatch = _TOOLS.dispatch_rows()
     if dispatch:
         terminalreporter.section("measured backend order on this GPU (rows for tubevit_fast.backends.MEASURED_ORDER)")

@@ -263,8 +263,9 @@ def test_attention(benchmark, bench, config, pass_, impl):
     benchmark.extra_info["speedup_vs_sdpa_interleaved"] = mixed["sdpa"] / mixed[impl]
     tflops = p.flops(backward) / median / 1e12
     gbps = p.min_bytes(backward) / median / 1e9
-    note = f"interleaved {mixed['sdpa'] / mixed[impl]:.2f}x; {tflops:.3f} TFLOP/s, {gbps:.1f} GB/s"
+    note = f"{tflops:.3f} TFLOP/s, {gbps:.1f} GB/s"
     if layout == "varlen":
         note += ", sdpa padded+mask"
-    bench.add_row(f"attention {shape.id} {pass_} [{impl}]", device.type, dtype, median, base, "sdpa", notes=note,
-                  peak=peak, baseline_peak=base_peak)
+    bench.add_row(f"attn {shape.id} {'fwd+bwd' if backward else 'fwd'} [{impl}]", device.type, dtype, median, base, "sdpa", notes=note,
+                  peak=peak, baseline_peak=base_peak, interleaved=mixed["sdpa"] / mixed[impl],
+                  spread=bench.run_spread(benchmark, key + ("sdpa",)))

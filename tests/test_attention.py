@@ -82,10 +82,10 @@ def make_inputs(case: Case, device):
     return (q, k, v), dout, cu
 
 
-def reference_results(inputs, dout, cu, dtype):
+def reference_results(inputs, dout, cu, dtype, scale=None):
     """[out, dq, dk, dv] and lse of the reference computed in `dtype`."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
-    out, lse = attention_reference(*leaves, *cu, return_lse=True)
+    out, lse = attention_reference(*leaves, *cu, softmax_scale=scale, return_lse=True)
     return [out.detach(), *torch.autograd.grad(out, leaves, dout.to(dtype))], lse
 
 
@@ -105,13 +105,13 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
 
 
-def check_op_against_golden(backend: str, case: Case, dtype, device):
+def check_op_against_golden(backend: str, case: Case, dtype, device, softmax_scale=None):
     """Forward and backward custom ops of `backend` vs the float64 reference (call with poison_empty)."""
     inputs, dout, cu = make_inputs(case, device)
-    golden, golden_lse = reference_results(inputs, dout, cu, torch.float64)
-    same_dtype, same_dtype_lse = reference_results(inputs, dout, cu, dtype)
+    golden, golden_lse = reference_results(inputs, dout, cu, torch.float64, softmax_scale)
+    same_dtype, same_dtype_lse = reference_results(inputs, dout, cu, dtype, softmax_scale)
     q, k, v = (t.to(dtype) for t in inputs)
-    max_q, max_k, scale = check_attention_inputs(q, k, v, *cu)
+    max_q, max_k, scale = check_attention_inputs(q, k, v, *cu, softmax_scale=softmax_scale)
     out, lse = _attention_fwd_op(q, k, v, *cu, max_q, max_k, scale, backend)
     grads = _attention_bwd_op(dout.to(dtype), q, k, v, out, lse, *cu, max_q, max_k, scale, backend)
     atol = dtype_atol(dtype)
@@ -189,6 +189,42 @@ def test_triton_matches_golden(case, dtype):
 @pytest.mark.usefixtures("poison_empty")
 def test_torch_backend_matches_golden(case, dtype):
     check_op_against_golden("torch", case, dtype, torch.device("cpu"))
+
+
+SCALE_CASES = [dense(2, 9, 12, 2, 64), varlen([3, 1, 6], [5, 2, 6], 2, 32)]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("case", SCALE_CASES, ids=lambda c: c.id)
+@pytest.mark.usefixtures("poison_empty")
+def test_custom_softmax_scale_forward_and_backward(backend, case):
+    """A scale far from 1/sqrt(Dh), dense and packed, through the custom ops' forward and backward
+    (a backend that drops the scale anywhere, or applies it twice, fails)."""
+    check_op_against_golden(backend, case, torch.float32, device_for(backend), softmax_scale=0.37)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SCALE_CASES, ids=lambda c: c.id)
+def test_public_attention_passes_the_scale_on(backend, case):
+    """attention(..., softmax_scale=) end to end on every backend, the reference included."""
+    inputs, dout, cu = make_inputs(case, device_for(backend))
+    golden, _ = reference_results(inputs, dout, cu, torch.float64, 0.37)
+    same_dtype, _ = reference_results(inputs, dout, cu, torch.float32, 0.37)
+    leaves = [t.float().requires_grad_() for t in inputs]
+    out = attention(*leaves, *cu, softmax_scale=0.37, backend=backend)
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), golden, same_dtype):
+        assert_close_to_golden(fast, gold, ref, atol=dtype_atol(torch.float32), name=name)
+
+
+def test_fp32_triton_launches_ask_for_ieee_dots():
+    """The interpreter ignores DOT_PRECISION, so assert what the launches request: exact ("ieee")
+    dots for fp32 (tf32 would miss fp32 tolerances on a GPU), tensor cores for 16-bit inputs."""
+    from tubevit_fast.kernels import attention as kernels
+
+    assert kernels._kernel_flags(torch.empty(1, 2, 3, 64), False)["DOT_PRECISION"] == "ieee"
+    for dtype in (torch.float16, torch.bfloat16):
+        assert kernels._kernel_flags(torch.empty(1, 2, 3, 64, dtype=dtype), True)["DOT_PRECISION"] == "tf32"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -143,12 +143,82 @@ def test_bad_packed_batches(bad, match):
 
 
 def test_torch_compile_fullgraph_whole_model():
+    """Compiled (fullgraph) forward and every parameter's gradient equal eager's."""
     model = TubeViT(**TINY, backend="torch")
     x = torch.randn(2, 3, 8, 12, 12)
     expected = model(x)
+    expected.square().sum().backward()
+    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    out.sum().backward()
-    assert all(p.grad is not None for p in model.blocks.parameters())
+    out.square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- the attention-pooling head against an independent implementation ---------------------------
+
+POOL_BACKENDS = ["reference", "torch", pytest.param("triton", marks=pytest.mark.interpreter)]
+
+
+def pool_and_oracle(backend: str, dim: int = 64, heads: int = 2):
+    """The library's pooling head on `backend` and timm's AttentionPoolLatent holding its weights
+    (timm's parameter names; LayerNorm eps 1e-6 as in big_vision's MAP head)."""
+    import functools
+    from timm.layers import AttentionPoolLatent as TimmPool
+
+    from tubevit_fast.modules import AttentionPoolLatent
+    torch.manual_seed(0)
+    pool = AttentionPoolLatent(dim, heads, mlp_ratio=2.0)
+    pool.backend = backend
+    oracle = TimmPool(dim, num_heads=heads, mlp_ratio=2.0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+    oracle.load_state_dict(pool.state_dict())
+    return pool, oracle
+
+
+def _pool_dtype(backend: str) -> torch.dtype:
+    return torch.float32 if backend == "triton" else torch.float64  # Triton runs no float64
+
+
+@pytest.mark.parametrize("backend", POOL_BACKENDS)
+def test_pooling_head_matches_timm_dense(backend):
+    """Forward and every gradient (input and parameters) against timm's implementation."""
+    from conftest import TRITON_DEVICE
+    dtype = _pool_dtype(backend)
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    pool, oracle = (m.to(device, dtype) for m in pool_and_oracle(backend))
+    x = torch.randn(3, 11, 64, dtype=dtype, device=device, requires_grad=True)
+    out, want = pool(x), oracle(x)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, want, **tol)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *pool.parameters()], dout)
+    expected = torch.autograd.grad(want, [x, *oracle.parameters()], dout)
+    names = ["x"] + [n for n, _ in pool.named_parameters()]
+    assert names[1:] == [n for n, _ in oracle.named_parameters()]
+    for name, got, exp in zip(names, grads, expected):
+        torch.testing.assert_close(got, exp, **tol, msg=name)
+
+
+@pytest.mark.parametrize("backend", POOL_BACKENDS)
+def test_pooling_head_matches_timm_packed(backend):
+    """A packed batch (cu_seqlens) pools every sample as timm pools it alone; gradients too."""
+    from conftest import TRITON_DEVICE
+    from tubevit_fast.packing import cu_seqlens_from_lengths
+    dtype = _pool_dtype(backend)
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    pool, oracle = (m.to(device, dtype) for m in pool_and_oracle(backend))
+    lengths = [5, 1, 9]
+    x = torch.randn(sum(lengths), 64, dtype=dtype, device=device, requires_grad=True)
+    out = pool(x, cu_seqlens_from_lengths(lengths, device), max(lengths))
+    want = torch.cat([oracle(piece[None]) for piece in x.split(lengths)])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, want, **tol)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *pool.parameters()], dout)
+    expected = torch.autograd.grad(want, [x, *oracle.parameters()], dout)
+    for name, got, exp in zip(["x"] + [n for n, _ in pool.named_parameters()], grads, expected):
+        torch.testing.assert_close(got, exp, **tol, msg=name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from tubevit_fast import modules
+from tubevit_fast.backends import check_backend_name
 from tubevit_fast.reference import model as reference
 
 # Reference layer -> its fast twin (same parameters; only forward differs).
@@ -17,7 +18,7 @@ FAST_LAYERS = {
 def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap every reference layer of `model` for its fast twin, in place, keeping the very
     same parameter tensors (so the state_dict and any optimizer state stay valid)."""
-    modules.check_backend_name(backend)
+    check_backend_name(backend)
     for module in model.modules():
         fast = FAST_LAYERS.get(type(module))
         if fast is not None:

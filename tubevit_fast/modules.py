@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tubevit_fast import backends
+from tubevit_fast.backends import check_backend_name
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec
 from tubevit_fast.ops.attention import attention
 from tubevit_fast.ops.tube_embed import tube_embed
 from tubevit_fast.reference import model as reference
-
-
-def check_backend_name(backend: str) -> str:
-    if backend not in backends.BACKENDS + ("auto",):
-        raise ValueError(f"unknown backend {backend!r}; choose one of {backends.BACKENDS + ('auto',)}")
-    return backend
 
 
 class TubeEmbed(reference.TubeEmbed):

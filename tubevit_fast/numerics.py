@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-CAP_FACTOR = 16.0
+CAP_FACTOR = 8.0
 _ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
