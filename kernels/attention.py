@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from tubevit_fast.backends import interpreter_enabled
+from tubevit_fast.ops.attention import lse_shape
 from tubevit_fast.kernels.audit_spec import AuditTarget
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -367,10 +368,6 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-
-
 def _kernel_flags(q: torch.Tensor, varlen: bool) -> dict:
     head_dim = q.shape[-1]
     return dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), VARLEN=varlen,
@@ -402,7 +399,7 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float)
     max_q, max_k = _seqlen_bucket(max_q, varlen), _seqlen_bucket(max_k, varlen)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, varlen), dtype=torch.float32, device=q.device)
+    lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     batch, heads = _batch_heads(q, cu_q)
     if out.numel() == 0 or max_q == 0:
         return out, lse

@@ -70,15 +70,19 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                                             softmax_scale)
 
 
-def lse_shape(q: torch.Tensor, varlen: bool, backend: str) -> tuple[int, ...]:
+def lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
     """Shape of the saved log-sum-exp (see the module docstring); the same for every backend."""
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp for inputs of `dtype`: fp32, fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None, backend), dtype=lse_dtype)
+    lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=lse_dtype(q.dtype))
     return q.new_empty(q.shape), lse
 
 

@@ -31,12 +31,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tubevit_fast.ops.attention import lse_dtype
+
 ROUTES = ("cpu_flash", "flash", "efficient", "math")
 _EFFICIENT_LSE_ROWS = 32  # memory-efficient attention pads each lse row to a multiple of this
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def routes(q: torch.Tensor, device_type: str | None = None) -> list[str]:
