@@ -11,9 +11,13 @@ from tubevit_fast.ops.tube_embed import tube_embed
 from tubevit_fast.reference import model as reference
 
 
-def check_backend_name(backend: str) -> str:
+def check_backend_name(backend: str, op: str | None = None) -> str:
+    """`backend` if it names a backend (and, given `op`, one that implements that op), else ValueError."""
     if backend not in backends.BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {backend!r}; choose one of {backends.BACKENDS + ('auto',)}")
+    implemented = backends._IMPLEMENTED[op] + ("auto",) if op is not None else None
+    if implemented is not None and backend not in implemented:
+        raise ValueError(f"backend {backend!r} does not implement {op}; choose one of {implemented}")
     return backend
 
 
@@ -31,7 +35,7 @@ class TubeEmbed(reference.TubeEmbed):
                  interpolated_from: Sequence[int] | None = None, space_to_depth: Sequence | None = None):
         super().__init__(tubes, in_channels, dim, pos_embed, interpolated_from=interpolated_from,
                          space_to_depth=space_to_depth)
-        self.backend = check_backend_name(backend)
+        self.backend = check_backend_name(backend, "tube_embed")
 
     def _embed(self, video, weights, biases, tubes, pos):
         return tube_embed(video, weights, biases, tubes, pos, backend=self.backend)
