@@ -26,7 +26,7 @@ import torch
 
 from tubevit_fast.geometry import TubeSpec
 from tubevit_fast.io import (DEFAULT_MEAN, DEFAULT_STD, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, normalize, read_any,
-                             write_video)
+                             require, write_video)
 
 # Tubes for small 8x32x32 clips (32x32 images), the same roles as the paper's four:
 #   a 4x8x8 tube tiling space-time (2x4x4 = 32 tokens),
@@ -120,7 +120,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def export(self, root, indices: Sequence[int] | None = None, codec: str | None = None) -> list[str]:
         """Write items as root/class_name/NNNNN.mp4 (videos) or .png (images), the layout
         VideoFolder reads. Returns the written paths."""
-        from PIL import Image
+        pil = require("PIL.Image", "writing images")
 
         paths = []
         for i in range(self.length) if indices is None else indices:
@@ -129,7 +129,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             os.makedirs(folder, exist_ok=True)
             if self.is_image(i):
                 path = os.path.join(folder, f"{i:05d}.png")
-                Image.fromarray(frames[0]).save(path)
+                pil.fromarray(frames[0]).save(path)
             else:
                 path = write_video(os.path.join(folder, f"{i:05d}.mp4"), frames, codec=codec)
             paths.append(path)

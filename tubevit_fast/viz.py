@@ -19,15 +19,14 @@ import numpy as np
 import torch
 
 from tubevit_fast.geometry import read_mask
+from tubevit_fast.io import require
 
 _TINTS = np.array([[1.0, 0.25, 0.25], [0.25, 1.0, 0.25], [0.3, 0.5, 1.0], [1.0, 0.85, 0.2], [1.0, 0.3, 1.0],
                    [0.2, 1.0, 1.0]])
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "drawing the pictures").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
