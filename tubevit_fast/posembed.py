@@ -30,10 +30,12 @@ def _position_embedding_table(centres: np.ndarray, dim: int) -> np.ndarray:
     return table
 
 
-@functools.lru_cache(maxsize=64)
-def _cached(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], dim: int, device: torch.device):
+def _build(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], dim: int, device: torch.device):
     table = _position_embedding_table(token_centres(tubes, size), dim)
     return torch.from_numpy(table).to(device=device, dtype=torch.float32)
+
+
+_cached = functools.lru_cache(maxsize=64)(_build)
 
 
 def tube_position_embedding(
@@ -48,4 +50,9 @@ def tube_position_embedding(
         raise ValueError(f"position embedding needs dim >= 6 (6 channels per frequency), got dim={dim!r}")
     size = tuple(int(v) for v in size)
     check_fits(tubes, size)
-    return _cached(tubes, size, dim, torch.device(device if device is not None else "cpu"))
+    device = torch.device(device if device is not None else "cpu")
+    if torch.compiler.is_compiling():
+        # Dynamo traces through an lru_cache (warning that it does); every argument here is a
+        # constant of the trace, so build the table directly: it becomes a constant of the graph.
+        return _build(tubes, size, dim, device)
+    return _cached(tubes, size, dim, device)
