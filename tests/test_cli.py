@@ -155,6 +155,8 @@ def test_log_drops_records_past_the_resumed_step(tmp_path, capsys):
     os.replace(first["checkpoint"], early)
     train.main(["--resume", str(early), "--stop-after", "4", "--no-progress"])  # log: steps 1..4
     assert steps_in(tmp_path / "log.jsonl") == [1, 2, 3, 4]
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a record cut short by a crash
     capsys.readouterr()
     train.main(["--resume", str(early), "--no-progress"])  # back to step 2: steps 3, 4 are redone
     assert "dropped the records of steps 3-4, past the checkpoint's step 2" in capsys.readouterr().err

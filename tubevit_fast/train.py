@@ -240,17 +240,23 @@ def evaluate(model, dataset, batch_size: int, device, amp: bool) -> float:
 
 def trim_log(path: str, step: int) -> list[int]:
     """Drop the records of `path` (log.jsonl) past `step`, what a resumed run redoes (per-step
-    records and the summaries of runs that went further). Returns the dropped steps."""
+    records, the summaries of runs that went further, and a line cut short by a crash). Returns
+    the dropped steps."""
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path) as f:
-        records = [(line, json.loads(line)) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                records.append((line, {"step": math.inf}))  # a partial last line
     kept = [line for line, r in records if r.get("step", r.get("summary", {}).get("step", 0)) <= step]
     if len(kept) < len(records):
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-    return [r["step"] for _, r in records if r.get("step", 0) > step]
+    return [r["step"] for _, r in records if step < r.get("step", 0) < math.inf]
 
 
 # ---- command line, resume -----------------------------------------------------------------------
