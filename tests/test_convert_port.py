@@ -139,7 +139,8 @@ def test_encoder_is_the_ports(block):
 def test_report_and_warning():
     p = port()
     state = p.state_dict()
-    with pytest.warns(UserWarning, match="not loaded: pos_embedding, class_token, attention_pooling.W.weight") as record:
+    listed = "not loaded: pos_embedding, class_token, attention_pooling.W.weight"
+    with pytest.warns(UserWarning, match=listed) as record:
         model, report = from_tubevit_port(state)
     assert len(record) == 1
     assert set(report["not_loaded"]) == NOT_LOADED

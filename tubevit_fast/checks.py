@@ -19,7 +19,8 @@ def check_tube_input(x, in_channels: int, params: Sequence[torch.Tensor]) -> boo
         hint = _batch_hint(x, in_channels)
         if hint:  # a lone (C, T, H, W) video reads as a batch of C images: say so first
             raise ValueError(f"got a tensor of shape {tuple(x.shape)}{hint}")
-        raise ValueError(f"input has {x.shape[1]} channels (shape {tuple(x.shape)}) but the layer expects {in_channels}")
+        raise ValueError(f"input has {x.shape[1]} channels (shape {tuple(x.shape)}) but the layer expects "
+                         f"{in_channels}")
     if x.shape[0] == 0:
         raise ValueError(f"input batch is empty (shape {tuple(x.shape)})")
     for p in params:
