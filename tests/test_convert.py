@@ -169,9 +169,9 @@ def test_fresh_head_and_no_position_parameters():
 
 def test_bad_inputs():
     vit = tiny_vit()
-    with pytest.raises(TypeError, match="timm VisionTransformer"):
+    with pytest.raises(TypeError, match="timm or torchvision VisionTransformer"):
         from_image_vit(nn.Linear(4, 4))
-    with pytest.raises(TypeError, match="timm VisionTransformer"):
+    with pytest.raises(TypeError, match="timm or torchvision VisionTransformer"):
         from_image_vit(reference.TubeViT(num_classes=2, tubes=TUBES, dim=64, depth=1, heads=2))
     with pytest.raises(ValueError, match="no 2D tube"):
         from_image_vit(vit, tubes=TUBES[:2])
@@ -191,3 +191,22 @@ def test_bad_inputs():
         from_image_vit(tiny_vit(act_layer=nn.ReLU), tubes=TUBES)
     with pytest.raises(ValueError, match="unknown backend"):
         from_image_vit(vit, tubes=TUBES, backend="nope")
+    with pytest.raises(TypeError, match=r"`tubes` is the tube list .* got the int 1000.* num_classes=1000"):
+        from_image_vit(vit, 1000)
+
+
+def test_interpolated_from_inflates_the_base_kernel():
+    vit = tiny_vit()
+    model = from_image_vit(vit, tubes=PAPER_TUBES, num_classes=3, backend="reference", interpolated_from=(8, 8, 8))
+    embed = model.tube_embed
+    assert embed.interpolated_from == (8, 8, 8) and not hasattr(embed, "weights")
+    w2d = vit.patch_embed.proj.weight.detach()
+    resized = F.interpolate(w2d, size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(embed.base_weight.detach(), resized.unsqueeze(2).repeat(1, 1, 8, 1, 1) / 8,
+                               rtol=0, atol=1e-7)
+    for b in embed.biases:
+        assert torch.equal(b, vit.patch_embed.proj.bias)
+    # Every tube derives its kernel from the base: the 2D tube need not match the patch size.
+    tubes = (TubeSpec((4, 8, 8), (4, 8, 8)), TubeSpec((1, 8, 8), (1, 8, 8)))
+    small = from_image_vit(vit, tubes=tubes, backend="torch", interpolated_from=(4, 8, 8))
+    assert small(torch.randn(1, 3, 4, 16, 16)).shape == (1, 400)

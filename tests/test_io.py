@@ -1,6 +1,8 @@
 """tubevit_fast.io and the datasets: real MP4s written with PyAV and read back."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ av = pytest.importorskip("av")
 
 from tubevit_fast.data import SMALL_TUBES, StepBatchSampler, SyntheticShapes, VideoFolder, collate  # noqa: E402
 from tubevit_fast.geometry import num_tokens  # noqa: E402
-from tubevit_fast.io import read_image, read_video, resize_frames, sample_indices, write_video  # noqa: E402
+from tubevit_fast.io import (MediaError, MissingDependency, read_image, read_video, resize_frames,  # noqa: E402
+                             sample_indices, write_video)
 
 HAS_X264 = "libx264" in av.codecs_available
 RAW = dict(size=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -80,12 +83,21 @@ def test_errors_name_the_file(clip, tmp_path):
         read_video(missing)
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"this is not a video" * 50)
-    with pytest.raises(ValueError, match="junk.mp4"):
+    with pytest.raises(MediaError, match="junk.mp4: cannot be decoded as a video"):
         read_video(junk, num_frames=2)
-    with pytest.raises(ValueError, match=r"clip.mp4.*40 frames.*41"):
+    with pytest.raises(MediaError, match="junk.png: cannot be decoded as an image"):
+        read_image(junk.rename(tmp_path / "junk.png"))
+    with pytest.raises(MediaError, match=r"clip.mp4.*40 frames.*41"):
         read_video(path, num_frames=41)
-    with pytest.raises(ValueError, match=r"40 frames.*43 needed"):
+    with pytest.raises(MediaError, match=r"40 frames.*43 needed"):
         read_video(path, num_frames=8, stride=6)
+
+
+def test_missing_video_extra_says_what_to_install(monkeypatch, clip):
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    with pytest.raises(MissingDependency, match=r'reading videos needs the av \(PyAV\) package.*'
+                                                r'pip install "tubevit_fast\[video\]"'):
+        read_video(clip[0], num_frames=2)
 
 
 def test_synthetic_is_deterministic_and_shaped():

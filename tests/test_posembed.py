@@ -53,3 +53,18 @@ def test_rejects_small_dim_and_small_input():
         tube_position_embedding(PAPER_TUBES, (32, 224, 224), 5)
     with pytest.raises(ValueError, match=r"too small for tube 1"):
         tube_position_embedding([TubeSpec((1, 2, 2), (1, 2, 2)), TubeSpec((4, 2, 2), (1, 2, 2))], (3, 8, 8), 12)
+
+
+def test_torch_compile_traces_it_without_the_lru_cache_warning():
+    import warnings
+
+    def add_pos(x):
+        return x + tube_position_embedding(PAPER_TUBES, (32, 224, 224), 12)
+
+    x = torch.randn(539, 12)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(add_pos, fullgraph=True, backend="eager")(x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    torch.testing.assert_close(out, add_pos(x))

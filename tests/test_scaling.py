@@ -151,7 +151,7 @@ def test_gate_layer_out_of_range(gate_layer):
 
 
 def test_bad_inputs():
-    with pytest.raises(TypeError, match="timm VisionTransformer"):
+    with pytest.raises(TypeError, match="timm or torchvision VisionTransformer"):
         scale_image_to_video(nn.Linear(2, 2), small_tubevit(), 1)
     with pytest.raises(TypeError, match="TubeViT"):
         scale_image_to_video(large_vit(), nn.Linear(2, 2), 1)

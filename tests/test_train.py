@@ -39,7 +39,7 @@ def test_resume_is_exact(tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    ckpt = torch.load(resumed["checkpoint"], weights_only=False)
+    ckpt = torch.load(resumed["checkpoint"], weights_only=True)  # RNG states are tensors
     assert ckpt["step"] == 6 and {"model", "optimizer", "scheduler", "rng", "args", "model_config"} <= ckpt.keys()
 
 
@@ -73,7 +73,7 @@ def test_ddp_two_cpu_ranks_agree(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     hashes = [(tmp_path / f"weights_rank{r}.sha256").read_text().strip() for r in range(2)]
     assert hashes[0] == hashes[1] and len(hashes[0]) == 64
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["args"]["batch_size"] == 4 and len(ckpt["rng"]) == 2
     # The model moved away from its initialisation, and rank 0's checkpoint is what both hold.
     model = T.build_model(ckpt["model_config"], "torch")

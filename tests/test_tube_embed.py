@@ -90,10 +90,12 @@ def test_unknown_backend_is_rejected():
         TubeEmbed(SMALL_TUBES, 3, 12, backend="fastest")
 
 
-def test_cuda_backend_does_not_implement_tube_embed():
-    embed = random_embed(TubeEmbed, backend="cuda")
-    with pytest.raises(RuntimeError, match="does not implement tube_embed"):
-        embed(torch.randn(1, 3, *SMALL_SIZE))
+def test_cuda_backend_is_refused_at_construction():
+    # "cuda" is the attention-only extension: no tube-embedding kernel to fall back on.
+    with pytest.raises(ValueError, match="'cuda' does not implement tube_embed"):
+        TubeEmbed(SMALL_TUBES, 3, 12, backend="cuda")
+    with pytest.raises(ValueError, match="'cuda' does not implement tube_embed"):
+        tubevit_fast.TubeViT(num_classes=2, tubes=SMALL_TUBES, dim=64, depth=1, heads=2, backend="cuda")
 
 
 def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
@@ -200,6 +202,8 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     (lambda: torch.randn(*SMALL_SIZE), ValueError, r"got a tensor of shape \(6, 11, 13\)"),
     (lambda: torch.randn(1, 1, 3, *SMALL_SIZE), ValueError, "got a tensor of shape"),
     (lambda: torch.randn(1, 4, *SMALL_SIZE), ValueError, "input has 4 channels"),
+    (lambda: torch.randn(3, *SMALL_SIZE), ValueError, r"missing batch dimension\? .*\(C, T, H, W\) video"),
+    (lambda: torch.randn(3, *SMALL_SIZE[1:]), ValueError, r"missing batch dimension\? .*\(C, H, W\) image"),
     (lambda: torch.randint(0, 255, (1, 3, *SMALL_SIZE), dtype=torch.uint8), TypeError, "torch.uint8"),
     (lambda: torch.randn(1, 3, 3, 11, 13), ValueError, r"\(3, 11, 13\) is too small for tube 1"),
     (lambda: torch.randn(1, 3, 6, 3, 13), ValueError, r"\(6, 3, 13\) is too small for tube 2"),

@@ -111,9 +111,12 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     raise AssertionError(backend)
 
 
-def check_backend_name(backend: str) -> str:
+def check_backend_name(backend: str, op: str | None = None) -> str:
+    """`backend` if it names a backend (and, given `op`, one that implements that op), else ValueError."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS + ('auto',)}")
+    if op is not None and backend != "auto" and backend not in _IMPLEMENTED[op]:
+        raise ValueError(f"backend {backend!r} does not implement {op}; choose one of {_IMPLEMENTED[op] + ('auto',)}")
     return backend
 
 

@@ -14,11 +14,18 @@ Synthetic data (`SyntheticShapes`): every item is generated from (seed, index) a
 Folder data (`VideoFolder`): root/class_name/*.mp4|*.avi|*.mkv|*.mov|*.webm|*.png|*.jpg|*.jpeg;
 the class is the sub-folder (sorted names -> 0, 1, ...); images and videos share the label
 space.
+
+    python -m tubevit_fast.data --out demo_clips [--items 8] [--seed 2]
+
+writes synthetic items as such a folder (demo_clips/move_left/00000.mp4, ...; images as .png),
+clips to try `predict` on, or a dataset for `train --data`; it prints the paths it wrote.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +33,7 @@ import torch
 
 from tubevit_fast.geometry import TubeSpec
 from tubevit_fast.io import (DEFAULT_MEAN, DEFAULT_STD, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, normalize, read_any,
-                             write_video)
+                             require, write_video)
 
 # Tubes for small 8x32x32 clips (32x32 images), the same roles as the paper's four:
 #   a 4x8x8 tube tiling space-time (2x4x4 = 32 tokens),
@@ -120,7 +127,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def export(self, root, indices: Sequence[int] | None = None, codec: str | None = None) -> list[str]:
         """Write items as root/class_name/NNNNN.mp4 (videos) or .png (images), the layout
         VideoFolder reads. Returns the written paths."""
-        from PIL import Image
+        pil = require("PIL.Image", "writing images")
 
         paths = []
         for i in range(self.length) if indices is None else indices:
@@ -129,7 +136,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             os.makedirs(folder, exist_ok=True)
             if self.is_image(i):
                 path = os.path.join(folder, f"{i:05d}.png")
-                Image.fromarray(frames[0]).save(path)
+                pil.fromarray(frames[0]).save(path)
             else:
                 path = write_video(os.path.join(folder, f"{i:05d}.mp4"), frames, codec=codec)
             paths.append(path)
@@ -211,3 +218,35 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
+
+
+def main(argv=None) -> list[str]:
+    from tubevit_fast.cli import UsageError, check_positive
+
+    p = argparse.ArgumentParser(prog="python -m tubevit_fast.data",
+                                description="Write synthetic moving-shape clips and still images as a dataset "
+                                            "folder (out/class_name/NNNNN.mp4|.png).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write into")
+    p.add_argument("--items", type=int, default=8, help="how many items")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip")
+    p.add_argument("--size", type=int, default=32, help="frame / image side")
+    p.add_argument("--seed", type=int, default=2, help="train uses 0 (training set) and 1 (validation)")
+    p.add_argument("--image-every", type=int, default=0, help="every n-th item is an image (0: clips only)")
+    args = p.parse_args(argv)
+    check_positive(items=args.items, frames=args.frames)
+    if args.size < 8:
+        raise UsageError(f"--size must be >= 8, got {args.size}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    data = SyntheticShapes(args.items, args.frames, args.size, args.seed, args.image_every)
+    paths = data.export(args.out)
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    from tubevit_fast.cli import run
+
+    sys.exit(run(main))

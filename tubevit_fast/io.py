@@ -15,11 +15,14 @@ Resizing is bilinear with antialiasing, on the decoded uint8 frames converted to
 Normalisation: x / 255, then (x - mean) / std per channel. The defaults are the ImageNet
 statistics (what image-pretrained ViTs expect).
 
-PyAV (`pip install av`, in the `video` extra) is imported only when a video is read; Pillow
-only when an image is read.
+PyAV and Pillow (the `video` extra: pip install "tubevit_fast[video]") are imported only when a
+video or an image is read; without them the call raises MissingDependency, saying what to install.
+A file that exists but cannot be used (not a video or image, corrupt, too few frames) raises
+MediaError, a ValueError naming the file.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Sequence
 
@@ -32,6 +35,25 @@ DEFAULT_STD = (0.229, 0.224, 0.225)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 RESIZE_MODES = ("crop", "stretch")
+VIDEO_EXTRA = 'pip install "tubevit_fast[video]"'
+
+
+class MediaError(ValueError):
+    """A video or image file that cannot be used: not media, corrupt, or too short."""
+
+
+class MissingDependency(ImportError):
+    """An optional package (PyAV, Pillow, Matplotlib: the `video` extra) is not installed."""
+
+
+def require(module: str, purpose: str):
+    """import_module(module), or MissingDependency telling the user how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = {"av": "av (PyAV)", "PIL": "pillow", "matplotlib": "matplotlib"}.get(module.split(".")[0], module)
+        raise MissingDependency(f"{purpose} needs the {package} package, which is not installed: "
+                                f"{VIDEO_EXTRA}") from err
 
 
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
@@ -78,13 +100,13 @@ def sample_indices(total: int, num_frames: int, stride: int | None = None, path:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if stride is None:
         if total < num_frames:
-            raise ValueError(f"{path}: has {total} frames, fewer than the {num_frames} asked for")
+            raise MediaError(f"{path}: has {total} frames, fewer than the {num_frames} asked for")
         return [int((i + 0.5) * total / num_frames) for i in range(num_frames)]
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     span = (num_frames - 1) * stride + 1
     if total < span:
-        raise ValueError(f"{path}: has {total} frames, fewer than the {span} needed for "
+        raise MediaError(f"{path}: has {total} frames, fewer than the {span} needed for "
                          f"{num_frames} frames at stride {stride}")
     start = (total - span) // 2
     return [start + i * stride for i in range(num_frames)]
@@ -97,19 +119,23 @@ def _check_file(path) -> str:
     return path
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _decode(path: str, num_frames: int, stride: int | None):
     """Decode the wanted frames as (T, H, W, 3) uint8, decoding the file once when its header's
     frame count is right and twice when it is missing or wrong."""
-    import av
+    av = require("av", "reading videos")
 
     def open_stream():
         try:
             container = av.open(path)
         except (av.FFmpegError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: cannot be decoded as a video ({err})") from err
+            raise MediaError(f"{path}: cannot be decoded as a video ({_first_line(err)})") from err
         if not container.streams.video:
             container.close()
-            raise ValueError(f"{path}: has no video stream")
+            raise MediaError(f"{path}: has no video stream")
         return container
 
     def run(wanted: set[int] | None):
@@ -121,7 +147,7 @@ def _decode(path: str, num_frames: int, stride: int | None):
                     kept[count] = frame.to_ndarray(format="rgb24")
                 count += 1
         except av.FFmpegError as err:
-            raise ValueError(f"{path}: cannot be decoded as a video ({err})") from err
+            raise MediaError(f"{path}: cannot be decoded as a video ({_first_line(err)})") from err
         finally:
             container.close()
         return kept, count
@@ -137,7 +163,7 @@ def _decode(path: str, num_frames: int, stride: int | None):
             wanted = None  # the header may under-count: decode and count for real
     kept, count = run(set(wanted) if wanted else None)
     if count == 0:
-        raise ValueError(f"{path}: no video frames could be decoded")
+        raise MediaError(f"{path}: no video frames could be decoded")
     if wanted is None or count != hint:
         wanted = sample_indices(count, num_frames, stride, path)
         if not all(i in kept for i in wanted):
@@ -168,13 +194,13 @@ def read_image(path, size: int | Sequence[int] | None = 224, mean: Sequence[floa
     """Read a PNG/JPEG with Pillow and return float32 (C, H, W), resized and normalised like
     read_video's frames."""
     path = _check_file(path)
-    from PIL import Image, UnidentifiedImageError
+    pil = require("PIL.Image", "reading images")
 
     try:
-        with Image.open(path) as img:
+        with pil.open(path) as img:
             array = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path}: cannot be decoded as an image ({err})") from err
+    except OSError as err:  # PIL's UnidentifiedImageError is an OSError
+        raise MediaError(f"{path}: cannot be decoded as an image ({_first_line(err)})") from err
     x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)[None]
     x = resize_frames(x, size, resize)
     return normalize(x, mean, std, channel_dim=1)[0].contiguous()
@@ -194,7 +220,7 @@ def write_video(path, frames, fps: int = 10, codec: str | None = None, quality: 
     The codec defaults to libx264 (full-resolution chroma, yuv444p) when FFmpeg has it, else
     mpeg4 (yuv420p, so sharp colour edges blur). `quality` is libx264's crf or mpeg4's qscale:
     lower is better, 0 is lossless for libx264. Used by the synthetic folder export and tests."""
-    import av
+    av = require("av", "writing videos")
 
     frames = np.asarray(frames.numpy() if isinstance(frames, torch.Tensor) else frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:

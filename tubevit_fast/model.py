@@ -17,8 +17,12 @@ FAST_LAYERS = {
 
 def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap every reference layer of `model` for its fast twin, in place, keeping the very
-    same parameter tensors (so the state_dict and any optimizer state stay valid)."""
+    same parameter tensors (so the state_dict and any optimizer state stay valid). A backend
+    that does not implement one of the model's ops (e.g. "cuda", attention only, with a
+    TubeEmbed in the model) is refused before anything is swapped."""
     check_backend_name(backend)
+    if any(isinstance(m, reference.TubeEmbed) for m in model.modules()):
+        check_backend_name(backend, "tube_embed")
     for module in model.modules():
         fast = FAST_LAYERS.get(type(module))
         if fast is not None:

@@ -25,7 +25,7 @@ class TubeEmbed(reference.TubeEmbed):
                  interpolated_from: Sequence[int] | None = None, space_to_depth: Sequence | None = None):
         super().__init__(tubes, in_channels, dim, pos_embed, interpolated_from=interpolated_from,
                          space_to_depth=space_to_depth)
-        self.backend = check_backend_name(backend)
+        self.backend = check_backend_name(backend, "tube_embed")
 
     def _embed(self, video, weights, biases, tubes, pos):
         return tube_embed(video, weights, biases, tubes, pos, backend=self.backend)

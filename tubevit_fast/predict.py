@@ -9,9 +9,11 @@ checkpoint; --frames/--size override them) and one line per class is printed:
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
+from tubevit_fast.cli import check_positive, resolve_backends, run
 from tubevit_fast.io import read_any
 from tubevit_fast.train import BACKEND_CHOICES, load_checkpoint
 
@@ -41,6 +43,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--stride", type=int, default=None, help="take every n-th frame instead of spreading them")
     args = p.parse_args(argv)
+    check_positive(top_k=args.top_k, frames=args.frames, size=args.size, stride=args.stride)
+    resolve_backends(args.backend, torch.device("cpu"))
     results = predict(args.inputs, args.checkpoint, args.top_k, args.backend, args.frames, args.size, args.stride)
     for path, ranked in results:
         for rank, (name, prob) in enumerate(ranked, 1):
@@ -49,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -15,8 +15,10 @@ the forward calls; backward kernels run from the autograd engine and appear unde
 backward nodes (tubevit_fast::attention_bwd, ...).
 
 One untimed warm-up step runs first (first-use self-checks, Triton compilation, allocator
-growth), then --steps steps are profiled. --nvtx-only skips torch.profiler and brackets the
-measured steps with cudaProfilerStart/Stop: the mode to run under nsys / ncu.
+growth), then --steps steps are profiled; a line on stderr announces each. --nvtx-only skips
+torch.profiler and brackets the measured steps with cudaProfilerStart/Stop: the mode to run under
+nsys / ncu. On a machine without a GPU the profiler's own "gpuGetDeviceCount failed" line is
+silenced (KINETO_LOG_LEVEL=5 unless set); its two "USDT ... profiler_start/stop" lines remain.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from tubevit_fast.cli import UsageError, check_positive, resolve_backends, resolve_device, run
 
 TUBE_EMBED_RANGE = "tubevit_fast.tube_embed"
 ATTENTION_RANGE = "tubevit_fast.attention"
@@ -134,6 +138,10 @@ def gpu_commands(out: str, preset: str, steps: int, mode: str) -> list[str]:
             f"nsys stats --report cuda_gpu_kern_sum,nvtx_sum {q(os.path.join(out, 'tubevit_nsys.nsys-rep'))}"]
 
 
+def _progress(message: str) -> None:
+    print(f"profile: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tubevit_fast.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,14 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nvtx-only", action="store_true",
                         help="no torch.profiler; bracket the steps with cudaProfilerStart/Stop (for nsys/ncu)")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    device = torch.device(args.device)
+    check_positive(steps=args.steps, batch=args.batch, row_limit=args.row_limit)
+    device = resolve_device(args.device)
+    ops = resolve_backends("auto", device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    if not torch.cuda.is_available():
+        # Kineto logs an ERROR line when it finds no GPU driver: expected here, not a failure.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     os.makedirs(args.out, exist_ok=True)
     _, step = build(args.preset, device, args.batch, args.mode)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    _progress(f"preset {args.preset}, {args.mode}, {device}, tube_embed={ops['tube_embed']} "
+              f"attention={ops['attention']}; warm-up step (first-use self-checks, compilation)")
 
     with fast_op_ranges():
         step()  # warm-up: self-checks, compilation, allocator
@@ -162,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.profiler.start()
             for i in range(args.steps):
+                _progress(f"step {i + 1}/{args.steps}")
                 with op_range(f"tubevit_fast.step{i}"):
                     step()
             sync()
@@ -174,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             with torch.profiler.profile(activities=activities, record_shapes=True,
                                         profile_memory=False) as prof:
-                for _ in range(args.steps):
+                for i in range(args.steps):
+                    _progress(f"step {i + 1}/{args.steps} (profiled)")
                     step()
                     sync()
                     prof.step()
+            _progress("writing the trace")
             trace = os.path.join(args.out, "trace.json")
             prof.export_chrome_trace(trace)
             sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -196,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

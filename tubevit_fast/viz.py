@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
 
 from tubevit_fast.geometry import read_mask
+from tubevit_fast.io import require
 
 _TINTS = np.array([[1.0, 0.25, 0.25], [0.25, 1.0, 0.25], [0.3, 0.5, 1.0], [1.0, 0.85, 0.2], [1.0, 0.3, 1.0],
                    [0.2, 1.0, 1.0]])
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "drawing the pictures").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -126,6 +126,18 @@ def _display_clip(x: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def visualize(model, cfg: dict, out: str, video: str | None = None, max_filters: int = 64) -> list[str]:
+    """Write the pictures (see the module docstring) into `out`; returns their paths. The clip is
+    read before the folder is created, so a bad --video leaves nothing behind."""
+    if video is not None:
+        from tubevit_fast.io import read_video
+
+        clip = read_video(video, cfg["frames"], cfg["size"], mean=cfg["mean"], std=cfg["std"])
+    else:
+        from tubevit_fast.data import SyntheticShapes
+
+        data = SyntheticShapes(4, cfg["frames"], cfg["size"], seed=0, image_every=0, mean=cfg["mean"], std=cfg["std"])
+        clip = data[0][0]
+    _pyplot()  # fails early, with the install hint, when matplotlib is missing
     os.makedirs(out, exist_ok=True)
     embed = model.tube_embed
     written = []
@@ -136,23 +148,15 @@ def visualize(model, cfg: dict, out: str, video: str | None = None, max_filters:
         else:
             written.append(plot_tube_kernels(weight, os.path.join(out, f"tube{i}_kernels.png"),
                                              min(8, max_filters), f"tube {i}: kernels {tube.kernel} (t, h, w)"))
-    if video is not None:
-        from tubevit_fast.io import read_video
-
-        clip = read_video(video, cfg["frames"], cfg["size"], mean=cfg["mean"], std=cfg["std"])
-    else:
-        from tubevit_fast.data import SyntheticShapes
-
-        data = SyntheticShapes(4, cfg["frames"], cfg["size"], seed=0, image_every=0, mean=cfg["mean"], std=cfg["std"])
-        clip = data[0][0]
     written.append(plot_tube_sampling(_display_clip(clip, cfg["mean"], cfg["std"]), embed.tubes,
                                       os.path.join(out, "tube_sampling.png")))
     return written
 
 
 def main(argv=None) -> list[str]:
+    from tubevit_fast.cli import UsageError, check_positive
     from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
-    from tubevit_fast.train import TUBE_SETS, build_model, load_checkpoint
+    from tubevit_fast.train import TUBE_SETS, build_model, check_input_size, load_checkpoint
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.viz", description="PNG pictures of TubeViT's tubes.")
     p.add_argument("--checkpoint", default=None, help="train.py checkpoint; default: a random initialisation")
@@ -168,6 +172,14 @@ def main(argv=None) -> list[str]:
     g.add_argument("--size", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_positive(max_filters=args.max_filters, dim=args.dim, depth=args.depth, heads=args.heads,
+                   frames=args.frames, size=args.size)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    if not args.checkpoint:
+        if args.dim % args.heads:
+            raise UsageError(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
+        check_input_size(args.tubes, args.frames, args.size)
     if args.checkpoint:
         model, ckpt = load_checkpoint(args.checkpoint, backend="reference")
         cfg = ckpt["model_config"]
@@ -176,7 +188,10 @@ def main(argv=None) -> list[str]:
         cfg = dict(num_classes=2, classes=["a", "b"], tubes=args.tubes, dim=args.dim, depth=args.depth,
                    heads=args.heads, frames=args.frames, size=args.size, mean=list(DEFAULT_MEAN),
                    std=list(DEFAULT_STD))
-        model = build_model(cfg, backend="reference")
+        try:
+            model = build_model(cfg, backend="reference")
+        except ValueError as err:  # e.g. a --dim the tube embedding refuses
+            raise UsageError(str(err)) from None
     written = visualize(model, cfg, args.out, args.video, args.max_filters)
     for path in written:
         print(path)
@@ -184,4 +199,6 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    from tubevit_fast.cli import run
+
+    sys.exit(run(main))
