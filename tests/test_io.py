@@ -69,11 +69,13 @@ def test_resize_and_normalise(clip):
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(x, (raw - mean.view(3, 1, 1, 1)) / std.view(3, 1, 1, 1))
     assert read_video(path, num_frames=2, size=(16, 24), resize="stretch").shape == (3, 2, 16, 24)
-    # crop mode keeps the aspect ratio: a 20x40 frame -> 10x20 -> centre 10x10
+    # crop mode keeps the aspect ratio: a 20x40 frame -> 10x20 -> centre 10x10. The frame is a ramp
+    # along w (column c holds c), which halving averages pairwise: column j becomes 2j + 0.5, and the
+    # centre crop keeps j = 5..14 in every row.
     wide = torch.arange(40.0).repeat(1, 1, 20, 1)
     out = resize_frames(wide, 10)
     assert out.shape == (1, 1, 10, 10)
-    assert 15 < out.mean() < 25  # the centre columns of 0..39
+    torch.testing.assert_close(out[0, 0], (torch.arange(5, 15) * 2 + 0.5).expand(10, 10), rtol=0, atol=1e-5)
 
 
 def test_errors_name_the_file(clip, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tubevit_fast import modules, profile
@@ -32,12 +33,10 @@ def test_profile_cpu_tiny(tmp_path, capsys):
 
 def test_fast_op_ranges_restores_on_error():
     originals = (modules.tube_embed, modules.attention)
-    try:
+    with pytest.raises(RuntimeError, match="boom"):
         with profile.fast_op_ranges():
             assert modules.attention is not originals[1]
             raise RuntimeError("boom")
-    except RuntimeError:
-        pass
     assert (modules.tube_embed, modules.attention) == originals
 
 
