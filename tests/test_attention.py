@@ -123,7 +123,7 @@ def check_op_against_golden(backend: str, case: Case, dtype, device, softmax_sca
     no_keys = torch.isneginf(golden_lse)
     assert torch.equal(torch.isneginf(lse), no_keys), "lse: -inf exactly where a query has no keys"
     assert_close_to_golden(lse[~no_keys], golden_lse[~no_keys], same_dtype_lse[~no_keys],
-                           atol=dtype_atol(torch.float32), name="lse")
+                           atol=dtype_atol(torch.float32), name="lse", dtype=dtype)
 
 
 # ---- the reference ---------------------------------------------------------------------------
