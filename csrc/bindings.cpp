@@ -6,6 +6,7 @@
 //                                 max_seqlen_q, max_seqlen_k, softmax_scale) -> (dq, dk, dv)
 //   tubevit_fast_C::compiled_head_dims() -> int[]
 //   tubevit_fast_C::kernel_configs() -> str        (JSON: tile sizes, threads, shared memory)
+//   tubevit_fast_C::build_info() -> str            (JSON: arch list, head dims, CUDA version)
 //
 // Namespace: the Python package defines its own custom ops in namespace "tubevit_fast" with
 // torch.library.custom_op. These low-level kernels live in their own namespace,
@@ -236,8 +237,18 @@ void set_lse_strides(AttentionParams& p, const Problem& pr, const Tensor& lse) {
   p.lse_head_stride = pr.varlen ? lse.stride(0) : lse.stride(1);
 }
 
+#ifndef TVF_ARCH_LIST
+#define TVF_ARCH_LIST "unknown"
+#endif
+
 void check_launch(const char* name, int err) {
-  TORCH_CHECK(err == 0, name, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  const auto e = static_cast<cudaError_t>(err);
+  TORCH_CHECK(e != cudaErrorNoKernelImageForDevice && e != cudaErrorUnsupportedPtxVersion, name,
+              ": this GPU cannot run the kernels of this build (", cudaGetErrorString(e),
+              "); it holds TORCH_CUDA_ARCH_LIST=" TVF_ARCH_LIST
+              " and the kernels need compute capability 8.0 or newer; `python -m tubevit_fast.info` "
+              "shows what the binary holds");
+  TORCH_CHECK(err == 0, name, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
 }
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -358,6 +369,14 @@ std::string kernel_configs() {
   return os.str();
 }
 
+// JSON: what this binary was built for (python -m tubevit_fast.info prints it).
+std::string build_info() {
+  std::ostringstream os;
+  os << "{\"arch_list\":\"" TVF_ARCH_LIST "\",\"head_dims\":[" << join(compiled_head_dims())
+     << "],\"cuda_runtime_version\":" << CUDART_VERSION << "}";
+  return os.str();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tubevit_fast_C, m) {
@@ -370,6 +389,7 @@ TORCH_LIBRARY(tubevit_fast_C, m) {
       "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("compiled_head_dims() -> int[]", &compiled_head_dims);
   m.def("kernel_configs() -> str", &kernel_configs);
+  m.def("build_info() -> str", &build_info);
 }
 
 // CUDA: the kernels. CPU: the same entry points, whose checks reject CPU tensors with a clear

@@ -362,6 +362,132 @@ def test_emulated_empty_key_segment(emulator):
         torch.testing.assert_close(fast.double(), gold, rtol=0, atol=2e-2)
 
 
+# ---- (a) the install: setup.py never fails for want of a toolkit; what the binary holds ---------------
+
+def _run_setup(args, cwd, env_overrides, path=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TUBEVIT_FAST_BUILD_CUDA", "CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "CXX")}
+    env.update(env_overrides)
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run([sys.executable, os.path.join(cwd, "setup.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _notices(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("tubevit_fast: ")]
+
+
+@pytest.fixture
+def fake_toolkit(tmp_path):
+    """A CUDA_HOME whose nvcc reports torch's CUDA version and fails every compile, and a host
+    compiler that fails every compile (version queries go to the real g++)."""
+    require(torch.version.cuda is not None, "torch is a CPU-only build")
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    nvcc, cxx = home / "bin" / "nvcc", home / "bin" / "fake-c++"
+    version = f"release {torch.version.cuda}, V{torch.version.cuda}.0"
+    nvcc.write_text("#!/bin/sh\n"
+                    f'[ "$1" = "--version" ] && {{ echo "Cuda compilation tools, {version}"; exit 0; }}\n'
+                    'echo "nvcc fatal : fake toolkit" >&2; exit 1\n')
+    cxx.write_text("#!/bin/sh\n"
+                   'for a in "$@"; do [ "$a" = "-c" ] && { echo "fake c++ fails" >&2; exit 1; }; done\n'
+                   f'exec {_cxx() or "g++"} "$@"\n')
+    nvcc.chmod(0o755), cxx.chmod(0o755)
+    return home, cxx
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_setup_without_a_toolkit(tmp_path, mode):
+    """No nvcc under CUDA_HOME: auto mode installs pure Python with one notice, =1 fails saying why."""
+    flag = {"TUBEVIT_FAST_BUILD_CUDA": "1"} if mode == "required" else {}
+    proc = _run_setup(["--name"], ROOT, {"CUDA_HOME": str(tmp_path), **flag})
+    notices = _notices(proc)
+    assert len(notices) == 1 and f"CUDA_HOME={tmp_path} holds no bin/nvcc" in notices[0], proc.stderr
+    if mode == "auto":
+        assert proc.returncode == 0 and "installing without the CUDA extension" in notices[0], proc.stderr
+    else:
+        assert proc.returncode != 0 and "TUBEVIT_FAST_BUILD_CUDA=1 but" in notices[0]
+
+
+def test_setup_without_ninja(fake_toolkit, tmp_path):
+    home, _ = fake_toolkit
+    proc = _run_setup(["--name"], ROOT, {"CUDA_HOME": str(home)}, path=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    [notice] = _notices(proc)
+    assert notice == "tubevit_fast: installing without the CUDA extension: ninja not found (pip install ninja)"
+
+
+def test_setup_drops_archs_below_sm80(fake_toolkit):
+    require(shutil.which("ninja") is not None, "ninja not installed")
+    home, _ = fake_toolkit
+    proc = _run_setup(["--name"], ROOT, {"CUDA_HOME": str(home), "TORCH_CUDA_ARCH_LIST": "7.0;7.5"})
+    assert proc.returncode == 0
+    assert _notices(proc) == [
+        "tubevit_fast: not building the CUDA extension for 7.0;7.5 (it needs sm_80 or newer)",
+        "tubevit_fast: installing without the CUDA extension: TORCH_CUDA_ARCH_LIST names no arch the kernels "
+        "support (8.0 or newer)"], proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_setup_falls_back_when_the_compile_fails(fake_toolkit, tmp_path, mode):
+    """A toolkit that is present but cannot compile: auto mode still installs (pure Python, one
+    notice, no module left behind); =1 fails the build."""
+    require(shutil.which("ninja") is not None, "ninja not installed")
+    home, cxx = fake_toolkit
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(os.path.join(ROOT, "setup.py"), repo)
+    shutil.copytree(CSRC, repo / "csrc")
+    (repo / "tubevit_fast").mkdir()
+    flag = {"TUBEVIT_FAST_BUILD_CUDA": "1"} if mode == "required" else {}
+    proc = _run_setup(["build_ext", "--inplace"], str(repo),
+                      {"CUDA_HOME": str(home), "CXX": str(cxx), "TUBEVIT_FAST_CUDA_HEADDIMS": "64",
+                       "MAX_JOBS": "1", **flag})
+    assert not list((repo / "tubevit_fast").glob("_C*.so"))
+    if mode == "auto":
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        [notice] = _notices(proc)
+        assert notice.startswith("tubevit_fast: installing without the CUDA extension: its build failed")
+    else:
+        assert proc.returncode != 0 and not _notices(proc), proc.stderr[-2000:]
+
+
+def test_runs_on_reads_the_compatibility_rules():
+    targets = {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}
+    assert extension.runs_on((8, 0), targets) == "sm_80 machine code"
+    assert extension.runs_on((8, 9), targets) == "sm_80 machine code"  # same major, higher minor
+    assert extension.runs_on((9, 0), targets) == "sm_90a machine code"
+    assert extension.runs_on((12, 0), targets).startswith("compute_80 PTX")
+    assert extension.runs_on((7, 5), targets) is None
+    assert extension.runs_on((10, 0), {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_90a"]}) is None
+    assert extension.runs_on((9, 0), {"sass": ["sm_80"], "ptx": []}) is None  # no sm_9x code, no PTX
+
+
+@pytest.mark.aot
+def test_info_reports_the_archs_in_the_binary():
+    """python -m tubevit_fast.info: the build's arch list and the binary's SASS / PTX (cuobjdump)."""
+    require_extension()
+    from tubevit_fast.audit import cuobjdump_path
+    require(cuobjdump_path() is not None, "cuobjdump not found (Triton's wheel or CUDA_HOME)")
+    proc = subprocess.run([sys.executable, "-m", "tubevit_fast.info", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ext = json.loads(proc.stdout)["extension"]
+    build, binary = ext["build"], ext["binary"]
+    assert build["head_dims"] == list(extension.supported_head_dims())
+    entries = build["arch_list"].split(";")
+    sass_from_list = {"sm_" + a.split("+")[0].replace(".", "") for a in entries}
+    ptx_from_list = {"compute_" + a.split("+")[0].replace(".", "") for a in entries if a.endswith("+PTX")}
+    assert set(binary["sass"]) == sass_from_list and set(binary["ptx"]) == ptx_from_list, (build, binary)
+    if IN_CI and not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # setup.py's default list
+        assert build["arch_list"] == "8.0+PTX;9.0a"
+        assert binary == {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}
+    from tubevit_fast.info import format_text
+    text = format_text(json.loads(proc.stdout))
+    assert "machine code (SASS): " + ", ".join(binary["sass"]) in text, text
+
+
 # ---- (b), (c) the nvcc build: ptxas report and SASS ------------------------------------------------
 
 @pytest.mark.aot

@@ -17,6 +17,9 @@ torch.library.opcheck on fake/meta tensors, and offers:
     attention_forward / attention_backward   the launchers, same signatures as the Triton ones
     unavailable_reason()                     None, or why the extension cannot be used
     supported_head_dims()                    head dims compiled into this build
+    build_info(), binary_targets(), runs_on(capability)
+                                             what the binary was built for, which machine code and
+                                             PTX it holds, and what a GPU would run (tubevit_fast.info)
     ptxas_log_path(), ptxas_rows(), audit_rows()
                                              the build's ptxas report and its SASS audit (the
                                              parsers and rules of tubevit_fast.audit)
@@ -38,6 +41,7 @@ import json
 import math
 import os
 import re
+import subprocess
 
 import torch
 
@@ -84,6 +88,55 @@ def supported_head_dims() -> tuple[int, ...]:
 def kernel_configs() -> list[dict]:
     """Tile configuration of every compiled kernel (threads, block sizes, dynamic shared memory)."""
     return json.loads(_ops().kernel_configs())
+
+
+def build_info() -> dict:
+    """{"arch_list", "head_dims", "cuda_runtime_version"} as compiled into the binary."""
+    return json.loads(_ops().build_info())
+
+
+def binary_targets(lib: str | None = None) -> dict[str, list[str]]:
+    """{"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}: the machine code and PTX embedded in
+    the built module (cuobjdump --list-elf / --list-ptx). Raises RuntimeError without cuobjdump."""
+    from tubevit_fast import audit as A
+    lib = lib or library_path()
+    if lib is None or A.cuobjdump_path() is None:
+        raise RuntimeError("needs the built tubevit_fast._C and cuobjdump (Triton's wheel or CUDA_HOME)")
+    found = {"sass": set(), "ptx": set()}
+    for kind, flag in (("sass", "--list-elf"), ("ptx", "--list-ptx")):
+        proc = subprocess.run([A.cuobjdump_path(), flag, lib], capture_output=True, text=True)
+        # "ELF file    1: attention_fwd_hdim64.sm_80.cubin", "PTX file    1: attention_fwd_hdim64.sm_80.ptx"
+        for m in re.finditer(r"\.(sm_\d+[a-z]?)\.(?:cubin|ptx)\s*$", proc.stdout, flags=re.M):
+            found[kind].add(m.group(1) if kind == "sass" else m.group(1).replace("sm_", "compute_"))
+    return {kind: sorted(v, key=lambda a: (_version(a), a)) for kind, v in found.items()}
+
+
+def runs_on(capability: tuple[int, int], targets: dict[str, list[str]]) -> str | None:
+    """What a GPU of compute `capability` executes from `targets` (binary_targets()): "sm_XY machine
+    code", "compute_XY PTX, compiled by the driver", or None if nothing in the binary can run there.
+    Machine code runs on its own major version at the same or a higher minor one; the
+    arch-specific sm_90a only on 9.0. PTX runs on its own version and everything newer, except the
+    arch-specific compute_90a."""
+    major, minor = capability
+    sass = [a for a in targets.get("sass", ()) if _runs_sass(a, major, minor)]
+    if sass:
+        return f"{max(sass, key=lambda a: (_version(a), a.endswith('a')))} machine code"
+    ptx = [a for a in targets.get("ptx", ()) if not a.endswith("a") and _version(a) <= (major, minor)]
+    if ptx:
+        return f"{max(ptx, key=_version)} PTX, compiled by the driver at first use"
+    return None
+
+
+def _version(arch: str) -> tuple[int, int]:
+    digits = re.sub(r"\D", "", arch)
+    return int(digits[:-1]), int(digits[-1])
+
+
+def _runs_sass(arch: str, major: int, minor: int) -> bool:
+    a_major, a_minor = _version(arch)
+    if arch.endswith("a"):
+        return (a_major, a_minor) == (major, minor)
+    return a_major == major and a_minor <= minor
 
 
 # ---- fake kernels ---------------------------------------------------------------------------------
