@@ -305,7 +305,7 @@ TVF_DEVICE void attention_fwd_body(const AttentionParams& p, char* smem_raw) {
     uint32_t p_frag[BN / 16][4];
     pack_a_frags<T, NT_S>(p_frag, s);
     gemm_nn_rega<T, BN, NT_O, LD>(acc_o, p_frag, s_vj, lane);
-    block_sync();
+    block_sync();  // loop end: the next iteration refills this stage
   }
 
   // Epilogue. The wait + barrier also cover n_tiles == 0 (empty key segment), where the loop
@@ -432,7 +432,7 @@ TVF_DEVICE void attention_bwd_dq_body(const AttentionParams& p, char* smem_raw) 
     uint32_t ds_frag[BN / 16][4];
     pack_a_frags<T, NT_S>(ds_frag, dp);
     gemm_nn_rega<T, BN, NT_D, LD>(acc_dq, ds_frag, s_kj, lane);
-    block_sync();
+    block_sync();  // loop end: the next iteration refills this stage
   }
 
   cp_async_wait<0>();
@@ -533,7 +533,7 @@ TVF_DEVICE void attention_bwd_dkdv_body(const AttentionParams& p, char* smem_raw
       gemm_nn_rega<T, SUB, NT_D, LD>(acc_dv, p_frag, s_dos, lane);
       gemm_nn_rega<T, SUB, NT_D, LD>(acc_dk, ds_frag, s_qs, lane);
     }
-    block_sync();
+    block_sync();  // loop end: the next iteration refills this stage
   }
 
   cp_async_wait<0>();

@@ -81,13 +81,13 @@ def _cuda_include_dir() -> str | None:
     return next((c for c in candidates if os.path.exists(os.path.join(c, "cuda_bf16.h"))), None)
 
 
-def _host_build(source: str, flags: list[str], shared: bool) -> str:
-    """Compile csrc/testing/<source> with the host compiler, cached by content of csrc/."""
+def _host_build(source: str, flags: list[str], shared: bool, csrc: str = CSRC) -> str:
+    """Compile <csrc>/testing/<source> with the host compiler, cached by content of csrc/."""
     cxx = _cxx()
     require(cxx is not None, "no host C++ compiler (g++) found")
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(CSRC)) + [os.path.join("testing", source)]:
-        path = os.path.join(CSRC, name)
+    for name in sorted(os.listdir(csrc)) + [os.path.join("testing", source)]:
+        path = os.path.join(csrc, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 digest.update(name.encode() + f.read())
@@ -99,7 +99,7 @@ def _host_build(source: str, flags: list[str], shared: bool) -> str:
     if not os.path.exists(out):
         tmp = out + f".tmp{os.getpid()}"
         cmd = [cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", *flags,
-               os.path.join(CSRC, "testing", source), "-o", tmp]
+               os.path.join(csrc, "testing", source), "-o", tmp]
         if shared:
             cmd[1:1] = ["-shared", "-fPIC"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,11 +187,15 @@ def test_tile_backward_p_and_ds(tile_lib, transposed, valid_cols):
 
 # ---- the kernels, emulated on the CPU ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def emulator():
+def _build_emulator(csrc: str = CSRC) -> str:
     include = _cuda_include_dir()
     require(include is not None, "no CUDA headers (cuda_fp16.h) for the kernel emulator")
-    return _host_build("emu_harness.cpp", [f"-I{include}"], shared=False)
+    return _host_build("emu_harness.cpp", [f"-I{include}"], shared=False, csrc=csrc)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return _build_emulator()
 
 
 def _storage_bytes(t: torch.Tensor) -> bytes:
@@ -322,12 +326,16 @@ EMULATED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["deferred", "immediate"])
+EMULATOR_MODES = ("deferred", "immediate", "greedy")
+
+
+@pytest.mark.parametrize("mode", EMULATOR_MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: c.id)
 def test_emulated_kernels_match_float64(emulator, case, dtype, mode):
     """The kernel sources themselves (forward, delta preprocess, dQ, dK/dV), run by the CPU
-    emulator, against the float64 reference with FlashAttention's 2x-PyTorch-error rule."""
+    emulator under each of its schedules (see csrc/testing/emu_harness.cpp), against the float64
+    reference with FlashAttention's 2x-PyTorch-error rule."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-{mode}".encode()))
     q64, k64, v64, dout64, cu = make_inputs(case, gen)
     golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
@@ -486,6 +494,44 @@ def test_info_reports_the_archs_in_the_binary():
     from tubevit_fast.info import format_text
     text = format_text(json.loads(proc.stdout))
     assert "machine code (SASS): " + ", ".join(binary["sass"]) in text, text
+
+
+LOOP_END_BARRIER = "block_sync();  // loop end: the next iteration refills this stage"
+STREAMING_KERNELS = 3  # forward, dQ, dK/dV: each streams tiles through a cp.async ring
+
+
+@pytest.fixture(scope="module")
+def emulator_without_loop_end_barriers(tmp_path_factory):
+    """The emulator built from a copy of csrc/ whose streaming kernels lack their loop-end
+    barrier: a warp that finishes a tile early refills the ring stage the others still read."""
+    mutant = tmp_path_factory.mktemp("mutant") / "csrc"
+    shutil.copytree(CSRC, mutant)
+    path = mutant / "attention_kernels.cuh"
+    source = path.read_text()
+    assert source.count(LOOP_END_BARRIER) == STREAMING_KERNELS, "the loop-end barriers moved: update the test"
+    path.write_text(source.replace(LOOP_END_BARRIER, "// (loop-end barrier removed)"))
+    return _build_emulator(str(mutant))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_greedy_schedule_catches_a_missing_loop_end_barrier(emulator_without_loop_end_barriers, dtype):
+    """Mutation test of the emulator: without the loop-end barriers, the greedy schedule gives wrong
+    out, dq, dk and dv (each kernel is fed exact inputs, so each failure is that kernel's own).
+    The same inputs pass on the real kernels under every schedule (test above)."""
+    case = Case(heads=1, head_dim=64, batch=1, nq=200, nk=200)  # >= 3 tiles per ring in every kernel
+    gen = torch.Generator().manual_seed(14)
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
+    same_dtype, _ = reference(q64, k64, v64, dout64, cu, dtype)
+    q, k, v = as_dtype(case, q64, k64, v64, dtype)
+    emu = emulator_without_loop_end_barriers
+    out, _ = run_emulated(emu, "fwd", q, k, v, mode="greedy", seed=3)
+    dq, dk, dv, _ = run_emulated(emu, "bwd", q, k, v, dout=dout64.to(dtype), out=golden[0].to(dtype),
+                                 lse=golden_lse.float(), mode="greedy", seed=3)
+    atol = dtype_atol(dtype)
+    for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), golden, same_dtype):
+        with pytest.raises(AssertionError):
+            assert_close_to_golden(fast, gold, ref, atol=atol, name=name)
 
 
 # ---- (b), (c) the nvcc build: ptxas report and SASS ------------------------------------------------

@@ -12,10 +12,17 @@
 //     (a divergent or missing barrier is reported as a deadlock, not a hang);
 //   - ldmatrix / cp.async addresses are aligned and inside the block's dynamic shared memory,
 //     cp.async sources inside the input tensors;
-//   - cp.async lands late: copies are performed only when cp.async.wait_group retires their
-//     group (mode "deferred"), so reading a stage before waiting for it reads stale data;
-//     mode "immediate" lands them at issue instead (reading a stage another warp is still
-//     using shows up there). Fibers are scheduled in a seeded random order each round.
+//   - three schedules (config key "mode"), each seeded:
+//       "deferred"   cp.async copies land only when cp.async.wait_group retires their group, so
+//                    reading a stage before waiting for it reads stale (NaN) data;
+//       "immediate"  copies land at issue;
+//       "greedy"     copies land at issue, and after every block barrier one randomly chosen
+//                    warp runs alone until it blocks at the next one (the others then run).
+//                    A warp that is a whole barrier interval ahead of the rest is what exposes
+//                    a write-after-read race on a cp.async ring: with a missing loop-end
+//                    barrier it refills the stage the other warps have not read yet. The other
+//                    two schedules keep warps within a collective or so of each other.
+//     In every mode the fibers are otherwise run in a random order each round.
 //   - shared memory starts as NaN (0xFF bytes), outputs start as NaN, and outputs sit between
 //     guard regions that must be untouched afterwards.
 //
@@ -105,7 +112,7 @@ struct Block {
   std::vector<Barrier> warp_bar;
   std::vector<WarpXchg> xchg;
   std::function<void()> body;
-  bool deferred = true;
+  bool deferred = true;  // cp.async lands at wait_group (else at issue)
   bool bf16 = false;
   char* smem = nullptr;
   size_t smem_bytes = 0;
@@ -153,16 +160,26 @@ bool in_smem(const void* p, size_t bytes) {
   return c >= g_block->smem && c + bytes <= g_block->smem + g_block->smem_bytes;
 }
 
-void run_block(int nthreads, const int idx[3], size_t smem_bytes, bool deferred, std::mt19937& rng,
+enum class Schedule { kDeferred, kImmediate, kGreedy };
+
+Schedule parse_schedule(const std::string& mode) {
+  if (mode == "deferred") return Schedule::kDeferred;
+  if (mode == "immediate") return Schedule::kImmediate;
+  if (mode == "greedy") return Schedule::kGreedy;
+  fail("unknown mode " + mode + " (deferred, immediate, greedy)");
+}
+
+void run_block(int nthreads, const int idx[3], size_t smem_bytes, Schedule schedule, std::mt19937& rng,
                const std::function<void()>& body) {
   Block blk;
   blk.nthreads = nthreads;
   blk.fibers.resize(nthreads);
-  blk.warp_bar.resize((nthreads + 31) / 32);
-  blk.xchg.resize((nthreads + 31) / 32);
+  const int nwarps = (nthreads + 31) / 32;
+  blk.warp_bar.resize(nwarps);
+  blk.xchg.resize(nwarps);
   for (int a = 0; a < 3; ++a) blk.idx[a] = idx[a];
   blk.body = body;
-  blk.deferred = deferred;
+  blk.deferred = schedule == Schedule::kDeferred;
   std::vector<char> smem(smem_bytes + 16, static_cast<char>(0xFF));  // NaN for fp16/bf16/fp32
   blk.smem = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
   blk.smem_bytes = smem_bytes;
@@ -177,17 +194,33 @@ void run_block(int nthreads, const int idx[3], size_t smem_bytes, bool deferred,
     f.ctx.uc_link = &blk.sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
-  std::vector<int> order(nthreads);
-  for (int t = 0; t < nthreads; ++t) order[t] = t;
-  int alive = nthreads;
-  while (alive > 0) {
+  auto run_fibers = [&](std::vector<int>& order) {
     std::shuffle(order.begin(), order.end(), rng);
-    const long before = blk.progress;
     for (int t : order) {
       if (blk.fibers[t].done) continue;
       blk.current = t;
       swapcontext(&blk.sched, &blk.fibers[t].ctx);
     }
+  };
+  std::vector<int> all(nthreads);
+  for (int t = 0; t < nthreads; ++t) all[t] = t;
+  long greedy_generation = -1;  // the block-barrier generation the current greedy warp was chosen in
+  int alive = nthreads;
+  while (alive > 0) {
+    const long before = blk.progress;
+    if (schedule == Schedule::kGreedy && blk.block_bar.generation != greedy_generation) {
+      // A new barrier interval: one warp runs alone until it blocks at the next block barrier
+      // (its warp collectives always complete: all its lanes are scheduled) or finishes.
+      greedy_generation = blk.block_bar.generation;
+      const int w = std::uniform_int_distribution<int>(0, nwarps - 1)(rng);
+      std::vector<int> lanes;
+      for (int t = 32 * w; t < std::min(nthreads, 32 * w + 32); ++t) lanes.push_back(t);
+      for (long p = -1; p != blk.progress && blk.block_bar.generation == greedy_generation;) {
+        p = blk.progress;
+        run_fibers(lanes);
+      }
+    }
+    run_fibers(all);
     alive = 0;
     for (const Fiber& f : blk.fibers) alive += f.done ? 0 : 1;
     if (alive > 0 && blk.progress == before) {
@@ -385,7 +418,7 @@ void run(const std::string& dir) {
   const bool varlen = cfg_i("varlen") != 0;
   const int batch = static_cast<int>(cfg_i("batch")), heads = static_cast<int>(cfg_i("heads"));
   const int64_t rows_q = cfg_i("rows_q"), rows_k = cfg_i("rows_k");  // total rows (dense: B * N)
-  const bool deferred = cfg("mode") == "deferred";
+  const Schedule schedule = parse_schedule(cfg("mode"));
   std::mt19937 rng(static_cast<unsigned>(cfg_i("seed")));
 
   tvf::AttentionParams p{};
@@ -427,7 +460,7 @@ void run(const std::string& dir) {
       for (int y = 0; y < g.y; ++y)
         for (int x = 0; x < g.x; ++x) {
           const int idx[3] = {x, y, z};
-          run_block(threads, idx, smem, deferred, rng, [&] { body(); });
+          run_block(threads, idx, smem, schedule, rng, [&] { body(); });
         }
   };
 
