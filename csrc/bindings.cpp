@@ -3,7 +3,9 @@
 //   tubevit_fast_C::attention_fwd(q, k, v, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q,
 //                                 max_seqlen_k, softmax_scale) -> (out, lse)
 //   tubevit_fast_C::attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q?, cu_seqlens_k?,
-//                                 max_seqlen_q, max_seqlen_k, softmax_scale) -> (dq, dk, dv)
+//                                 max_seqlen_q, max_seqlen_k, softmax_scale,
+//                                 deterministic=True) -> (dq, dk, dv)
+//       deterministic=False: the 5-product backward (dQ accumulated in fp32 with atomics)
 //   tubevit_fast_C::compiled_head_dims() -> int[]
 //   tubevit_fast_C::kernel_configs() -> str        (JSON: tile sizes, threads, shared memory)
 //   tubevit_fast_C::build_info() -> str            (JSON: arch list, head dims, CUDA version)
@@ -20,6 +22,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -282,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
                                                  const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
                                                  const std::optional<Tensor>& cu_q_in,
                                                  const std::optional<Tensor>& cu_k_in, int64_t max_seqlen_q,
-                                                 int64_t max_seqlen_k, double softmax_scale) {
+                                                 int64_t max_seqlen_k, double softmax_scale, bool deterministic) {
   const char* name = "tubevit_fast_C::attention_bwd";
   const Problem pr = check_qkv(name, q_in, k_in, v_in, cu_q_in, cu_k_in, max_seqlen_q, max_seqlen_k);
   for (const Tensor* t : {&dout_in, &out_in}) {
@@ -325,6 +328,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
   p.dq_layout = row_layout(dq, pr.varlen);
   p.dk_layout = row_layout(dk, pr.varlen);
   p.dv_layout = row_layout(dv, pr.varlen);
+  Tensor dq_accum;  // kept alive until the launches are queued; the caching allocator orders its reuse
+  if (!deterministic) {
+    dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.dq_accum_layout = row_layout(dq_accum, pr.varlen);
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
   check_launch(name, dispatch_bwd(pr.head_dim, p, stream));
   return {dq, dk, dv};
@@ -333,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
 template <template <int> class Cfg, int D>
 void config_json(std::ostringstream& os, const char* kernel, bool& first) {
   os << (first ? "" : ",") << "{\"kernel\":\"" << kernel << "\",\"head_dim\":" << D
-     << ",\"threads\":" << tvf::kThreads << ",\"block_m\":" << Cfg<D>::BM << ",\"block_n\":" << Cfg<D>::BN
+     << ",\"threads\":" << Cfg<D>::THREADS << ",\"block_m\":" << Cfg<D>::BM << ",\"block_n\":" << Cfg<D>::BN
      << ",\"stages\":" << Cfg<D>::STAGES << ",\"shared_bytes\":" << Cfg<D>::smem_bytes << "}";
   first = false;
 }
@@ -343,9 +352,11 @@ void configs_for(std::ostringstream& os, bool& first) {
   config_json<tvf::FwdConfig, D>(os, "attention_fwd_kernel", first);
   config_json<tvf::DqConfig, D>(os, "attention_bwd_dq_kernel", first);
   config_json<tvf::DkdvConfig, D>(os, "attention_bwd_dkdv_kernel", first);
-  os << ",{\"kernel\":\"attention_bwd_preprocess_kernel\",\"head_dim\":" << D
-     << ",\"threads\":" << tvf::kPreprocessRows << ",\"block_m\":" << tvf::kPreprocessRows
-     << ",\"block_n\":0,\"stages\":0,\"shared_bytes\":0}";
+  config_json<tvf::DkdvConfig, D>(os, "attention_bwd_dkdv_dqatomic_kernel", first);
+  for (const char* kernel : {"attention_bwd_preprocess_kernel", "attention_bwd_dq_convert_kernel"}) {
+    os << ",{\"kernel\":\"" << kernel << "\",\"head_dim\":" << D << ",\"threads\":" << tvf::kPreprocessRows
+       << ",\"block_m\":" << tvf::kPreprocessRows << ",\"block_n\":0,\"stages\":0,\"shared_bytes\":0}";
+  }
 }
 
 // JSON list describing every compiled kernel instance (dtype aside): for the audit.
@@ -386,7 +397,7 @@ TORCH_LIBRARY(tubevit_fast_C, m) {
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-      "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softmax_scale, bool deterministic=True) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("compiled_head_dims() -> int[]", &compiled_head_dims);
   m.def("kernel_configs() -> str", &kernel_configs);
   m.def("build_info() -> str", &build_info);

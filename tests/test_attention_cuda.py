@@ -41,8 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 KERNELS = ("attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dq_kernel",
-           "attention_bwd_dkdv_kernel")
-MATMUL_KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")
+           "attention_bwd_dkdv_kernel", "attention_bwd_dkdv_dqatomic_kernel", "attention_bwd_dq_convert_kernel")
+MATMUL_KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel",
+                  "attention_bwd_dkdv_dqatomic_kernel")
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -206,8 +207,9 @@ def _storage_bytes(t: torch.Tensor) -> bytes:
 
 
 def run_emulated(emu: str, pass_: str, q, k, v, cu=(None, None), scale=None, dout=None, out=None, lse=None,
-                 mode="deferred", seed=0):
-    """Run the emulated kernels: fwd -> (out, lse); bwd -> (dq, dk, dv, delta)."""
+                 mode="deferred", seed=0, backward="deterministic"):
+    """Run the emulated kernels: fwd -> (out, lse); bwd -> (dq, dk, dv, delta). backward:
+    "deterministic" (dQ kernel + dK/dV kernel) or "atomic" (dK/dV kernel with fp32 atomic dQ)."""
     cu_q, cu_k = cu
     varlen = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -221,7 +223,7 @@ def run_emulated(emu: str, pass_: str, q, k, v, cu=(None, None), scale=None, dou
     config = {"pass": pass_, "varlen": int(varlen), "batch": batch, "heads": heads, "rows_q": rows_q,
               "rows_k": rows_k, "mode": mode, "seed": seed, "max_q": max_q, "max_k": max_k,
               "scale": repr(float(1 / math.sqrt(head_dim) if scale is None else scale)), "head_dim": head_dim,
-              "dtype": DTYPE_NAMES[q.dtype]}
+              "dtype": DTYPE_NAMES[q.dtype], "backward": backward}
     with tempfile.TemporaryDirectory(prefix="tvf_emu_") as d:
         def put(name, t):
             with open(os.path.join(d, name + ".bin"), "wb") as f:
@@ -312,11 +314,14 @@ def reference(q, k, v, dout, cu, dtype):
     return [out.detach(), *grads], lse.detach()
 
 
+# Tiles (csrc/attention_params.h): forward and dQ blocks of 128 queries, key tiles of 64 (32 at
+# D = 128; dQ: 32 beyond D = 64); dK/dV blocks of 128 keys, query tiles of 64 (32 at D = 128).
 EMULATED_CASES = [
-    Case(heads=2, head_dim=64, batch=2, nq=70, nk=130),                     # ragged tails, several K tiles
+    Case(heads=1, head_dim=64, batch=2, nq=150, nk=200),                    # ragged tails, 2 blocks each way
     Case(heads=3, head_dim=128, batch=2, nq=1, nk=77),                      # attention pooling (Nq = 1)
-    Case(heads=1, head_dim=80, batch=1, nq=65, nk=33),                      # D 80, two query tiles
+    Case(heads=1, head_dim=80, batch=1, nq=140, nk=150),                    # D 80 (dK/dV: 8 x 1 warps)
     Case(heads=2, head_dim=96, batch=1, nq=40, nk=100),                     # D 96
+    Case(heads=1, head_dim=128, seg_q=(130, 3), seg_k=(20, 140)),           # varlen D 128, long segments
     Case(heads=2, head_dim=64, seg_q=(5, 0, 70), seg_k=(33, 7, 90)),        # varlen, an empty query segment
     Case(heads=2, head_dim=128, seg_q=(1, 1, 1), seg_k=(50, 3, 64)),        # varlen pooling
     Case(heads=1, head_dim=80, seg_q=(17, 66), seg_k=(9, 130)),             # varlen D 80
@@ -352,6 +357,25 @@ def test_emulated_kernels_match_float64(emulator, case, dtype, mode):
     golden_delta = (dout64.to(dtype).double() * out.double()).sum(-1)
     golden_delta = golden_delta.permute(1, 0) if case.varlen else golden_delta.permute(0, 2, 1)
     torch.testing.assert_close(delta.double(), golden_delta, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: c.id)
+def test_emulated_atomic_backward_matches_float64(emulator, case, dtype):
+    """The optional 5-product backward (dK/dV kernel adding dS K to an fp32 dQ with atomics, then
+    a convert kernel), under the greedy schedule: dq against float64, and dk, dv bit-identical
+    to the deterministic backward's (the same code computes them)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-atomic".encode()))
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    golden, _ = reference(q64, k64, v64, dout64, cu, torch.float64)
+    same_dtype, _ = reference(q64, k64, v64, dout64, cu, dtype)
+    q, k, v = as_dtype(case, q64, k64, v64, dtype)
+    out, lse = run_emulated(emulator, "fwd", q, k, v, cu)
+    args = dict(dout=dout64.to(dtype), out=out, lse=lse, mode="greedy", seed=7)
+    dq, dk, dv, _ = run_emulated(emulator, "bwd", q, k, v, cu, backward="atomic", **args)
+    _, dk_det, dv_det, _ = run_emulated(emulator, "bwd", q, k, v, cu, backward="deterministic", **args)
+    assert_close_to_golden(dq, golden[1], same_dtype[1], atol=dtype_atol(dtype), name="dq")
+    assert torch.equal(dk, dk_det) and torch.equal(dv, dv_det)
 
 
 def test_emulated_empty_key_segment(emulator):
@@ -496,35 +520,39 @@ def test_info_reports_the_archs_in_the_binary():
     assert "machine code (SASS): " + ", ".join(binary["sass"]) in text, text
 
 
-LOOP_END_BARRIER = "block_sync();  // loop end: the next iteration refills this stage"
-STREAMING_KERNELS = 3  # forward, dQ, dK/dV: each streams tiles through a cp.async ring
+# Every cp.async refill of a ring buffer in the kernels is written on the line after the barrier
+# that ends every warp's reads of that buffer, and marked so.
+REFILL_AFTER_BARRIER = re.compile(r"(\n[ \t]*block_sync\(\);)(\n[^\n]*// refill: after the barrier[^\n]*)")
+REFILLS = 4  # forward: V and K; dQ: the K/V pair; dK/dV: the Q/dO/lse/delta tile
 
 
 @pytest.fixture(scope="module")
-def emulator_without_loop_end_barriers(tmp_path_factory):
-    """The emulator built from a copy of csrc/ whose streaming kernels lack their loop-end
-    barrier: a warp that finishes a tile early refills the ring stage the others still read."""
+def emulator_with_early_refills(tmp_path_factory):
+    """The emulator built from a copy of csrc/ in which every refill is issued just before its
+    barrier instead of after it: the loop-end barrier of the buffer's last reader is gone, so a
+    warp that finishes early overwrites data the other warps have not read yet (a write-after-
+    read race on the ring; the reads of data just waited for, read-after-write, stay guarded)."""
     mutant = tmp_path_factory.mktemp("mutant") / "csrc"
     shutil.copytree(CSRC, mutant)
     path = mutant / "attention_kernels.cuh"
-    source = path.read_text()
-    assert source.count(LOOP_END_BARRIER) == STREAMING_KERNELS, "the loop-end barriers moved: update the test"
-    path.write_text(source.replace(LOOP_END_BARRIER, "// (loop-end barrier removed)"))
+    source, n = REFILL_AFTER_BARRIER.subn(r"\2\1", path.read_text())
+    assert n == REFILLS, f"found {n} marked refills, expected {REFILLS}: update the test"
+    path.write_text(source)
     return _build_emulator(str(mutant))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_greedy_schedule_catches_a_missing_loop_end_barrier(emulator_without_loop_end_barriers, dtype):
-    """Mutation test of the emulator: without the loop-end barriers, the greedy schedule gives wrong
-    out, dq, dk and dv (each kernel is fed exact inputs, so each failure is that kernel's own).
-    The same inputs pass on the real kernels under every schedule (test above)."""
+def test_greedy_schedule_catches_a_refill_before_its_barrier(emulator_with_early_refills, dtype):
+    """Mutation test of the emulator: with the refills moved above their barriers, the greedy
+    schedule gives wrong out, dq, dk and dv (each kernel is fed exact inputs, so each failure is
+    its own). The real kernels pass the same schedule on every emulated case (test above)."""
     case = Case(heads=1, head_dim=64, batch=1, nq=200, nk=200)  # >= 3 tiles per ring in every kernel
     gen = torch.Generator().manual_seed(14)
     q64, k64, v64, dout64, cu = make_inputs(case, gen)
     golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
     same_dtype, _ = reference(q64, k64, v64, dout64, cu, dtype)
     q, k, v = as_dtype(case, q64, k64, v64, dtype)
-    emu = emulator_without_loop_end_barriers
+    emu = emulator_with_early_refills
     out, _ = run_emulated(emu, "fwd", q, k, v, mode="greedy", seed=3)
     dq, dk, dv, _ = run_emulated(emu, "bwd", q, k, v, dout=dout64.to(dtype), out=golden[0].to(dtype),
                                  lse=golden_lse.float(), mode="greedy", seed=3)
@@ -650,7 +678,8 @@ SCHEMAS = {
                      "-> (Tensor out, Tensor lse)",
     "attention_bwd": "tubevit_fast_C::attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
                      "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
-                     "int max_seqlen_k, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)",
+                     "int max_seqlen_k, float softmax_scale, bool deterministic=True) "
+                     "-> (Tensor dq, Tensor dk, Tensor dv)",
 }
 
 
@@ -689,9 +718,10 @@ def test_opcheck_on_meta_tensors(varlen, dtype):
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert lse_fake.shape == lse.shape and lse_fake.dtype == torch.float32
     bwd_args = (torch.empty_like(q), q, k, v, torch.empty_like(q), lse, cu_q, cu_k, max_q, max_k, 0.125)
-    torch.library.opcheck(o.attention_bwd.default, bwd_args)
-    dq, dk, dv = o.attention_bwd(*bwd_args)
-    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    for deterministic in (True, False):
+        torch.library.opcheck(o.attention_bwd.default, (*bwd_args, deterministic))
+        dq, dk, dv = o.attention_bwd(*bwd_args, deterministic)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 
 
 @pytest.mark.aot
@@ -703,6 +733,22 @@ def test_fake_kernels_trace_under_fake_tensor_mode():
         k = torch.empty(2, 50, 4, 128, dtype=torch.bfloat16)
         out, lse = o.attention_fwd(q, k, k, None, None, 1, 50, 0.1)
         assert out.shape == (2, 1, 4, 128) and lse.shape == (2, 4, 1)
+
+
+def test_backward_variant_follows_the_env_and_torch_determinism(monkeypatch):
+    monkeypatch.delenv(extension.ENV_BACKWARD, raising=False)
+    assert extension.backward_variant() == "deterministic"  # the default
+    monkeypatch.setenv(extension.ENV_BACKWARD, "atomic")
+    assert extension.backward_variant() == "atomic"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert extension.backward_variant() == "deterministic"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setenv(extension.ENV_BACKWARD, "fast")
+    with pytest.raises(ValueError, match="TUBEVIT_FAST_CUDA_BACKWARD='fast'"):
+        extension.backward_variant()
 
 
 _IMPORT_ORDER_SCRIPT = r"""
@@ -809,10 +855,12 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("backward", extension.BACKWARDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_gpu_against_float64_and_sdpa(case, dtype):
+def test_gpu_against_float64_and_sdpa(case, dtype, backward, monkeypatch):
     require_extension()
+    monkeypatch.setenv(extension.ENV_BACKWARD, backward)
     if case.head_dim not in extension.supported_head_dims():
         pytest.skip(f"head dim {case.head_dim} not in this build")
     dev = torch.device("cuda")

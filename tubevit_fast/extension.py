@@ -7,7 +7,8 @@ other's namespace whatever the import order):
     torch.ops.tubevit_fast_C.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k, softmax_scale) -> (out, lse)
     torch.ops.tubevit_fast_C.attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                           max_seqlen_q, max_seqlen_k, softmax_scale) -> (dq, dk, dv)
+                                           max_seqlen_q, max_seqlen_k, softmax_scale,
+                                           deterministic=True) -> (dq, dk, dv)
     torch.ops.tubevit_fast_C.compiled_head_dims() -> list[int]
     torch.ops.tubevit_fast_C.kernel_configs() -> str (JSON)
 
@@ -29,8 +30,15 @@ packed varlen q (total_q, H, D), k/v (total_k, H, D) with int32 cu_seqlens (batc
 (H, total_q). Non-causal, fp16/bf16 only (fp32 is rejected: the kernels are tensor-core
 kernels), head dims 64/80/96/128 (whichever were built). Dense inputs take their sequence
 lengths from the shapes; for varlen, max_seqlen_q/k must bound every segment (they size the
-grid). The backward is deterministic (no atomics): a delta = rowsum(dO * O) pass, a dQ kernel
-over key tiles and a dK/dV kernel over query tiles.
+grid).
+
+Backward. The default is deterministic (no atomics, bit-reproducible): a delta = rowsum(dO * O)
+pass, a dQ kernel over key tiles and a dK/dV kernel over query tiles (7 tile products). With
+TUBEVIT_FAST_CUDA_BACKWARD=atomic it is FlashAttention-2's 5-product backward instead: the dK/dV
+kernel also adds each tile's dS K to an fp32 dQ buffer with atomics (the order of those adds, so
+the last bits of dq, vary from run to run), then a pass scales and rounds it. Which is faster is
+unmeasured (no GPU run yet), so the default stays the deterministic one; the atomic one is never
+used while torch.use_deterministic_algorithms(True) is on.
 """
 from __future__ import annotations
 
@@ -46,6 +54,8 @@ import subprocess
 import torch
 
 NAMESPACE = "tubevit_fast_C"
+ENV_BACKWARD = "TUBEVIT_FAST_CUDA_BACKWARD"
+BACKWARDS = ("deterministic", "atomic")
 PTXAS_LOG = "_C.ptxas.log"
 KERNEL_HEAD_DIMS = (64, 80, 96, 128)
 
@@ -165,7 +175,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(f"{NAMESPACE}::attention_bwd")
     def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale):
+                            softmax_scale, deterministic=True):
         _fake_checks("attention_bwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -181,13 +191,24 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return out, lse
 
 
+def backward_variant() -> str:
+    """"deterministic" (default) or "atomic", from TUBEVIT_FAST_CUDA_BACKWARD; "deterministic"
+    whenever torch.use_deterministic_algorithms(True) is on."""
+    chosen = os.environ.get(ENV_BACKWARD, "").strip().lower() or "deterministic"
+    if chosen not in BACKWARDS:
+        raise ValueError(f"{ENV_BACKWARD}={chosen!r}: choose one of {BACKWARDS}")
+    return "deterministic" if torch.are_deterministic_algorithms_enabled() else chosen
+
+
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        softmax_scale):
-    """(dq, dk, dv), contiguous, like q, k, v; lse as returned by attention_forward."""
+    """(dq, dk, dv), contiguous, like q, k, v; lse as returned by attention_forward. The
+    variant is backward_variant()'s (see the module docstring)."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     dq, dk, dv = _ops().attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                      int(max_seqlen_q or 0), int(max_seqlen_k or 0), float(softmax_scale))
+                                      int(max_seqlen_q or 0), int(max_seqlen_k or 0), float(softmax_scale),
+                                      backward_variant() == "deterministic")
     return dq, dk, dv
 
 
@@ -211,8 +232,11 @@ def ptxas_log_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+# Kernels with no matrix product (no MMA expected in their SASS).
+ELEMENTWISE_KERNELS = ("attention_bwd_preprocess_kernel", "attention_bwd_dq_convert_kernel")
 _KERNEL_RE = re.compile(
-    r"tvf(\d+)attention_(fwd|bwd_dq|bwd_dkdv|bwd_preprocess)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E")
+    r"tvf(\d+)attention_(fwd|bwd_dq|bwd_dkdv|bwd_preprocess|bwd_dkdv_dqatomic|bwd_dq_convert)_kernel"
+    r"I(6__half|13__nv_bfloat16)Li(\d+)E")
 
 
 def describe_kernel(mangled: str) -> dict | None:
@@ -301,7 +325,7 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
             shared = dynamic_smem + static_smem
             stats = sass.get(func, A.SassStats())
             log = ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"]))
-            matmul = info["kernel"] != "attention_bwd_preprocess_kernel"
+            matmul = info["kernel"] not in ELEMENTWISE_KERNELS
             registers = res.get("REG", 0)
             occupancy = A.estimate_occupancy(arch, registers, shared, num_warps)
             spill = A.spill_bytes(res)

@@ -2,14 +2,15 @@
 //
 // The kernel bodies are compiled unchanged as host C++ (TVF_EMULATE): every warp- or
 // block-collective instruction goes through sm80_primitives.cuh, whose emulated versions are
-// implemented here. A thread block runs as 128 fibers (ucontext) on one OS thread; warp
+// implemented here. A thread block runs as one fiber per thread (ucontext) on one OS thread; warp
 // collectives (mma.sync, ldmatrix, shfl) and __syncthreads are barriers between fibers,
 // resolved with the operand layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16",
 // "ldmatrix"), written here independently of the kernels' use of them.
 //
 // Checks beyond the results (tests/test_attention_cuda.py compares those with float64):
-//   - all 32 lanes of a warp reach the same collective, all 128 threads reach each barrier
-//     (a divergent or missing barrier is reported as a deadlock, not a hang);
+//   - all 32 lanes of a warp reach the same collective, all threads of the block reach each
+//     barrier (a divergent or missing barrier is reported as a deadlock, not a hang);
+//   - no thread exits with cp.async copies in flight (uncommitted or never waited for);
 //   - ldmatrix / cp.async addresses are aligned and inside the block's dynamic shared memory,
 //     cp.async sources inside the input tensors;
 //   - three schedules (config key "mode"), each seeded:
@@ -60,7 +61,8 @@ struct Range {
   const char* end;
   std::string name;
 };
-std::vector<Range> g_inputs;  // readable global memory (for cp.async source checks)
+std::vector<Range> g_inputs;          // readable global memory (for cp.async source checks)
+std::vector<Range> g_atomic_targets;  // fp32 buffers that atomic adds may target
 
 struct Copy {
   void* dst;
@@ -150,6 +152,11 @@ void warp_arrive(int kind) { arrive(g_block->warp_bar[warp()], 32, kind); }
 
 void fiber_entry() {
   g_block->body();
+  if (!me().uncommitted.empty() || !me().groups.empty()) {
+    // They would land after the thread's last instruction, e.g. over an epilogue's staging tile.
+    fail("thread " + std::to_string(me().tid) + " exits with cp.async copies in flight (" +
+         (me().uncommitted.empty() ? "committed, never waited for" : "never committed") + ")");
+  }
   me().done = true;
   g_block->progress++;
   // returning resumes uc_link (the scheduler)
@@ -263,15 +270,17 @@ float shfl_xor(float v, int mask) {
   return r;
 }
 
-void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
-  if (!in_smem(row, 16)) fail("ldmatrix: row address outside the block's shared memory");
-  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
-  WarpXchg& x = g_block->xchg[warp()];
+void ldmatrix(uint32_t* r, int matrices, const void* row, bool trans) {
   const int l = lane();
+  const bool addressing = l < 8 * matrices;  // .x2: lanes 16-31 supply no address
+  if (addressing && !in_smem(row, 16)) fail("ldmatrix: row address outside the block's shared memory");
+  if (addressing && reinterpret_cast<uintptr_t>(row) % 16 != 0) fail("ldmatrix: row address not 16-byte aligned");
+  WarpXchg& x = g_block->xchg[warp()];
   x.addr[l] = static_cast<const char*>(row);
-  warp_arrive(trans ? kLdmTrans : kLdm);
+  const int kind = (trans ? kLdmTrans : kLdm) + 10 * matrices;  // every lane must issue the same shape
+  warp_arrive(kind);
   const int g = l >> 2, t = l & 3;
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < matrices; ++i) {
     // Matrix i's rows come from lanes 8i..8i+7; element (row, col) of it is at row address + 2 col.
     auto at = [&](int mrow, int mcol) {
       uint16_t v;
@@ -280,7 +289,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
     };
     r[i] = trans ? (at(2 * t, g) | (at(2 * t + 1, g) << 16)) : (at(g, 2 * t) | (at(g, 2 * t + 1) << 16));
   }
-  warp_arrive(trans ? kLdmTrans : kLdm);
+  warp_arrive(kind);
 }
 
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
@@ -306,6 +315,17 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
   }
   warp_arrive(kMma);
   for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
+// Fibers switch only at collectives, so a plain add is atomic here; the target must lie inside
+// an atomic-accumulation buffer (bounds-checked like every other global access the emulator sees).
+void atomic_add(float* gmem, float v) {
+  const char* c = reinterpret_cast<const char*>(gmem);
+  bool inside = false;
+  for (const Range& r : g_atomic_targets) inside = inside || (c >= r.begin && c + sizeof(float) <= r.end);
+  if (!inside) fail("atomic add outside every accumulation buffer");
+  if (reinterpret_cast<uintptr_t>(gmem) % sizeof(float) != 0) fail("atomic add: misaligned address");
+  *gmem += v;
 }
 
 void cp_async(void* dst, const void* src, int bytes, bool valid) {
@@ -472,7 +492,7 @@ void run(const std::string& dir) {
     p.o_layout = contiguous(nq);
     p.lse = reinterpret_cast<float*>(lse.data());
     using Cfg = tvf::FwdConfig<D>;
-    grid_run(tvf::grid_over_q(p, Cfg::BM), tvf::kThreads, Cfg::smem_bytes,
+    grid_run(tvf::grid_over_q(p, Cfg::BM), Cfg::THREADS, Cfg::smem_bytes,
              [&] { tvf::attention_fwd_body<T, D>(p, g_block->smem); });
     o.check("out");
     lse.check("lse");
@@ -504,10 +524,27 @@ void run(const std::string& dir) {
   p.dv_layout = contiguous(nk);
   grid_run(tvf::grid_over_q(p, tvf::kPreprocessRows), tvf::kPreprocessRows, 0,
            [&] { tvf::attention_bwd_preprocess_body<T, D>(p); });
-  grid_run(tvf::grid_over_q(p, tvf::DqConfig<D>::BM), tvf::kThreads, tvf::DqConfig<D>::smem_bytes,
-           [&] { tvf::attention_bwd_dq_body<T, D>(p, g_block->smem); });
-  grid_run(tvf::grid_over_k(p, tvf::DkdvConfig<D>::BN), tvf::kThreads, tvf::DkdvConfig<D>::smem_bytes,
-           [&] { tvf::attention_bwd_dkdv_body<T, D>(p, g_block->smem); });
+  using Dkdv = tvf::DkdvConfig<D>;
+  Output dq_accum;  // the 5-product backward's fp32 dQ, zeroed as bindings.cpp does
+  if (cfg("backward") == "atomic") {
+    dq_accum.init(size_t(rows_q) * heads * D * sizeof(float));
+    std::memset(dq_accum.data(), 0, dq_accum.bytes);
+    p.dq_accum = reinterpret_cast<float*>(dq_accum.data());
+    p.dq_accum_layout = contiguous(nq);
+    g_atomic_targets.push_back({dq_accum.data(), dq_accum.data() + dq_accum.bytes, "dq_accum"});
+    grid_run(tvf::grid_over_k(p, Dkdv::BN), Dkdv::THREADS, Dkdv::smem_bytes,
+             [&] { tvf::attention_bwd_dkdv_body<T, D, true>(p, g_block->smem); });
+    grid_run(tvf::grid_over_q(p, tvf::kPreprocessRows), tvf::kPreprocessRows, 0,
+             [&] { tvf::attention_bwd_dq_convert_body<T, D>(p); });
+    dq_accum.check("dq_accum");
+  } else if (cfg("backward") == "deterministic") {
+    grid_run(tvf::grid_over_q(p, tvf::DqConfig<D>::BM), tvf::DqConfig<D>::THREADS, tvf::DqConfig<D>::smem_bytes,
+             [&] { tvf::attention_bwd_dq_body<T, D>(p, g_block->smem); });
+    grid_run(tvf::grid_over_k(p, Dkdv::BN), Dkdv::THREADS, Dkdv::smem_bytes,
+             [&] { tvf::attention_bwd_dkdv_body<T, D, false>(p, g_block->smem); });
+  } else {
+    fail("backward must be deterministic or atomic, got " + cfg("backward"));
+  }
   delta.check("delta");
   dq.check("dq");
   dk.check("dk");
