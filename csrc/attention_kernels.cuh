@@ -28,7 +28,7 @@
 // key columns past the segment get -inf scores (forward) or P = 0 (backward).
 //
 // The tile arithmetic lives in attention_tile.h (tested on the CPU); the instructions in
-// sm80_primitives.cuh. This file is also compiled as host C++ by the CPU emulator
+// sm80_primitives.cuh. The opt-in Hopper forward (wgmma) is in attention_fwd_sm90.cuh. This file is also compiled as host C++ by the CPU emulator
 // (csrc/testing/emu_harness.cpp, TVF_EMULATE), which runs the kernel bodies below unchanged.
 #pragma once
 

@@ -72,6 +72,18 @@ struct FwdConfig {
   static constexpr int smem_bytes = (BM + 2 * BN) * LD * kElemBytes;  // Q, K, V
 };
 
+// Hopper forward (sm_90a, opt-in): 2 warpgroups, each 64 query rows with wgmma m64nNk16 (S =
+// Q K^T with both operands in shared memory, O += P V with P from registers), K and V staggered as
+// in FwdConfig. Tiles in the no-swizzle core-matrix layout (sm90_primitives.cuh), no padding.
+template <int D>
+struct FwdSm90Config {
+  static constexpr int THREADS = 256;
+  static constexpr int BM = 128;                // query rows per block (64 per warpgroup)
+  static constexpr int BN = 64;                 // keys per tile
+  static constexpr int STAGES = 1;
+  static constexpr int smem_bytes = (BM + 2 * BN) * D * kElemBytes;  // Q, K, V
+};
+
 // dQ: the forward's tiling (128 rows, 32 per warp); K/V pairs through a 2-stage cp.async ring.
 template <int D>
 struct DqConfig {
@@ -114,5 +126,8 @@ template <int D>
 int launch_attention_fwd(const AttentionParams& p, CUstream_st* stream);
 template <int D>
 int launch_attention_bwd(const AttentionParams& p, CUstream_st* stream);
+// The Hopper forward (sm_90a machine code only; the caller checks the device).
+template <int D>
+int launch_attention_fwd_sm90(const AttentionParams& p, CUstream_st* stream);
 
 }  // namespace tvf

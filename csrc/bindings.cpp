@@ -1,7 +1,8 @@
 // tubevit_fast._C: registers the CUDA attention kernels as PyTorch operators.
 //
 //   tubevit_fast_C::attention_fwd(q, k, v, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q,
-//                                 max_seqlen_k, softmax_scale) -> (out, lse)
+//                                 max_seqlen_k, softmax_scale, wgmma=False) -> (out, lse)
+//       wgmma=True: the Hopper (sm_90a, wgmma) forward; opt-in, compute capability 9.0 only
 //   tubevit_fast_C::attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q?, cu_seqlens_k?,
 //                                 max_seqlen_q, max_seqlen_k, softmax_scale,
 //                                 deterministic=True) -> (dq, dk, dv)
@@ -85,6 +86,36 @@ int dispatch_fwd(int d, const AttentionParams& p, cudaStream_t stream) {
     default: TORCH_CHECK(false, "unreachable: head dim ", d);
   }
   return -1;
+}
+
+int dispatch_fwd_sm90(int d, const AttentionParams& p, cudaStream_t stream) {
+  switch (d) {
+#ifdef TVF_HDIM_64
+    case 64: return tvf::launch_attention_fwd_sm90<64>(p, stream);
+#endif
+#ifdef TVF_HDIM_80
+    case 80: return tvf::launch_attention_fwd_sm90<80>(p, stream);
+#endif
+#ifdef TVF_HDIM_96
+    case 96: return tvf::launch_attention_fwd_sm90<96>(p, stream);
+#endif
+#ifdef TVF_HDIM_128
+    case 128: return tvf::launch_attention_fwd_sm90<128>(p, stream);
+#endif
+    default: TORCH_CHECK(false, "unreachable: head dim ", d);
+  }
+  return -1;
+}
+
+// The Hopper kernel exists as machine code for sm_90a only (elsewhere it is a trap).
+void check_wgmma_device(const char* name, const Tensor& q) {
+  int major = 0, minor = 0;
+  const int dev = q.device().index();
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess,
+              name, ": cannot read the compute capability of device ", dev);
+  TORCH_CHECK(major == 9 && minor == 0, name, ": the wgmma forward (TUBEVIT_FAST_CUDA_WGMMA=1) runs on compute "
+              "capability 9.0 (H100/H200) only, got ", major, ".", minor);
 }
 
 int dispatch_bwd(int d, const AttentionParams& p, cudaStream_t stream) {
@@ -256,11 +287,13 @@ void check_launch(const char* name, int err) {
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                          const std::optional<Tensor>& cu_q_in, const std::optional<Tensor>& cu_k_in,
-                                         int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale) {
+                                         int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                                         bool wgmma) {
   const char* name = "tubevit_fast_C::attention_fwd";
   const Problem pr = check_qkv(name, q_in, k_in, v_in, cu_q_in, cu_k_in, max_seqlen_q, max_seqlen_k);
   check_devices(name, {&q_in, &k_in, &v_in}, cu_q_in, cu_k_in);
   c10::cuda::CUDAGuard guard(q_in.device());
+  if (wgmma) check_wgmma_device(name, q_in);
   const Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
   std::optional<Tensor> cu_q, cu_k;
   if (pr.varlen) {
@@ -277,7 +310,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in,
   p.lse = lse.data_ptr<float>();
   set_lse_strides(p, pr, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_launch(name, dispatch_fwd(pr.head_dim, p, stream));
+  check_launch(name, wgmma ? dispatch_fwd_sm90(pr.head_dim, p, stream) : dispatch_fwd(pr.head_dim, p, stream));
   return {out, lse};
 }
 
@@ -350,6 +383,7 @@ void config_json(std::ostringstream& os, const char* kernel, bool& first) {
 template <int D>
 void configs_for(std::ostringstream& os, bool& first) {
   config_json<tvf::FwdConfig, D>(os, "attention_fwd_kernel", first);
+  config_json<tvf::FwdSm90Config, D>(os, "attention_fwd_sm90_kernel", first);
   config_json<tvf::DqConfig, D>(os, "attention_bwd_dq_kernel", first);
   config_json<tvf::DkdvConfig, D>(os, "attention_bwd_dkdv_kernel", first);
   config_json<tvf::DkdvConfig, D>(os, "attention_bwd_dkdv_dqatomic_kernel", first);
@@ -393,7 +427,7 @@ std::string build_info() {
 TORCH_LIBRARY(tubevit_fast_C, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale) -> (Tensor out, Tensor lse)");
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool wgmma=False) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

@@ -40,8 +40,9 @@ from tubevit_fast.reference.attention import attention_reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-KERNELS = ("attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dq_kernel",
-           "attention_bwd_dkdv_kernel", "attention_bwd_dkdv_dqatomic_kernel", "attention_bwd_dq_convert_kernel")
+KERNELS = ("attention_fwd_kernel", "attention_fwd_sm90_kernel", "attention_bwd_preprocess_kernel",
+           "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dkdv_dqatomic_kernel",
+           "attention_bwd_dq_convert_kernel")
 MATMUL_KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel",
                   "attention_bwd_dkdv_dqatomic_kernel")
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -207,9 +208,10 @@ def _storage_bytes(t: torch.Tensor) -> bytes:
 
 
 def run_emulated(emu: str, pass_: str, q, k, v, cu=(None, None), scale=None, dout=None, out=None, lse=None,
-                 mode="deferred", seed=0, backward="deterministic"):
-    """Run the emulated kernels: fwd -> (out, lse); bwd -> (dq, dk, dv, delta). backward:
-    "deterministic" (dQ kernel + dK/dV kernel) or "atomic" (dK/dV kernel with fp32 atomic dQ)."""
+                 mode="deferred", seed=0, backward="deterministic", forward="mma"):
+    """Run the emulated kernels: fwd -> (out, lse); bwd -> (dq, dk, dv, delta). forward: "mma"
+    (the sm_80 kernel) or "wgmma" (the Hopper one). backward: "deterministic" (dQ kernel + dK/dV
+    kernel) or "atomic" (dK/dV kernel with fp32 atomic dQ)."""
     cu_q, cu_k = cu
     varlen = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -223,7 +225,7 @@ def run_emulated(emu: str, pass_: str, q, k, v, cu=(None, None), scale=None, dou
     config = {"pass": pass_, "varlen": int(varlen), "batch": batch, "heads": heads, "rows_q": rows_q,
               "rows_k": rows_k, "mode": mode, "seed": seed, "max_q": max_q, "max_k": max_k,
               "scale": repr(float(1 / math.sqrt(head_dim) if scale is None else scale)), "head_dim": head_dim,
-              "dtype": DTYPE_NAMES[q.dtype], "backward": backward}
+              "dtype": DTYPE_NAMES[q.dtype], "backward": backward, "forward": forward}
     with tempfile.TemporaryDirectory(prefix="tvf_emu_") as d:
         def put(name, t):
             with open(os.path.join(d, name + ".bin"), "wb") as f:
@@ -378,6 +380,24 @@ def test_emulated_atomic_backward_matches_float64(emulator, case, dtype):
     assert torch.equal(dk, dk_det) and torch.equal(dv, dv_det)
 
 
+@pytest.mark.parametrize("mode", EMULATOR_MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: c.id)
+def test_emulated_hopper_forward_matches_float64(emulator, case, dtype, mode):
+    """The opt-in sm_90a forward (wgmma with shared-memory descriptors, P from registers, V as a
+    transposed operand), run by the emulator's reading of the PTX ISA's wgmma layouts: out and
+    lse against float64. Schedules as above; "deferred" also runs each product only at its
+    wgmma.wait_group, so a result read before the wait would be stale."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-{mode}-wgmma".encode()))
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
+    same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype)
+    q, k, v = as_dtype(case, q64, k64, v64, dtype)
+    out, lse = run_emulated(emulator, "fwd", q, k, v, cu, mode=mode, seed=11, forward="wgmma")
+    assert_close_to_golden(out, golden[0], same_dtype[0], atol=dtype_atol(dtype), name="out")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+
+
 def test_emulated_empty_key_segment(emulator):
     """A query segment whose key segment is empty: output 0, lse -inf, dq 0 (and dk/dv of the
     other segments unaffected)."""
@@ -447,7 +467,8 @@ def test_setup_without_ninja(fake_toolkit, tmp_path):
     proc = _run_setup(["--name"], ROOT, {"CUDA_HOME": str(home)}, path=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     [notice] = _notices(proc)
-    assert notice == "tubevit_fast: installing without the CUDA extension: ninja not found (pip install ninja)"
+    assert notice == ("tubevit_fast: installing without the CUDA extension: ninja not found "
+                      "(pip install ninja)")
 
 
 def test_setup_drops_archs_below_sm80(fake_toolkit):
@@ -523,7 +544,8 @@ def test_info_reports_the_archs_in_the_binary():
 # Every cp.async refill of a ring buffer in the kernels is written on the line after the barrier
 # that ends every warp's reads of that buffer, and marked so.
 REFILL_AFTER_BARRIER = re.compile(r"(\n[ \t]*block_sync\(\);)(\n[^\n]*// refill: after the barrier[^\n]*)")
-REFILLS = 4  # forward: V and K; dQ: the K/V pair; dK/dV: the Q/dO/lse/delta tile
+# forward: V and K; dQ: the K/V pair; dK/dV: the Q/dO/lse/delta tile; Hopper forward: V and K
+REFILLS = {"attention_kernels.cuh": 4, "attention_fwd_sm90.cuh": 2}
 
 
 @pytest.fixture(scope="module")
@@ -534,18 +556,20 @@ def emulator_with_early_refills(tmp_path_factory):
     read race on the ring; the reads of data just waited for, read-after-write, stay guarded)."""
     mutant = tmp_path_factory.mktemp("mutant") / "csrc"
     shutil.copytree(CSRC, mutant)
-    path = mutant / "attention_kernels.cuh"
-    source, n = REFILL_AFTER_BARRIER.subn(r"\2\1", path.read_text())
-    assert n == REFILLS, f"found {n} marked refills, expected {REFILLS}: update the test"
-    path.write_text(source)
+    for name, expected in REFILLS.items():
+        path = mutant / name
+        source, n = REFILL_AFTER_BARRIER.subn(r"\2\1", path.read_text())
+        assert n == expected, f"{name}: found {n} marked refills, expected {expected}: update the test"
+        path.write_text(source)
     return _build_emulator(str(mutant))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_greedy_schedule_catches_a_refill_before_its_barrier(emulator_with_early_refills, dtype):
     """Mutation test of the emulator: with the refills moved above their barriers, the greedy
-    schedule gives wrong out, dq, dk and dv (each kernel is fed exact inputs, so each failure is
-    its own). The real kernels pass the same schedule on every emulated case (test above)."""
+    schedule gives wrong out (both forward kernels), dq, dk and dv (each kernel is fed exact
+    inputs, so each failure is its own). The real kernels pass the same schedule on every
+    emulated case (tests above)."""
     case = Case(heads=1, head_dim=64, batch=1, nq=200, nk=200)  # >= 3 tiles per ring in every kernel
     gen = torch.Generator().manual_seed(14)
     q64, k64, v64, dout64, cu = make_inputs(case, gen)
@@ -554,10 +578,12 @@ def test_greedy_schedule_catches_a_refill_before_its_barrier(emulator_with_early
     q, k, v = as_dtype(case, q64, k64, v64, dtype)
     emu = emulator_with_early_refills
     out, _ = run_emulated(emu, "fwd", q, k, v, mode="greedy", seed=3)
+    out_wgmma, _ = run_emulated(emu, "fwd", q, k, v, mode="greedy", seed=3, forward="wgmma")
     dq, dk, dv, _ = run_emulated(emu, "bwd", q, k, v, dout=dout64.to(dtype), out=golden[0].to(dtype),
                                  lse=golden_lse.float(), mode="greedy", seed=3)
     atol = dtype_atol(dtype)
-    for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), golden, same_dtype):
+    for name, fast, gold, ref in zip(("out", "out (wgmma)", "dq", "dk", "dv"), (out, out_wgmma, dq, dk, dv),
+                                     [golden[0], *golden], [same_dtype[0], *same_dtype]):
         with pytest.raises(AssertionError):
             assert_close_to_golden(fast, gold, ref, atol=atol, name=name)
 
@@ -631,6 +657,23 @@ def test_sass_has_tensor_core_mma_on_both_archs(audit):
 
 
 @pytest.mark.aot
+def test_hopper_forward_sass_has_hgmma(audit):
+    """The opt-in wgmma forward: HGMMA (D/16 for S = Q K^T, 4 key chunks x its n64/n32/n16 pieces
+    for O += P V) and no HMMA in its sm_90a machine code, 128-bit cp.async, 0 spills; absent from
+    the sm_80 rows (a trap there, never launched)."""
+    rows = [r for r in audit if r["kernel"] == "attention_fwd_sm90_kernel"]
+    assert {r["arch"] for r in rows} == {"sm_90"}, rows
+    dims = extension.supported_head_dims()
+    expected = {(dt, d) for dt in ("fp16", "bf16") for d in dims}
+    assert {(r["dtype"], r["details"]["head_dim"]) for r in rows} == expected
+    for row in rows:
+        d = row["details"]["head_dim"]
+        pieces = d // 64 + bool(d % 64 & 32) + bool(d % 64 & 16)
+        assert row["details"]["hgmma"] == d // 16 + 4 * pieces and row["details"]["hmma"] == 0, row
+        assert row["load_widths"].get(128, 0) > 0 and row["spill_bytes"] == 0 and row["ok"], row
+
+
+@pytest.mark.aot
 def test_audit_rows_agree_with_the_ptxas_report_and_the_audit_rules(audit):
     """The extension's rows are judged with tubevit_fast.audit's rules: spill_bytes is LOCAL +
     STACK, occupancy is estimate_occupancy's, ok is row_ok's; registers match ptxas' report."""
@@ -674,8 +717,8 @@ def test_audit_cli_lists_the_extension_rows():
 
 SCHEMAS = {
     "attention_fwd": "tubevit_fast_C::attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, "
-                     "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale) "
-                     "-> (Tensor out, Tensor lse)",
+                     "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+                     "bool wgmma=False) -> (Tensor out, Tensor lse)",
     "attention_bwd": "tubevit_fast_C::attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
                      "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
                      "int max_seqlen_k, float softmax_scale, bool deterministic=True) "
@@ -713,7 +756,8 @@ def test_opcheck_on_meta_tensors(varlen, dtype):
     o = ops()
     q, k, v, cu_q, cu_k, max_q, max_k, lse = _meta_args(varlen, dtype)
     fwd_args = (q, k, v, cu_q, cu_k, max_q, max_k, 0.125)
-    torch.library.opcheck(o.attention_fwd.default, fwd_args)
+    for wgmma in (False, True):
+        torch.library.opcheck(o.attention_fwd.default, (*fwd_args, wgmma))
     out, lse_fake = o.attention_fwd(*fwd_args)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert lse_fake.shape == lse.shape and lse_fake.dtype == torch.float32
@@ -888,6 +932,58 @@ def test_gpu_against_float64_and_sdpa(case, dtype, backward, monkeypatch):
         sdpa = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
         assert_close_to_golden(out, golden[0], sdpa, atol=atol, name="out vs sdpa")
+
+
+def _is_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _is_sm90(), reason="the wgmma forward needs an sm_90 GPU (H100/H200)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_wgmma_forward_against_float64(case, dtype, monkeypatch):
+    """The opt-in Hopper forward on hardware: out and lse against float64 (the first check of the
+    emulator's reading of the wgmma layouts on a real GPU)."""
+    require_extension()
+    if case.head_dim not in extension.supported_head_dims():
+        pytest.skip(f"head dim {case.head_dim} not in this build")
+    monkeypatch.setenv(extension.ENV_WGMMA, "1")
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-wgmma".encode()))
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    q64, k64, v64, dout64 = (t.to(dev) for t in (q64, k64, v64, dout64))
+    cu = tuple(c.to(dev) if c is not None else None for c in cu)
+    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
+    same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype)
+    q, k, v = as_dtype(case, q64, k64, v64, dtype)
+    max_q, max_k = (max(case.seg_q), max(case.seg_k)) if case.varlen else (case.nq, case.nk)
+    out, lse = extension.attention_forward(q, k, v, *cu, max_q, max_k, 1 / math.sqrt(case.head_dim))
+    torch.cuda.synchronize()
+    assert_close_to_golden(out, golden[0], same_dtype[0], atol=dtype_atol(dtype), name="out")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_wgmma_forward_is_refused_off_sm90(monkeypatch):
+    require_extension()
+    if _is_sm90():
+        pytest.skip("this GPU runs the wgmma forward")
+    monkeypatch.setenv(extension.ENV_WGMMA, "1")
+    q, k, v = _dense(torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="runs on compute capability 9.0"):
+        extension.attention_forward(q, k, v, None, None, 4, 6, 0.1)
+
+
+def test_wgmma_request_is_read_from_the_env(monkeypatch):
+    monkeypatch.delenv(extension.ENV_WGMMA, raising=False)
+    assert not extension.wgmma_requested()  # never on by default
+    monkeypatch.setenv(extension.ENV_WGMMA, "1")
+    assert extension.wgmma_requested()
+    monkeypatch.setenv(extension.ENV_WGMMA, "yes")
+    with pytest.raises(ValueError, match="TUBEVIT_FAST_CUDA_WGMMA='yes'"):
+        extension.wgmma_requested()
 
 
 @pytest.mark.gpu

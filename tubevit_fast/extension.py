@@ -5,7 +5,8 @@ Importing tubevit_fast._C registers low-level operators in the namespace ``tubev
 other's namespace whatever the import order):
 
     torch.ops.tubevit_fast_C.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                           max_seqlen_q, max_seqlen_k, softmax_scale) -> (out, lse)
+                                           max_seqlen_q, max_seqlen_k, softmax_scale,
+                                           wgmma=False) -> (out, lse)
     torch.ops.tubevit_fast_C.attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k, softmax_scale,
                                            deterministic=True) -> (dq, dk, dv)
@@ -39,6 +40,11 @@ kernel also adds each tile's dS K to an fp32 dQ buffer with atomics (the order o
 the last bits of dq, vary from run to run), then a pass scales and rounds it. Which is faster is
 unmeasured (no GPU run yet), so the default stays the deterministic one; the atomic one is never
 used while torch.use_deterministic_algorithms(True) is on.
+
+Hopper. TUBEVIT_FAST_CUDA_WGMMA=1 runs the forward on a wgmma kernel (sm_90a machine code;
+compute capability 9.0 only, an error elsewhere). It is checked here only by compilation, its SASS
+(HGMMA, 0 spills) and the CPU emulator's reading of the PTX ISA's wgmma layouts, not yet on a
+GPU, so it is never chosen automatically.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ import torch
 
 NAMESPACE = "tubevit_fast_C"
 ENV_BACKWARD = "TUBEVIT_FAST_CUDA_BACKWARD"
+ENV_WGMMA = "TUBEVIT_FAST_CUDA_WGMMA"
 BACKWARDS = ("deterministic", "atomic")
 PTXAS_LOG = "_C.ptxas.log"
 KERNEL_HEAD_DIMS = (64, 80, 96, 128)
@@ -169,7 +176,8 @@ def _fake_checks(name: str, q, k, v, cu_q, cu_k) -> bool:
 
 def _register_fakes() -> None:
     @torch.library.register_fake(f"{NAMESPACE}::attention_fwd")
-    def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+    def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            wgmma=False):
         varlen = _fake_checks("attention_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
         return q.new_empty(q.shape), q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
 
@@ -182,12 +190,20 @@ def _register_fakes() -> None:
 
 # ---- launchers (the Triton launchers' signatures) -------------------------------------------------
 
+def wgmma_requested() -> bool:
+    """Whether TUBEVIT_FAST_CUDA_WGMMA=1 asks for the Hopper forward (see the module docstring)."""
+    flag = os.environ.get(ENV_WGMMA, "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"{ENV_WGMMA}={flag!r}: use 1 (the wgmma forward) or 0")
+    return flag == "1"
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
     """(out, lse): out like q (contiguous), lse float32 (B, H, Nq) dense or (H, total_q) varlen."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = _ops().attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0),
-                                    int(max_seqlen_k or 0), float(softmax_scale))
+                                    int(max_seqlen_k or 0), float(softmax_scale), wgmma_requested())
     return out, lse
 
 
@@ -232,10 +248,12 @@ def ptxas_log_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+# The Hopper kernel is machine code for sm_90a only; other cubins hold a trap in its place.
+SM90_KERNELS = ("attention_fwd_sm90_kernel",)
 # Kernels with no matrix product (no MMA expected in their SASS).
 ELEMENTWISE_KERNELS = ("attention_bwd_preprocess_kernel", "attention_bwd_dq_convert_kernel")
 _KERNEL_RE = re.compile(
-    r"tvf(\d+)attention_(fwd|bwd_dq|bwd_dkdv|bwd_preprocess|bwd_dkdv_dqatomic|bwd_dq_convert)_kernel"
+    r"tvf(\d+)attention_(fwd|fwd_sm90|bwd_dq|bwd_dkdv|bwd_preprocess|bwd_dkdv_dqatomic|bwd_dq_convert)_kernel"
     r"I(6__half|13__nv_bfloat16)Li(\d+)E")
 
 
@@ -315,6 +333,8 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
         for func, res in sorted(A.resource_usage_by_function(cubin_text).items()):
             info = describe_kernel(func)
             if info is None or info["dtype"] not in dtypes:
+                continue
+            if info["kernel"] in SM90_KERNELS and arch != "sm_90":
                 continue
             cfg = configs.get((info["kernel"], info["head_dim"]), {})
             num_warps = cfg.get("threads", 128) // 32

@@ -31,7 +31,7 @@
 // little-endian files in <dir> (see tests/test_attention_cuda.py). Exit code 0 on success;
 // otherwise a message on stderr.
 #define TVF_EMULATE 1
-#include "../attention_kernels.cuh"
+#include "../attention_fwd_sm90.cuh"  // and with it attention_kernels.cuh
 
 #include <ucontext.h>
 
@@ -43,6 +43,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -79,6 +80,19 @@ void perform(const Copy& c) {
   }
 }
 
+// One wgmma of a warpgroup: its shape and operands (A-fragments of all 128 threads, or a
+// descriptor), shared by the 128 threads, each of which applies it to its own accumulators.
+struct WgmmaOp {
+  int n = 0;
+  bool a_in_registers = false, trans_b = false, bf16 = false;
+  uint32_t a[128][4] = {};
+  uint64_t desc_a = 0, desc_b = 0;
+};
+struct PendingWgmma {
+  std::shared_ptr<const WgmmaOp> op;
+  float* d;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
@@ -87,6 +101,8 @@ struct Fiber {
   bool waiting = false;
   std::vector<Copy> uncommitted;
   std::deque<std::vector<Copy>> groups;
+  std::vector<PendingWgmma> wgmma_uncommitted;
+  std::deque<std::vector<PendingWgmma>> wgmma_groups;
 };
 
 struct Barrier {
@@ -95,7 +111,7 @@ struct Barrier {
   int kind = -1;  // which collective the current generation is for
 };
 
-enum Kind { kBlockSync = 1, kMma, kLdm, kLdmTrans, kShfl };
+enum Kind { kBlockSync = 1, kMma, kLdm, kLdmTrans, kShfl, kWgmma };
 
 struct WarpXchg {
   uint32_t a[32][4];
@@ -113,8 +129,11 @@ struct Block {
   Barrier block_bar;
   std::vector<Barrier> warp_bar;
   std::vector<WarpXchg> xchg;
+  std::vector<Barrier> warpgroup_bar;
+  std::vector<WgmmaOp> warpgroup_xchg;                     // operands being gathered
+  std::vector<std::shared_ptr<const WgmmaOp>> warpgroup_op;  // the last op gathered
   std::function<void()> body;
-  bool deferred = true;  // cp.async lands at wait_group (else at issue)
+  bool deferred = true;  // cp.async lands at wait_group (else at issue); wgmma runs at wait_group (else at issue)
   bool bf16 = false;
   char* smem = nullptr;
   size_t smem_bytes = 0;
@@ -152,6 +171,9 @@ void warp_arrive(int kind) { arrive(g_block->warp_bar[warp()], 32, kind); }
 
 void fiber_entry() {
   g_block->body();
+  if (!me().wgmma_uncommitted.empty() || !me().wgmma_groups.empty()) {
+    fail("thread " + std::to_string(me().tid) + " exits with wgmma products in flight");
+  }
   if (!me().uncommitted.empty() || !me().groups.empty()) {
     // They would land after the thread's last instruction, e.g. over an epilogue's staging tile.
     fail("thread " + std::to_string(me().tid) + " exits with cp.async copies in flight (" +
@@ -184,6 +206,10 @@ void run_block(int nthreads, const int idx[3], size_t smem_bytes, Schedule sched
   const int nwarps = (nthreads + 31) / 32;
   blk.warp_bar.resize(nwarps);
   blk.xchg.resize(nwarps);
+  const int nwarpgroups = (nthreads + 127) / 128;
+  blk.warpgroup_bar.resize(nwarpgroups);
+  blk.warpgroup_xchg.resize(nwarpgroups);
+  blk.warpgroup_op.resize(nwarpgroups);
   for (int a = 0; a < 3; ++a) blk.idx[a] = idx[a];
   blk.body = body;
   blk.deferred = schedule == Schedule::kDeferred;
@@ -315,6 +341,104 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, 
   }
   warp_arrive(kMma);
   for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
+
+// ---- wgmma (sm_90a), per the PTX ISA's "Asynchronous Warpgroup Level Matrix" sections ----------
+
+uint32_t smem_offset(const void* p) {
+  if (!in_smem(p, 16)) fail("shared-memory descriptor: address outside the block's shared memory");
+  return static_cast<uint32_t>(static_cast<const char*>(p) - g_block->smem);
+}
+
+// A no-swizzle descriptor's start address, LBO (between core matrices along K) and SBO (along M/N).
+struct Descriptor {
+  uint32_t start, lbo, sbo;
+};
+
+Descriptor decode(uint64_t desc) {
+  if ((desc >> 62) != 0) fail("wgmma descriptor: only the no-swizzle layout is emulated");
+  if (((desc >> 49) & 7) != 0) fail("wgmma descriptor: base offset must be 0");
+  return {static_cast<uint32_t>(desc & 0x3FFF) << 4, static_cast<uint32_t>((desc >> 16) & 0x3FFF) << 4,
+          static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4};
+}
+
+float smem_elem(uint32_t byte_offset, bool bf16) {
+  if (byte_offset + 2 > g_block->smem_bytes) fail("wgmma operand outside the block's shared memory");
+  uint16_t bits;
+  std::memcpy(&bits, g_block->smem + byte_offset, 2);
+  return elem(bits, 0, bf16);
+}
+
+// K-major operand element (mn, k) of a 16-wide k-slice: core matrix (mn / 8, k / 8), row mn % 8 of
+// 16 bytes, element k % 8. N-major (transposed): core matrix (mn / 8, k / 8), row k % 8, element mn % 8.
+uint32_t k_major(const Descriptor& d, int mn, int k) {
+  return d.start + (mn / 8) * d.sbo + (k / 8) * d.lbo + (mn % 8) * 16 + (k % 8) * 2;
+}
+uint32_t mn_major(const Descriptor& d, int mn, int k) {
+  return d.start + (mn / 8) * d.sbo + (k / 8) * d.lbo + (k % 8) * 16 + (mn % 8) * 2;
+}
+
+// This thread's part of d += A (64 x 16) B (16 x n): accumulator register 4 i + e holds row
+// 16 (warp % 4) + lane / 4 + 8 (e / 2), column 8 i + 2 (lane % 4) + e % 2.
+void apply(const WgmmaOp& op, float* d, int thread_in_group) {
+  const int w = thread_in_group / 32, l = thread_in_group % 32;
+  const Descriptor da = op.a_in_registers ? Descriptor{} : decode(op.desc_a), db = decode(op.desc_b);
+  auto A = [&](int row, int k) {
+    if (!op.a_in_registers) return smem_elem(k_major(da, row, k), op.bf16);
+    const int r = row % 16, lane_of = 4 * (r % 8) + (k % 8) / 2;  // mma.m16n8k16 A-fragment of warp row / 16
+    return elem(op.a[32 * (row / 16) + lane_of][(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2, op.bf16);
+  };
+  auto B = [&](int k, int col) {
+    return smem_elem(op.trans_b ? mn_major(db, col, k) : k_major(db, col, k), op.bf16);
+  };
+  for (int i = 0; i < op.n / 8; ++i) {
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + l / 4 + 8 * (e / 2), col = 8 * i + 2 * (l % 4) + e % 2;
+      float acc = d[4 * i + e];
+      for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+      d[4 * i + e] = acc;
+    }
+  }
+}
+
+void wgmma(float* d, int n, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b, bool trans_b, bool bf16) {
+  const int group = me().tid / 128, t = me().tid % 128;
+  if (g_block->nthreads < 128 * (group + 1)) fail("wgmma: the block is not made of whole warpgroups");
+  WgmmaOp& x = g_block->warpgroup_xchg[group];
+  if (a_regs != nullptr) std::memcpy(x.a[t], a_regs, sizeof(x.a[t]));
+  if (t == 0) {
+    x.n = n;
+    x.a_in_registers = a_regs != nullptr;
+    x.desc_a = desc_a;
+    x.desc_b = desc_b;
+    x.trans_b = trans_b;
+    x.bf16 = bf16;
+  }
+  arrive(g_block->warpgroup_bar[group], 128, kWgmma);
+  if (x.n != n || x.a_in_registers != (a_regs != nullptr) || x.desc_a != desc_a || x.desc_b != desc_b ||
+      x.trans_b != trans_b) {
+    fail("wgmma: the threads of a warpgroup issued different products");
+  }
+  if (t == 0) g_block->warpgroup_op[group] = std::make_shared<const WgmmaOp>(x);
+  arrive(g_block->warpgroup_bar[group], 128, kWgmma);
+  const PendingWgmma pending{g_block->warpgroup_op[group], d};
+  if (g_block->deferred) {
+    me().wgmma_uncommitted.push_back(pending);  // runs at wgmma.wait_group
+  } else {
+    apply(*pending.op, d, t);
+  }
+}
+
+void wgmma_commit() {
+  me().wgmma_groups.push_back(std::move(me().wgmma_uncommitted));
+  me().wgmma_uncommitted.clear();
+}
+
+void wgmma_wait(int pending) {
+  while (static_cast<int>(me().wgmma_groups.size()) > pending) {
+    for (const PendingWgmma& w : me().wgmma_groups.front()) apply(*w.op, w.d, me().tid % 128);
+    me().wgmma_groups.pop_front();
+  }
 }
 
 // Fibers switch only at collectives, so a plain add is atomic here; the target must lie inside
@@ -491,9 +615,17 @@ void run(const std::string& dir) {
     p.o = o.data();
     p.o_layout = contiguous(nq);
     p.lse = reinterpret_cast<float*>(lse.data());
-    using Cfg = tvf::FwdConfig<D>;
-    grid_run(tvf::grid_over_q(p, Cfg::BM), Cfg::THREADS, Cfg::smem_bytes,
-             [&] { tvf::attention_fwd_body<T, D>(p, g_block->smem); });
+    if (cfg("forward") == "wgmma") {
+      using Cfg = tvf::FwdSm90Config<D>;
+      grid_run(tvf::grid_over_q(p, Cfg::BM), Cfg::THREADS, Cfg::smem_bytes,
+               [&] { tvf::attention_fwd_sm90_body<T, D>(p, g_block->smem); });
+    } else if (cfg("forward") == "mma") {
+      using Cfg = tvf::FwdConfig<D>;
+      grid_run(tvf::grid_over_q(p, Cfg::BM), Cfg::THREADS, Cfg::smem_bytes,
+               [&] { tvf::attention_fwd_body<T, D>(p, g_block->smem); });
+    } else {
+      fail("forward must be mma or wgmma, got " + cfg("forward"));
+    }
     o.check("out");
     lse.check("lse");
     write_file(dir + "/out_o.bin", o.data(), o.bytes);
