@@ -82,17 +82,10 @@ TVF_DEVICE void attention_fwd_sm90_body(const AttentionParams& p, char* smem_raw
 
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5;
   const int wg = warp / 4, warp_row0 = wg * 64 + (warp % 4) * 16;
-  const int m_block = block_index_x(), h = block_index_y(), b = block_index_z();
-  const Segment seg = segment_of(p, b);
-  const int row0 = m_block * BM;
-  if (row0 >= seg.seqlen_q) return;
-  const int rows_valid = min_i(BM, seg.seqlen_q - row0);
-
-  const T* q = static_cast<const T*>(p.q) + row_offset(p.q_layout, b, h, seg.q_start + row0);
-  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_layout, b, h, seg.k_start);
-  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_layout, b, h, seg.k_start);
-  T* o = static_cast<T*>(p.o) + row_offset(p.o_layout, b, h, seg.q_start + row0);
-  float* lse = p.lse + lse_offset(p, b, h, seg.q_start + row0);
+  FwdBlock<T> blk;
+  if (!fwd_block<T, BM>(p, blk)) return;
+  const Segment& seg = blk.seg;
+  const int rows_valid = blk.rows_valid;
 
   T* s_q = reinterpret_cast<T*>(smem_raw);
   T* s_k = s_q + BM * D;
@@ -101,15 +94,15 @@ TVF_DEVICE void attention_fwd_sm90_body(const AttentionParams& p, char* smem_raw
 
   const int n_tiles = (seg.seqlen_k + BN - 1) / BN;
   auto load_k = [&](int j) {
-    load_tile_core_async<BN, D, THREADS>(s_k, k + static_cast<int64_t>(j) * BN * p.k_layout.row_stride,
+    load_tile_core_async<BN, D, THREADS>(s_k, blk.k + static_cast<int64_t>(j) * BN * p.k_layout.row_stride,
                                          p.k_layout.row_stride, seg.seqlen_k - j * BN, tid);
   };
   auto load_v = [&](int j) {
-    load_tile_core_async<BN, D, THREADS>(s_v, v + static_cast<int64_t>(j) * BN * p.v_layout.row_stride,
+    load_tile_core_async<BN, D, THREADS>(s_v, blk.v + static_cast<int64_t>(j) * BN * p.v_layout.row_stride,
                                          p.v_layout.row_stride, seg.seqlen_k - j * BN, tid);
   };
 
-  load_tile_core_async<BM, D, THREADS>(s_q, q, p.q_layout.row_stride, rows_valid, tid);
+  load_tile_core_async<BM, D, THREADS>(s_q, blk.q, p.q_layout.row_stride, rows_valid, tid);
   if (n_tiles > 0) load_k(0);
   cp_async_commit();  // Q and K_0: one group
 
@@ -142,17 +135,8 @@ TVF_DEVICE void attention_fwd_sm90_body(const AttentionParams& p, char* smem_raw
     if (j + 1 < n_tiles) load_k(j + 1);  // refill: after the barrier that ends every warp's reads of it
     cp_async_commit();
 
-    scale_and_mask_cols(s[0], p.scale_log2, lane, seg.seqlen_k - j * BN);
-    float tile_max[2];
-    row_max_partial(s[0], tile_max);
-    tile_max[0] = quad_max(tile_max[0]);
-    tile_max[1] = quad_max(tile_max[1]);
-    float alpha[2], m_use[2];
-    online_softmax_step(m, tile_max, alpha, m_use);
-    exp2_rows_and_sum(s[0], m_use, alpha, l);
-    rescale_rows(acc_o[0], alpha);
     uint32_t p_frag[BN / 16][4];
-    pack_a_frags<T, NT_S>(p_frag, s[0]);
+    online_softmax_tile<T>(s[0], m, l, acc_o[0], p_frag, p.scale_log2, lane, seg.seqlen_k - j * BN);
 
     wgmma_fence();
 #pragma unroll
@@ -166,19 +150,11 @@ TVF_DEVICE void attention_fwd_sm90_body(const AttentionParams& p, char* smem_raw
   // the Q region, which only its warpgroup's products read, all waited for.
   cp_async_wait<0>();
   block_sync();
-  const float l_total[2] = {quad_sum(l[0]), quad_sum(l[1])};
-  float inv_l[1][2], row_lse[2];
-  finalize_rows(m, l_total, inv_l[0], row_lse);
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = warp_row0 + frag_row(lane, 2 * r);
-      if (row < rows_valid) lse[row] = row_lse[r];
-    }
-  }
+  float inv_l[1][2];
+  finish_rows(m, l, inv_l[0], blk.lse, warp_row0, rows_valid, lane);
   acc_to_smem<T, 1, NT_O, D>(s_q + warp_row0 * D, acc_o, inv_l, lane);
   block_sync();
-  store_tile<BM, D, D, THREADS>(o, p.o_layout.row_stride, s_q, rows_valid, tid);
+  store_tile<BM, D, D, THREADS>(blk.o, p.o_layout.row_stride, s_q, rows_valid, tid);
 }
 
 }  // namespace tvf

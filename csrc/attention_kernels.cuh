@@ -291,6 +291,67 @@ TVF_DEVICE void zero_acc(float (&acc)[MT][NT][4]) {
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// What a forward block (BM query rows of one head and sequence) reads and writes.
+template <typename T>
+struct FwdBlock {
+  Segment seg;
+  int rows_valid;  // query rows of the block inside the segment (<= BM)
+  const T* q;      // the block's first query row
+  const T* k;      // the segment's first key
+  const T* v;
+  T* o;
+  float* lse;
+};
+
+// false for a block wholly past its (varlen) segment's end: it has nothing to do.
+template <typename T, int BM>
+TVF_DEVICE bool fwd_block(const AttentionParams& p, FwdBlock<T>& blk) {
+  const int h = block_index_y(), b = block_index_z();
+  blk.seg = segment_of(p, b);
+  const int row0 = block_index_x() * BM;
+  if (row0 >= blk.seg.seqlen_q) return false;
+  blk.rows_valid = min_i(BM, blk.seg.seqlen_q - row0);
+  blk.q = static_cast<const T*>(p.q) + row_offset(p.q_layout, b, h, blk.seg.q_start + row0);
+  blk.k = static_cast<const T*>(p.k) + row_offset(p.k_layout, b, h, blk.seg.k_start);
+  blk.v = static_cast<const T*>(p.v) + row_offset(p.v_layout, b, h, blk.seg.k_start);
+  blk.o = static_cast<T*>(p.o) + row_offset(p.o_layout, b, h, blk.seg.q_start + row0);
+  blk.lse = p.lse + lse_offset(p, b, h, blk.seg.q_start + row0);
+  return true;
+}
+
+// One key tile of the online softmax for one m16 tile: raw scores s (16 x 8 NT_S) -> P, packed
+// into the A-fragments of O += P V; the running max m and sum l updated, acc_o rescaled.
+template <typename T, int NT_S, int NT_O>
+TVF_DEVICE void online_softmax_tile(float (&s)[NT_S][4], float (&m)[2], float (&l)[2], float (&acc_o)[NT_O][4],
+                                    uint32_t (&p_frag)[NT_S / 2][4], float scale_log2, int lane, int valid_cols) {
+  scale_and_mask_cols(s, scale_log2, lane, valid_cols);
+  float tile_max[2];
+  row_max_partial(s, tile_max);
+  tile_max[0] = quad_max(tile_max[0]);
+  tile_max[1] = quad_max(tile_max[1]);
+  float alpha[2], m_use[2];
+  online_softmax_step(m, tile_max, alpha, m_use);
+  exp2_rows_and_sum(s, m_use, alpha, l);
+  rescale_rows(acc_o, alpha);
+  pack_a_frags<T, NT_S>(p_frag, s);
+}
+
+// End of the forward for one m16 tile whose first row is block row `row0`: inv_l = 1 / row sum
+// (quad-reduced), and lse stored for the rows inside the segment.
+TVF_DEVICE void finish_rows(const float (&m)[2], const float (&l)[2], float (&inv_l)[2], float* lse, int row0,
+                            int rows_valid, int lane) {
+  const float l_total[2] = {quad_sum(l[0]), quad_sum(l[1])};
+  float row_lse[2];
+  finalize_rows(m, l_total, inv_l, row_lse);
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + frag_row(lane, 2 * r);
+      if (row < rows_valid) lse[row] = row_lse[r];
+    }
+  }
+}
+
 template <typename T, int D>
 TVF_DEVICE void attention_fwd_body(const AttentionParams& p, char* smem_raw) {
   using Cfg = FwdConfig<D>;
@@ -300,17 +361,10 @@ TVF_DEVICE void attention_fwd_body(const AttentionParams& p, char* smem_raw) {
   static_assert(sizeof(T) == kElemBytes, "fp16 / bf16 only");
 
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5;
-  const int m_block = block_index_x(), h = block_index_y(), b = block_index_z();
-  const Segment seg = segment_of(p, b);
-  const int row0 = m_block * BM;
-  if (row0 >= seg.seqlen_q) return;  // whole block: varlen segment shorter than max_seqlen_q
-  const int rows_valid = min_i(BM, seg.seqlen_q - row0);
-
-  const T* q = static_cast<const T*>(p.q) + row_offset(p.q_layout, b, h, seg.q_start + row0);
-  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_layout, b, h, seg.k_start);
-  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_layout, b, h, seg.k_start);
-  T* o = static_cast<T*>(p.o) + row_offset(p.o_layout, b, h, seg.q_start + row0);
-  float* lse = p.lse + lse_offset(p, b, h, seg.q_start + row0);
+  FwdBlock<T> blk;
+  if (!fwd_block<T, BM>(p, blk)) return;
+  const Segment& seg = blk.seg;
+  const int rows_valid = blk.rows_valid;
 
   T* s_q = reinterpret_cast<T*>(smem_raw);
   T* s_k = s_q + BM * LD;
@@ -319,15 +373,15 @@ TVF_DEVICE void attention_fwd_body(const AttentionParams& p, char* smem_raw) {
 
   const int n_tiles = (seg.seqlen_k + BN - 1) / BN;
   auto load_k = [&](int j) {
-    load_tile_async<BN, D, LD, THREADS>(s_k, k + static_cast<int64_t>(j) * BN * p.k_layout.row_stride,
+    load_tile_async<BN, D, LD, THREADS>(s_k, blk.k + static_cast<int64_t>(j) * BN * p.k_layout.row_stride,
                                         p.k_layout.row_stride, seg.seqlen_k - j * BN, tid);
   };
   auto load_v = [&](int j) {
-    load_tile_async<BN, D, LD, THREADS>(s_v, v + static_cast<int64_t>(j) * BN * p.v_layout.row_stride,
+    load_tile_async<BN, D, LD, THREADS>(s_v, blk.v + static_cast<int64_t>(j) * BN * p.v_layout.row_stride,
                                         p.v_layout.row_stride, seg.seqlen_k - j * BN, tid);
   };
 
-  load_tile_async<BM, D, LD, THREADS>(s_q, q, p.q_layout.row_stride, rows_valid, tid);
+  load_tile_async<BM, D, LD, THREADS>(s_q, blk.q, p.q_layout.row_stride, rows_valid, tid);
   if (n_tiles > 0) load_k(0);
   cp_async_commit();  // Q and K_0: one group
 
@@ -358,16 +412,7 @@ TVF_DEVICE void attention_fwd_body(const AttentionParams& p, char* smem_raw) {
     uint32_t p_frag[MT][BN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      scale_and_mask_cols(s[mt], p.scale_log2, lane, seg.seqlen_k - j * BN);
-      float tile_max[2];
-      row_max_partial(s[mt], tile_max);
-      tile_max[0] = quad_max(tile_max[0]);
-      tile_max[1] = quad_max(tile_max[1]);
-      float alpha[2], m_use[2];
-      online_softmax_step(m[mt], tile_max, alpha, m_use);
-      exp2_rows_and_sum(s[mt], m_use, alpha, l[mt]);
-      rescale_rows(acc_o[mt], alpha);
-      pack_a_frags<T, NT_S>(p_frag[mt], s[mt]);
+      online_softmax_tile<T>(s[mt], m[mt], l[mt], acc_o[mt], p_frag[mt], p.scale_log2, lane, seg.seqlen_k - j * BN);
     }
     gemm_nn_rs<T, BN, MT, NT_O, LD>(acc_o, p_frag, s_v, lane);
   }
@@ -380,20 +425,11 @@ TVF_DEVICE void attention_fwd_body(const AttentionParams& p, char* smem_raw) {
   float inv_l[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    const float l_total[2] = {quad_sum(l[mt][0]), quad_sum(l[mt][1])};
-    float row_lse[2];
-    finalize_rows(m[mt], l_total, inv_l[mt], row_lse);
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * Cfg::WARP_ROWS + mt * 16 + frag_row(lane, 2 * r);
-        if (row < rows_valid) lse[row] = row_lse[r];
-      }
-    }
+    finish_rows(m[mt], l[mt], inv_l[mt], blk.lse, warp * Cfg::WARP_ROWS + mt * 16, rows_valid, lane);
   }
   acc_to_smem<T, MT, NT_O, LD>(s_q + warp * Cfg::WARP_ROWS * LD, acc_o, inv_l, lane);
   block_sync();
-  store_tile<BM, D, LD, THREADS>(o, p.o_layout.row_stride, s_q, rows_valid, tid);
+  store_tile<BM, D, LD, THREADS>(blk.o, p.o_layout.row_stride, s_q, rows_valid, tid);
 }
 
 // ---- backward: delta = rowsum(dO * O) ---------------------------------------------------------

@@ -34,6 +34,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "attention_params.h"
@@ -43,21 +44,32 @@ namespace {
 using at::Tensor;
 using tvf::AttentionParams;
 
-// Head dims compiled into this build (setup.py defines TVF_HDIM_<D> for each built one).
-std::vector<int64_t> compiled_head_dims() {
-  std::vector<int64_t> dims;
+// Calls f(std::integral_constant<int, D>{}) for the head dim d if this build compiled it (setup.py
+// defines TVF_HDIM_<D> for each built one), and returns its result; nullopt for any other d.
+template <typename F>
+auto with_head_dim(int d, F&& f) -> std::optional<decltype(f(std::integral_constant<int, 64>{}))> {
+  switch (d) {
 #ifdef TVF_HDIM_64
-  dims.push_back(64);
+    case 64: return f(std::integral_constant<int, 64>{});
 #endif
 #ifdef TVF_HDIM_80
-  dims.push_back(80);
+    case 80: return f(std::integral_constant<int, 80>{});
 #endif
 #ifdef TVF_HDIM_96
-  dims.push_back(96);
+    case 96: return f(std::integral_constant<int, 96>{});
 #endif
 #ifdef TVF_HDIM_128
-  dims.push_back(128);
+    case 128: return f(std::integral_constant<int, 128>{});
 #endif
+    default: return std::nullopt;
+  }
+}
+
+std::vector<int64_t> compiled_head_dims() {
+  std::vector<int64_t> dims;
+  for (int d : {64, 80, 96, 128}) {
+    if (with_head_dim(d, [](auto) { return 0; })) dims.push_back(d);
+  }
   return dims;
 }
 
@@ -69,44 +81,6 @@ std::string join(const std::vector<int64_t>& v) {
   return os.str();
 }
 
-int dispatch_fwd(int d, const AttentionParams& p, cudaStream_t stream) {
-  switch (d) {
-#ifdef TVF_HDIM_64
-    case 64: return tvf::launch_attention_fwd<64>(p, stream);
-#endif
-#ifdef TVF_HDIM_80
-    case 80: return tvf::launch_attention_fwd<80>(p, stream);
-#endif
-#ifdef TVF_HDIM_96
-    case 96: return tvf::launch_attention_fwd<96>(p, stream);
-#endif
-#ifdef TVF_HDIM_128
-    case 128: return tvf::launch_attention_fwd<128>(p, stream);
-#endif
-    default: TORCH_CHECK(false, "unreachable: head dim ", d);
-  }
-  return -1;
-}
-
-int dispatch_fwd_sm90(int d, const AttentionParams& p, cudaStream_t stream) {
-  switch (d) {
-#ifdef TVF_HDIM_64
-    case 64: return tvf::launch_attention_fwd_sm90<64>(p, stream);
-#endif
-#ifdef TVF_HDIM_80
-    case 80: return tvf::launch_attention_fwd_sm90<80>(p, stream);
-#endif
-#ifdef TVF_HDIM_96
-    case 96: return tvf::launch_attention_fwd_sm90<96>(p, stream);
-#endif
-#ifdef TVF_HDIM_128
-    case 128: return tvf::launch_attention_fwd_sm90<128>(p, stream);
-#endif
-    default: TORCH_CHECK(false, "unreachable: head dim ", d);
-  }
-  return -1;
-}
-
 // The Hopper kernel exists as machine code for sm_90a only (elsewhere it is a trap).
 void check_wgmma_device(const char* name, const Tensor& q) {
   int major = 0, minor = 0;
@@ -116,25 +90,6 @@ void check_wgmma_device(const char* name, const Tensor& q) {
               name, ": cannot read the compute capability of device ", dev);
   TORCH_CHECK(major == 9 && minor == 0, name, ": the wgmma forward (TUBEVIT_FAST_CUDA_WGMMA=1) runs on compute "
               "capability 9.0 (H100/H200) only, got ", major, ".", minor);
-}
-
-int dispatch_bwd(int d, const AttentionParams& p, cudaStream_t stream) {
-  switch (d) {
-#ifdef TVF_HDIM_64
-    case 64: return tvf::launch_attention_bwd<64>(p, stream);
-#endif
-#ifdef TVF_HDIM_80
-    case 80: return tvf::launch_attention_bwd<80>(p, stream);
-#endif
-#ifdef TVF_HDIM_96
-    case 96: return tvf::launch_attention_bwd<96>(p, stream);
-#endif
-#ifdef TVF_HDIM_128
-    case 128: return tvf::launch_attention_bwd<128>(p, stream);
-#endif
-    default: TORCH_CHECK(false, "unreachable: head dim ", d);
-  }
-  return -1;
 }
 
 // The kernels read rows with 16-byte vector copies: unit stride along the head dim, other
@@ -310,7 +265,10 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in,
   p.lse = lse.data_ptr<float>();
   set_lse_strides(p, pr, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_launch(name, wgmma ? dispatch_fwd_sm90(pr.head_dim, p, stream) : dispatch_fwd(pr.head_dim, p, stream));
+  check_launch(name, *with_head_dim(pr.head_dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    return wgmma ? tvf::launch_attention_fwd_sm90<D>(p, stream) : tvf::launch_attention_fwd<D>(p, stream);
+  }));
   return {out, lse};
 }
 
@@ -368,7 +326,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
     p.dq_accum_layout = row_layout(dq_accum, pr.varlen);
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_launch(name, dispatch_bwd(pr.head_dim, p, stream));
+  check_launch(name, *with_head_dim(pr.head_dim, [&](auto d) {
+    return tvf::launch_attention_bwd<decltype(d)::value>(p, stream);
+  }));
   return {dq, dk, dv};
 }
 
@@ -398,18 +358,12 @@ std::string kernel_configs() {
   std::ostringstream os;
   bool first = true;
   os << "[";
-#ifdef TVF_HDIM_64
-  configs_for<64>(os, first);
-#endif
-#ifdef TVF_HDIM_80
-  configs_for<80>(os, first);
-#endif
-#ifdef TVF_HDIM_96
-  configs_for<96>(os, first);
-#endif
-#ifdef TVF_HDIM_128
-  configs_for<128>(os, first);
-#endif
+  for (int d : compiled_head_dims()) {
+    with_head_dim(static_cast<int>(d), [&](auto dim) {
+      configs_for<decltype(dim)::value>(os, first);
+      return 0;
+    });
+  }
   os << "]";
   return os.str();
 }

@@ -897,28 +897,32 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.gpu
-@requires_gpu
-@pytest.mark.parametrize("backward", extension.BACKWARDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_gpu_against_float64_and_sdpa(case, dtype, backward, monkeypatch):
+def _gpu_case(case: Case, dtype, salt: str):
+    """Inputs on the GPU and the references of a GPU test: (q, k, v in dtype, dout float64, cu,
+    max_q, max_k, golden, golden_lse, same_dtype, same_lse). Skips head dims this build lacks."""
     require_extension()
-    monkeypatch.setenv(extension.ENV_BACKWARD, backward)
     if case.head_dim not in extension.supported_head_dims():
         pytest.skip(f"head dim {case.head_dim} not in this build")
     dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}".encode()))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}{salt}".encode()))
     q64, k64, v64, dout64, cu = make_inputs(case, gen)
     q64, k64, v64, dout64 = (t.to(dev) for t in (q64, k64, v64, dout64))
     cu = tuple(c.to(dev) if c is not None else None for c in cu)
     golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
     same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype)
     q, k, v = as_dtype(case, q64, k64, v64, dtype)
-    if case.varlen:
-        max_q, max_k = max(case.seg_q), max(case.seg_k)
-    else:
-        max_q, max_k = case.nq, case.nk
+    max_q, max_k = (max(case.seg_q), max(case.seg_k)) if case.varlen else (case.nq, case.nk)
+    return q, k, v, dout64, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("backward", extension.BACKWARDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_against_float64_and_sdpa(case, dtype, backward, monkeypatch):
+    monkeypatch.setenv(extension.ENV_BACKWARD, backward)
+    q, k, v, dout64, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse = _gpu_case(case, dtype, "")
     scale = 1 / math.sqrt(case.head_dim)
     out, lse = extension.attention_forward(q, k, v, *cu, max_q, max_k, scale)
     dq, dk, dv = extension.attention_backward(dout64.to(dtype), q, k, v, out, lse, *cu, max_q, max_k, scale)
@@ -945,19 +949,8 @@ def _is_sm90() -> bool:
 def test_gpu_wgmma_forward_against_float64(case, dtype, monkeypatch):
     """The opt-in Hopper forward on hardware: out and lse against float64 (the first check of the
     emulator's reading of the wgmma layouts on a real GPU)."""
-    require_extension()
-    if case.head_dim not in extension.supported_head_dims():
-        pytest.skip(f"head dim {case.head_dim} not in this build")
     monkeypatch.setenv(extension.ENV_WGMMA, "1")
-    dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-wgmma".encode()))
-    q64, k64, v64, dout64, cu = make_inputs(case, gen)
-    q64, k64, v64, dout64 = (t.to(dev) for t in (q64, k64, v64, dout64))
-    cu = tuple(c.to(dev) if c is not None else None for c in cu)
-    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
-    same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype)
-    q, k, v = as_dtype(case, q64, k64, v64, dtype)
-    max_q, max_k = (max(case.seg_q), max(case.seg_k)) if case.varlen else (case.nq, case.nk)
+    q, k, v, _, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse = _gpu_case(case, dtype, "-wgmma")
     out, lse = extension.attention_forward(q, k, v, *cu, max_q, max_k, 1 / math.sqrt(case.head_dim))
     torch.cuda.synchronize()
     assert_close_to_golden(out, golden[0], same_dtype[0], atol=dtype_atol(dtype), name="out")
