@@ -1,26 +1,38 @@
 """Install tubevit_fast.
 
-A plain `pip install .` is pure Python. The CUDA extension in csrc/ (module tubevit_fast._C)
-is built with ninja only when asked (TUBEVIT_FAST_BUILD_CUDA=1) or when a GPU is visible;
-TUBEVIT_FAST_BUILD_CUDA=0 turns the build off even with a GPU.
+The CUDA extension in csrc/ (module tubevit_fast._C) is built when the machine can build it and
+skipped otherwise, so an install never fails on its account:
+
+    TUBEVIT_FAST_BUILD_CUDA unset or "auto"  build it when torch (a CUDA build of it), nvcc and ninja
+                                             are all present, else install pure Python with a
+                                             one-line notice; a failed compile also falls back
+    TUBEVIT_FAST_BUILD_CUDA=1                build it or fail the install (CI, the README's test
+                                             command), with the reason in one line
+    TUBEVIT_FAST_BUILD_CUDA=0                never build it
 
 The build compiles against the torch already installed, so it must not run in pip's isolated
-build environment (that would need a second torch there):
+build environment (there torch is absent: auto mode installs pure Python):
 
     pip install ninja
     TUBEVIT_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e ".[test]"
 
 Build settings (environment):
-    CUDA_HOME                  default /usr/local/cuda when it holds bin/nvcc
-    TORCH_CUDA_ARCH_LIST       default "8.0;9.0a" when no GPU is visible (torch's own choice
-                               otherwise): sm_80 code, also compiled for Hopper
-    TUBEVIT_FAST_CUDA_HEADDIMS head dims to compile, default "64,80,96,128" (CI: "64,128")
+    CUDA_HOME                  the toolkit; default /usr/local/cuda when it holds bin/nvcc, else
+                               the directory above the nvcc on PATH
+    TORCH_CUDA_ARCH_LIST       default "8.0+PTX;9.0a": sm_80 machine code, sm_90a machine code (the
+                               Hopper build of the same kernels) and compute_80 PTX, which the
+                               driver compiles for any newer GPU (sm_86/89 run the sm_80 code).
+                               Entries below 8.0 are dropped: the kernels need sm_80 instructions.
+    TUBEVIT_FAST_CUDA_HEADDIMS head dims to compile, default "64,80,96,128"
     MAX_JOBS                   parallel nvcc jobs, default min(cores, free memory / 2 GB)
 nvcc runs with -Xptxas -v; its register/spill report is kept next to the built module as
-_C.ptxas.log (tests/test_attention_cuda.py reads it).
+_C.ptxas.log (tests/test_attention_cuda.py reads it). `python -m tubevit_fast.info` prints what
+the built module holds (machine code and PTX per arch) and whether this machine's GPU can run it.
 """
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -28,20 +40,77 @@ import time
 from setuptools import setup
 
 CUDA_HEAD_DIMS = (64, 80, 96, 128)
+DEFAULT_ARCH_LIST = "8.0+PTX;9.0a"
+MIN_ARCH = (8, 0)  # mma.sync bf16, ldmatrix, cp.async
 PTXAS_LOG = "_C.ptxas.log"
+NOTICE = "tubevit_fast: "
 
 
-def _cuda_requested() -> bool:
+def _build_mode() -> str:
+    """"auto", "required" or "off", from TUBEVIT_FAST_BUILD_CUDA."""
     flag = os.environ.get("TUBEVIT_FAST_BUILD_CUDA", "").strip().lower()
-    if flag in ("0", "false", "no", "off"):
-        return False
+    if flag in ("", "auto"):
+        return "auto"
     if flag in ("1", "true", "yes", "on"):
-        return True
+        return "required"
+    if flag in ("0", "false", "no", "off"):
+        return "off"
+    sys.exit(f"{NOTICE}TUBEVIT_FAST_BUILD_CUDA={flag!r}: use 1 (build or fail), 0 (never) or auto (default)")
+
+
+def _find_cuda_home() -> str | None:
+    """The toolkit directory holding bin/nvcc: $CUDA_HOME, else /usr/local/cuda, else nvcc on PATH."""
+    def has_nvcc(home):
+        return home and os.path.isfile(os.path.join(home, "bin", "nvcc"))
+
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        return env if has_nvcc(env) else None
+    if has_nvcc("/usr/local/cuda"):
+        # Checked before PATH: torch would derive /usr/local from a /usr/local/bin/nvcc link and
+        # fail to link against /usr/local/lib64.
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        return home if has_nvcc(home) else None
+    return None
+
+
+def _missing_prerequisite() -> str | None:
+    """Why the extension cannot be built here (None when torch+CUDA, nvcc and ninja are present).
+    Sets CUDA_HOME for torch's build helper, which reads it at import."""
     try:
         import torch
-    except ImportError:  # e.g. pip's isolated build environment: no GPU build there
-        return False
-    return torch.cuda.is_available()
+    except (ImportError, OSError):
+        return ("torch is not importable at build time (pip's isolated build environment? "
+                "install with --no-build-isolation)")
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    home = _find_cuda_home()
+    if home is None:
+        where = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        return (f"CUDA_HOME={where} holds no bin/nvcc" if where
+                else "no CUDA toolkit found (no nvcc in /usr/local/cuda or on PATH; set CUDA_HOME)")
+    os.environ["CUDA_HOME"] = home
+    try:
+        subprocess.run(["ninja", "--version"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "ninja not found (pip install ninja)"
+    return None
+
+
+def _arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST with the entries below sm_80 removed (default DEFAULT_ARCH_LIST)."""
+    text = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCH_LIST
+    kept, dropped = [], []
+    for entry in (e for e in re.split(r"[;\s]+", text) if e):
+        m = re.match(r"(\d+)\.(\d+)", entry)
+        (kept if m is None or (int(m.group(1)), int(m.group(2))) >= MIN_ARCH else dropped).append(entry)
+    if dropped:
+        print(f"{NOTICE}not building the CUDA extension for {';'.join(dropped)} (it needs sm_80 or newer)",
+              file=sys.stderr)
+    return ";".join(kept)
 
 
 def _head_dims() -> list[int]:
@@ -130,21 +199,21 @@ def _merge_ptxas_log(path: str, build_output: str, header: str) -> None:
 
 def _cuda_build() -> dict:
     """ext_modules + cmdclass for the CUDA extension, or {} for a pure-Python install."""
-    if not _cuda_requested():
+    mode = _build_mode()
+    if mode == "off":
         return {}
-    cuda_home = "/usr/local/cuda"
-    if "CUDA_HOME" not in os.environ and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        # torch would otherwise derive /usr/local from /usr/local/bin/nvcc and fail to link.
-        os.environ["CUDA_HOME"] = cuda_home
-    try:
-        import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-    except ImportError as err:
-        sys.exit(f"TUBEVIT_FAST_BUILD_CUDA=1 needs torch importable at build time ({err}). Install with\n"
-                 f"    pip install --no-build-isolation ...\n"
-                 f"so the build uses the torch already installed (no second copy in an isolated env).")
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+    missing = _missing_prerequisite()
+    archs = _arch_list() if missing is None else ""
+    if missing is None and not archs:
+        missing = "TORCH_CUDA_ARCH_LIST names no arch the kernels support (8.0 or newer)"
+    if missing is not None:
+        if mode == "required":
+            sys.exit(f"{NOTICE}TUBEVIT_FAST_BUILD_CUDA=1 but {missing}; unset it for a pure-Python install")
+        print(f"{NOTICE}installing without the CUDA extension: {missing}", file=sys.stderr)
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     dims = _head_dims()
     sources = ["csrc/bindings.cpp"]
@@ -154,7 +223,7 @@ def _cuda_build() -> dict:
         name="tubevit_fast._C",
         sources=sources,
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
-        define_macros=[(f"TVF_HDIM_{d}", "1") for d in dims],
+        define_macros=[(f"TVF_HDIM_{d}", "1") for d in dims] + [("TVF_ARCH_LIST", f'"{archs}"')],
         extra_compile_args={
             "cxx": ["-O3"],
             "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-Xptxas=-v"],
@@ -162,6 +231,17 @@ def _cuda_build() -> dict:
     )
 
     class Build(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as err:  # compiler, linker, toolkit/torch version mismatch
+                if mode == "required":
+                    raise
+                last_line = (str(err).strip().splitlines() or [""])[-1]
+                print(f"{NOTICE}installing without the CUDA extension: its build failed "
+                      f"({type(err).__name__}: {last_line}; the compiler output is above)", file=sys.stderr)
+                self.extensions = []  # nothing to copy or install
+
         def build_extension(self, extension):
             start = time.time()
             with _Tee() as tee:

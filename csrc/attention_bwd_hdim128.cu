@@ -1,4 +1,5 @@
-// Backward attention kernels (delta preprocess, dQ, dK/dV) for head dim 128 (fp16 and bf16).
+// Backward attention kernels for head dim 128 (fp16 and bf16): delta preprocess, dQ, dK/dV, and the
+// 5-product variant's dK/dV with atomic dQ and its dQ convert pass.
 // See attention_kernels.cuh.
 #include "attention_kernels.cuh"
 

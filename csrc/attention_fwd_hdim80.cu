@@ -1,4 +1,6 @@
-// Forward attention kernels for head dim 80 (fp16 and bf16). See attention_kernels.cuh.
-#include "attention_kernels.cuh"
+// Forward attention kernels for head dim 80 (fp16 and bf16): the sm_80 one (attention_kernels.cuh) and
+// the opt-in Hopper one (attention_fwd_sm90.cuh).
+#include "attention_fwd_sm90.cuh"
 
 TVF_INSTANTIATE_FWD(80)
+TVF_INSTANTIATE_FWD_SM90(80)

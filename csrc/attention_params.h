@@ -29,11 +29,14 @@ struct AttentionParams {
   void* dk;
   void* dv;
   float* delta;  // rowsum(dO * O), laid out like lse
+  // The 5-product backward only (nullptr selects the deterministic one): fp32 dQ accumulated
+  // with atomic adds by the dK/dV kernel, zeroed by the caller, laid out like q.
+  float* dq_accum;
   // Varlen: int32 cumulative sequence lengths (batch + 1 entries) or nullptr for dense.
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
 
-  RowLayout q_layout, k_layout, v_layout, o_layout, do_layout, dq_layout, dk_layout, dv_layout;
+  RowLayout q_layout, k_layout, v_layout, o_layout, do_layout, dq_layout, dk_layout, dv_layout, dq_accum_layout;
   int64_t lse_batch_stride;  // 0 for varlen
   int64_t lse_head_stride;
 
@@ -49,41 +52,72 @@ struct AttentionParams {
 
 // ---- tile configurations (shared by the kernels and by kernel_configs() in bindings.cpp) -----
 
-constexpr int kThreads = 128;       // 4 warps per block for the attention kernels
 constexpr int kPad = 8;             // shared-memory row padding in elements (16 bytes): rows
                                     // start 16 bytes apart mod 128, so ldmatrix is conflict-free
-constexpr int kSmemAUnroll = 2;     // unroll of the k-loop of products with A read from shared
 constexpr int kPreprocessRows = 128;  // query rows (one per thread) per preprocess block
 constexpr int kElemBytes = 2;       // fp16 / bf16
 
+// FlashAttention-2's forward tiling: 128 query rows per block, 4 warps of 32 rows each (two
+// m16 tiles per warp, so every K/V fragment read from shared memory feeds two mma), Q in shared
+// memory, K and V in one buffer each, loaded staggered: V_j while S = Q K_j^T is computed,
+// K_{j+1} while softmax and O += P V_j are.
 template <int D>
 struct FwdConfig {
-  static constexpr int BM = 64;                 // query rows per block (16 per warp)
-  static constexpr int BN = D <= 64 ? 64 : 32;  // keys per streamed tile
-  static constexpr int STAGES = 2;              // depth of the K/V cp.async ring
+  static constexpr int THREADS = 128;
+  static constexpr int BM = 128;                // query rows per block
+  static constexpr int WARP_ROWS = BM / (THREADS / 32);
+  static constexpr int BN = D <= 96 ? 64 : 32;  // keys per tile
+  static constexpr int STAGES = 1;              // one K and one V buffer (staggered loads)
   static constexpr int LD = D + kPad;
-  static constexpr int smem_bytes = (BM + 2 * STAGES * BN) * LD * kElemBytes;  // Q, K/V ring
+  static constexpr int smem_bytes = (BM + 2 * BN) * LD * kElemBytes;  // Q, K, V
 };
 
+// Hopper forward (sm_90a, opt-in): 2 warpgroups, each 64 query rows with wgmma m64nNk16 (S =
+// Q K^T with both operands in shared memory, O += P V with P from registers), K and V staggered as
+// in FwdConfig. Tiles in the no-swizzle core-matrix layout (sm90_primitives.cuh), no padding.
+template <int D>
+struct FwdSm90Config {
+  static constexpr int THREADS = 256;
+  static constexpr int BM = 128;                // query rows per block (64 per warpgroup)
+  static constexpr int BN = 64;                 // keys per tile
+  static constexpr int STAGES = 1;
+  static constexpr int smem_bytes = (BM + 2 * BN) * D * kElemBytes;  // Q, K, V
+};
+
+// dQ: the forward's tiling (128 rows, 32 per warp); K/V pairs through a 2-stage cp.async ring.
 template <int D>
 struct DqConfig {
-  static constexpr int BM = 64;                 // query rows per block (16 per warp)
-  static constexpr int BN = D <= 64 ? 64 : 32;  // keys per streamed tile
+  static constexpr int THREADS = 128;
+  static constexpr int BM = 128;
+  static constexpr int WARP_ROWS = BM / (THREADS / 32);
+  static constexpr int BN = D <= 64 ? 64 : 32;  // keys per tile (S and dP live together)
   static constexpr int STAGES = 2;
   static constexpr int LD = D + kPad;
   static constexpr int smem_bytes = (2 * BM + 2 * STAGES * BN) * LD * kElemBytes;  // Q, dO, K/V ring
 };
 
+// dK/dV: 128 keys per block, 8 warps in 2-D layouts. Products with keys x queries outputs
+// (S^T = K Q^T, dP^T = V dO^T) use 4 x 2 warps: 32 keys x BM/2 queries each. P^T and dS^T go
+// through shared memory, and dV += P^T dO, dK += dS^T Q use 4 x 2 warps of 32 keys x D/2. In the
+// 5-product backward the block also forms the tile's dQ contribution dS K (queries x D) with
+// BM/16 x (8 / (BM/16)) warps of 16 queries and adds it to an fp32 buffer with atomics.
 template <int D>
 struct DkdvConfig {
-  static constexpr int BN = 64;                 // keys per block (16 per warp)
-  static constexpr int BM = D <= 64 ? 64 : 32;  // queries per streamed tile
-  static constexpr int SUB = D <= 64 ? BM : 16; // queries per compute step (register pressure)
-  static constexpr int STAGES = 2;
+  static constexpr int THREADS = 256;
+  static constexpr int BN = 128;                // keys per block
+  static constexpr int BM = D <= 96 ? 64 : 32;  // queries per streamed tile (shared memory bound)
+  static constexpr int STAGES = 2;              // Q/dO/lse/delta ring
+  static constexpr int WARPS_Q = 2;             // S^T / dP^T layout: 4 x 2
+  static constexpr int WARPS_KEYS_S = THREADS / 32 / WARPS_Q;
+  static constexpr int WARPS_D = 2;             // dK / dV layout: 4 x 2
+  static constexpr int WARPS_KEYS_D = THREADS / 32 / WARPS_D;
+  static constexpr int WARPS_DQ_ROWS = BM / 16;  // dQ contribution layout (5-product backward)
+  static constexpr int WARPS_DQ_COLS = THREADS / 32 / WARPS_DQ_ROWS;
   static constexpr int LD = D + kPad;
-  // K, V, the Q/dO ring, then the fp32 lse/delta ring.
-  static constexpr int smem_float_offset_bytes = (2 * BN + 2 * STAGES * BM) * LD * kElemBytes;
-  static constexpr int smem_bytes = smem_float_offset_bytes + 2 * STAGES * BM * 4;
+  static constexpr int LDP = BM + kPad;         // P^T and dS^T tiles (keys x queries)
+  static constexpr int smem_float_offset_bytes =
+      (2 * BN * LD + 2 * STAGES * BM * LD + 2 * BN * LDP) * kElemBytes;  // K, V, Q/dO ring, P^T, dS^T
+  static constexpr int smem_bytes = smem_float_offset_bytes + 2 * STAGES * BM * 4;  // lse/delta ring
 };
 
 // Launchers, one explicit instantiation per compiled head dim (attention_{fwd,bwd}_hdimD.cu).
@@ -92,5 +126,8 @@ template <int D>
 int launch_attention_fwd(const AttentionParams& p, CUstream_st* stream);
 template <int D>
 int launch_attention_bwd(const AttentionParams& p, CUstream_st* stream);
+// The Hopper forward (sm_90a machine code only; the caller checks the device).
+template <int D>
+int launch_attention_fwd_sm90(const AttentionParams& p, CUstream_st* stream);
 
 }  // namespace tvf

@@ -1,11 +1,15 @@
 // tubevit_fast._C: registers the CUDA attention kernels as PyTorch operators.
 //
 //   tubevit_fast_C::attention_fwd(q, k, v, cu_seqlens_q?, cu_seqlens_k?, max_seqlen_q,
-//                                 max_seqlen_k, softmax_scale) -> (out, lse)
+//                                 max_seqlen_k, softmax_scale, wgmma=False) -> (out, lse)
+//       wgmma=True: the Hopper (sm_90a, wgmma) forward; opt-in, compute capability 9.0 only
 //   tubevit_fast_C::attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q?, cu_seqlens_k?,
-//                                 max_seqlen_q, max_seqlen_k, softmax_scale) -> (dq, dk, dv)
+//                                 max_seqlen_q, max_seqlen_k, softmax_scale,
+//                                 deterministic=True) -> (dq, dk, dv)
+//       deterministic=False: the 5-product backward (dQ accumulated in fp32 with atomics)
 //   tubevit_fast_C::compiled_head_dims() -> int[]
 //   tubevit_fast_C::kernel_configs() -> str        (JSON: tile sizes, threads, shared memory)
+//   tubevit_fast_C::build_info() -> str            (JSON: arch list, head dims, CUDA version)
 //
 // Namespace: the Python package defines its own custom ops in namespace "tubevit_fast" with
 // torch.library.custom_op. These low-level kernels live in their own namespace,
@@ -19,6 +23,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -29,6 +34,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "attention_params.h"
@@ -38,21 +44,32 @@ namespace {
 using at::Tensor;
 using tvf::AttentionParams;
 
-// Head dims compiled into this build (setup.py defines TVF_HDIM_<D> for each built one).
-std::vector<int64_t> compiled_head_dims() {
-  std::vector<int64_t> dims;
+// Calls f(std::integral_constant<int, D>{}) for the head dim d if this build compiled it (setup.py
+// defines TVF_HDIM_<D> for each built one), and returns its result; nullopt for any other d.
+template <typename F>
+auto with_head_dim(int d, F&& f) -> std::optional<decltype(f(std::integral_constant<int, 64>{}))> {
+  switch (d) {
 #ifdef TVF_HDIM_64
-  dims.push_back(64);
+    case 64: return f(std::integral_constant<int, 64>{});
 #endif
 #ifdef TVF_HDIM_80
-  dims.push_back(80);
+    case 80: return f(std::integral_constant<int, 80>{});
 #endif
 #ifdef TVF_HDIM_96
-  dims.push_back(96);
+    case 96: return f(std::integral_constant<int, 96>{});
 #endif
 #ifdef TVF_HDIM_128
-  dims.push_back(128);
+    case 128: return f(std::integral_constant<int, 128>{});
 #endif
+    default: return std::nullopt;
+  }
+}
+
+std::vector<int64_t> compiled_head_dims() {
+  std::vector<int64_t> dims;
+  for (int d : {64, 80, 96, 128}) {
+    if (with_head_dim(d, [](auto) { return 0; })) dims.push_back(d);
+  }
   return dims;
 }
 
@@ -64,42 +81,15 @@ std::string join(const std::vector<int64_t>& v) {
   return os.str();
 }
 
-int dispatch_fwd(int d, const AttentionParams& p, cudaStream_t stream) {
-  switch (d) {
-#ifdef TVF_HDIM_64
-    case 64: return tvf::launch_attention_fwd<64>(p, stream);
-#endif
-#ifdef TVF_HDIM_80
-    case 80: return tvf::launch_attention_fwd<80>(p, stream);
-#endif
-#ifdef TVF_HDIM_96
-    case 96: return tvf::launch_attention_fwd<96>(p, stream);
-#endif
-#ifdef TVF_HDIM_128
-    case 128: return tvf::launch_attention_fwd<128>(p, stream);
-#endif
-    default: TORCH_CHECK(false, "unreachable: head dim ", d);
-  }
-  return -1;
-}
-
-int dispatch_bwd(int d, const AttentionParams& p, cudaStream_t stream) {
-  switch (d) {
-#ifdef TVF_HDIM_64
-    case 64: return tvf::launch_attention_bwd<64>(p, stream);
-#endif
-#ifdef TVF_HDIM_80
-    case 80: return tvf::launch_attention_bwd<80>(p, stream);
-#endif
-#ifdef TVF_HDIM_96
-    case 96: return tvf::launch_attention_bwd<96>(p, stream);
-#endif
-#ifdef TVF_HDIM_128
-    case 128: return tvf::launch_attention_bwd<128>(p, stream);
-#endif
-    default: TORCH_CHECK(false, "unreachable: head dim ", d);
-  }
-  return -1;
+// The Hopper kernel exists as machine code for sm_90a only (elsewhere it is a trap).
+void check_wgmma_device(const char* name, const Tensor& q) {
+  int major = 0, minor = 0;
+  const int dev = q.device().index();
+  TORCH_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess,
+              name, ": cannot read the compute capability of device ", dev);
+  TORCH_CHECK(major == 9 && minor == 0, name, ": the wgmma forward (TUBEVIT_FAST_CUDA_WGMMA=1) runs on compute "
+              "capability 9.0 (H100/H200) only, got ", major, ".", minor);
 }
 
 // The kernels read rows with 16-byte vector copies: unit stride along the head dim, other
@@ -236,17 +226,29 @@ void set_lse_strides(AttentionParams& p, const Problem& pr, const Tensor& lse) {
   p.lse_head_stride = pr.varlen ? lse.stride(0) : lse.stride(1);
 }
 
+#ifndef TVF_ARCH_LIST
+#define TVF_ARCH_LIST "unknown"
+#endif
+
 void check_launch(const char* name, int err) {
-  TORCH_CHECK(err == 0, name, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  const auto e = static_cast<cudaError_t>(err);
+  TORCH_CHECK(e != cudaErrorNoKernelImageForDevice && e != cudaErrorUnsupportedPtxVersion, name,
+              ": this GPU cannot run the kernels of this build (", cudaGetErrorString(e),
+              "); it holds TORCH_CUDA_ARCH_LIST=" TVF_ARCH_LIST
+              " and the kernels need compute capability 8.0 or newer; `python -m tubevit_fast.info` "
+              "shows what the binary holds");
+  TORCH_CHECK(err == 0, name, ": CUDA kernel launch failed: ", cudaGetErrorString(e));
 }
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                          const std::optional<Tensor>& cu_q_in, const std::optional<Tensor>& cu_k_in,
-                                         int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale) {
+                                         int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                                         bool wgmma) {
   const char* name = "tubevit_fast_C::attention_fwd";
   const Problem pr = check_qkv(name, q_in, k_in, v_in, cu_q_in, cu_k_in, max_seqlen_q, max_seqlen_k);
   check_devices(name, {&q_in, &k_in, &v_in}, cu_q_in, cu_k_in);
   c10::cuda::CUDAGuard guard(q_in.device());
+  if (wgmma) check_wgmma_device(name, q_in);
   const Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
   std::optional<Tensor> cu_q, cu_k;
   if (pr.varlen) {
@@ -263,7 +265,10 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in,
   p.lse = lse.data_ptr<float>();
   set_lse_strides(p, pr, lse);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_launch(name, dispatch_fwd(pr.head_dim, p, stream));
+  check_launch(name, *with_head_dim(pr.head_dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    return wgmma ? tvf::launch_attention_fwd_sm90<D>(p, stream) : tvf::launch_attention_fwd<D>(p, stream);
+  }));
   return {out, lse};
 }
 
@@ -271,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
                                                  const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
                                                  const std::optional<Tensor>& cu_q_in,
                                                  const std::optional<Tensor>& cu_k_in, int64_t max_seqlen_q,
-                                                 int64_t max_seqlen_k, double softmax_scale) {
+                                                 int64_t max_seqlen_k, double softmax_scale, bool deterministic) {
   const char* name = "tubevit_fast_C::attention_bwd";
   const Problem pr = check_qkv(name, q_in, k_in, v_in, cu_q_in, cu_k_in, max_seqlen_q, max_seqlen_k);
   for (const Tensor* t : {&dout_in, &out_in}) {
@@ -314,15 +319,23 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
   p.dq_layout = row_layout(dq, pr.varlen);
   p.dk_layout = row_layout(dk, pr.varlen);
   p.dv_layout = row_layout(dv, pr.varlen);
+  Tensor dq_accum;  // kept alive until the launches are queued; the caching allocator orders its reuse
+  if (!deterministic) {
+    dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.dq_accum_layout = row_layout(dq_accum, pr.varlen);
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  check_launch(name, dispatch_bwd(pr.head_dim, p, stream));
+  check_launch(name, *with_head_dim(pr.head_dim, [&](auto d) {
+    return tvf::launch_attention_bwd<decltype(d)::value>(p, stream);
+  }));
   return {dq, dk, dv};
 }
 
 template <template <int> class Cfg, int D>
 void config_json(std::ostringstream& os, const char* kernel, bool& first) {
   os << (first ? "" : ",") << "{\"kernel\":\"" << kernel << "\",\"head_dim\":" << D
-     << ",\"threads\":" << tvf::kThreads << ",\"block_m\":" << Cfg<D>::BM << ",\"block_n\":" << Cfg<D>::BN
+     << ",\"threads\":" << Cfg<D>::THREADS << ",\"block_m\":" << Cfg<D>::BM << ",\"block_n\":" << Cfg<D>::BN
      << ",\"stages\":" << Cfg<D>::STAGES << ",\"shared_bytes\":" << Cfg<D>::smem_bytes << "}";
   first = false;
 }
@@ -330,11 +343,14 @@ void config_json(std::ostringstream& os, const char* kernel, bool& first) {
 template <int D>
 void configs_for(std::ostringstream& os, bool& first) {
   config_json<tvf::FwdConfig, D>(os, "attention_fwd_kernel", first);
+  config_json<tvf::FwdSm90Config, D>(os, "attention_fwd_sm90_kernel", first);
   config_json<tvf::DqConfig, D>(os, "attention_bwd_dq_kernel", first);
   config_json<tvf::DkdvConfig, D>(os, "attention_bwd_dkdv_kernel", first);
-  os << ",{\"kernel\":\"attention_bwd_preprocess_kernel\",\"head_dim\":" << D
-     << ",\"threads\":" << tvf::kPreprocessRows << ",\"block_m\":" << tvf::kPreprocessRows
-     << ",\"block_n\":0,\"stages\":0,\"shared_bytes\":0}";
+  config_json<tvf::DkdvConfig, D>(os, "attention_bwd_dkdv_dqatomic_kernel", first);
+  for (const char* kernel : {"attention_bwd_preprocess_kernel", "attention_bwd_dq_convert_kernel"}) {
+    os << ",{\"kernel\":\"" << kernel << "\",\"head_dim\":" << D << ",\"threads\":" << tvf::kPreprocessRows
+       << ",\"block_m\":" << tvf::kPreprocessRows << ",\"block_n\":0,\"stages\":0,\"shared_bytes\":0}";
+  }
 }
 
 // JSON list describing every compiled kernel instance (dtype aside): for the audit.
@@ -342,19 +358,21 @@ std::string kernel_configs() {
   std::ostringstream os;
   bool first = true;
   os << "[";
-#ifdef TVF_HDIM_64
-  configs_for<64>(os, first);
-#endif
-#ifdef TVF_HDIM_80
-  configs_for<80>(os, first);
-#endif
-#ifdef TVF_HDIM_96
-  configs_for<96>(os, first);
-#endif
-#ifdef TVF_HDIM_128
-  configs_for<128>(os, first);
-#endif
+  for (int d : compiled_head_dims()) {
+    with_head_dim(static_cast<int>(d), [&](auto dim) {
+      configs_for<decltype(dim)::value>(os, first);
+      return 0;
+    });
+  }
   os << "]";
+  return os.str();
+}
+
+// JSON: what this binary was built for (python -m tubevit_fast.info prints it).
+std::string build_info() {
+  std::ostringstream os;
+  os << "{\"arch_list\":\"" TVF_ARCH_LIST "\",\"head_dims\":[" << join(compiled_head_dims())
+     << "],\"cuda_runtime_version\":" << CUDART_VERSION << "}";
   return os.str();
 }
 
@@ -363,13 +381,14 @@ std::string kernel_configs() {
 TORCH_LIBRARY(tubevit_fast_C, m) {
   m.def(
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale) -> (Tensor out, Tensor lse)");
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool wgmma=False) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-      "float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softmax_scale, bool deterministic=True) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("compiled_head_dims() -> int[]", &compiled_head_dims);
   m.def("kernel_configs() -> str", &kernel_configs);
+  m.def("build_info() -> str", &build_info);
 }
 
 // CUDA: the kernels. CPU: the same entry points, whose checks reject CPU tensors with a clear

@@ -1,7 +1,8 @@
 // The sm_80 instructions the attention kernels are built from, as inline PTX:
 //   mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32   tensor-core product
-//   ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16                 shared -> mma fragments
+//   ldmatrix.sync.aligned.m8n8.{x4,x2.trans}{.trans}.shared.b16      shared -> mma fragments
 //   cp.async.{cg,ca}.shared.global (+ commit_group / wait_group)      asynchronous tile loads
+//   red.global.add.f32                                               atomic fp32 accumulation
 // plus thread/block indices, the block barrier and quad (4-lane) shuffles.
 //
 // The kernels call only these wrappers for anything warp- or block-collective, so the same
@@ -79,7 +80,8 @@ int thread_index();
 int block_index(int axis);
 void block_sync();
 float shfl_xor(float v, int lane_mask);
-void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row, bool trans);
+void ldmatrix(uint32_t* r, int matrices, const void* smem_row, bool trans);
+void atomic_add(float* gmem, float v);
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 void cp_async(void* smem_dst, const void* gmem_src, int bytes, bool valid);
 void cp_async_commit();
@@ -92,8 +94,10 @@ TVF_DEVICE int block_index_y() { return emu::block_index(1); }
 TVF_DEVICE int block_index_z() { return emu::block_index(2); }
 TVF_DEVICE void block_sync() { emu::block_sync(); }
 TVF_DEVICE float shfl_xor(float v, int m) { return emu::shfl_xor(v, m); }
-TVF_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu::ldmatrix_x4(r, p, false); }
-TVF_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu::ldmatrix_x4(r, p, true); }
+TVF_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu::ldmatrix(r, 4, p, false); }
+TVF_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu::ldmatrix(r, 4, p, true); }
+TVF_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu::ldmatrix(r, 2, p, true); }
+TVF_DEVICE void atomic_add_f32(float* p, float v) { emu::atomic_add(p, v); }
 template <typename T>
 TVF_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emu::mma_16816(d, a, b0, b1, IsBf16<T>::value);
@@ -132,6 +136,17 @@ TVF_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
 }
+
+// Lanes 0-15 supply the row addresses of the two matrices (lanes 16-31 are ignored).
+TVF_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+// Fire-and-forget fp32 add to global memory (RED.E.ADD.F32); the order of the adds is not
+// deterministic, so neither are the last bits of the sum.
+TVF_DEVICE void atomic_add_f32(float* p, float v) { atomicAdd(p, v); }
 
 // d += A (16x16, row) * B (16x8, col), fp32 accumulate.
 template <typename T>

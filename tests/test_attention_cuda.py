@@ -40,9 +40,11 @@ from tubevit_fast.reference.attention import attention_reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-KERNELS = ("attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dq_kernel",
-           "attention_bwd_dkdv_kernel")
-MATMUL_KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")
+KERNELS = ("attention_fwd_kernel", "attention_fwd_sm90_kernel", "attention_bwd_preprocess_kernel",
+           "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dkdv_dqatomic_kernel",
+           "attention_bwd_dq_convert_kernel")
+MATMUL_KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel",
+                  "attention_bwd_dkdv_dqatomic_kernel")
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -81,13 +83,13 @@ def _cuda_include_dir() -> str | None:
     return next((c for c in candidates if os.path.exists(os.path.join(c, "cuda_bf16.h"))), None)
 
 
-def _host_build(source: str, flags: list[str], shared: bool) -> str:
-    """Compile csrc/testing/<source> with the host compiler, cached by content of csrc/."""
+def _host_build(source: str, flags: list[str], shared: bool, csrc: str = CSRC) -> str:
+    """Compile <csrc>/testing/<source> with the host compiler, cached by content of csrc/."""
     cxx = _cxx()
     require(cxx is not None, "no host C++ compiler (g++) found")
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(CSRC)) + [os.path.join("testing", source)]:
-        path = os.path.join(CSRC, name)
+    for name in sorted(os.listdir(csrc)) + [os.path.join("testing", source)]:
+        path = os.path.join(csrc, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 digest.update(name.encode() + f.read())
@@ -99,7 +101,7 @@ def _host_build(source: str, flags: list[str], shared: bool) -> str:
     if not os.path.exists(out):
         tmp = out + f".tmp{os.getpid()}"
         cmd = [cxx, "-std=c++17", "-O2", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas", *flags,
-               os.path.join(CSRC, "testing", source), "-o", tmp]
+               os.path.join(csrc, "testing", source), "-o", tmp]
         if shared:
             cmd[1:1] = ["-shared", "-fPIC"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -187,11 +189,15 @@ def test_tile_backward_p_and_ds(tile_lib, transposed, valid_cols):
 
 # ---- the kernels, emulated on the CPU ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def emulator():
+def _build_emulator(csrc: str = CSRC) -> str:
     include = _cuda_include_dir()
     require(include is not None, "no CUDA headers (cuda_fp16.h) for the kernel emulator")
-    return _host_build("emu_harness.cpp", [f"-I{include}"], shared=False)
+    return _host_build("emu_harness.cpp", [f"-I{include}"], shared=False, csrc=csrc)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return _build_emulator()
 
 
 def _storage_bytes(t: torch.Tensor) -> bytes:
@@ -202,8 +208,10 @@ def _storage_bytes(t: torch.Tensor) -> bytes:
 
 
 def run_emulated(emu: str, pass_: str, q, k, v, cu=(None, None), scale=None, dout=None, out=None, lse=None,
-                 mode="deferred", seed=0):
-    """Run the emulated kernels: fwd -> (out, lse); bwd -> (dq, dk, dv, delta)."""
+                 mode="deferred", seed=0, backward="deterministic", forward="mma"):
+    """Run the emulated kernels: fwd -> (out, lse); bwd -> (dq, dk, dv, delta). forward: "mma"
+    (the sm_80 kernel) or "wgmma" (the Hopper one). backward: "deterministic" (dQ kernel + dK/dV
+    kernel) or "atomic" (dK/dV kernel with fp32 atomic dQ)."""
     cu_q, cu_k = cu
     varlen = cu_q is not None
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -217,7 +225,7 @@ def run_emulated(emu: str, pass_: str, q, k, v, cu=(None, None), scale=None, dou
     config = {"pass": pass_, "varlen": int(varlen), "batch": batch, "heads": heads, "rows_q": rows_q,
               "rows_k": rows_k, "mode": mode, "seed": seed, "max_q": max_q, "max_k": max_k,
               "scale": repr(float(1 / math.sqrt(head_dim) if scale is None else scale)), "head_dim": head_dim,
-              "dtype": DTYPE_NAMES[q.dtype]}
+              "dtype": DTYPE_NAMES[q.dtype], "backward": backward, "forward": forward}
     with tempfile.TemporaryDirectory(prefix="tvf_emu_") as d:
         def put(name, t):
             with open(os.path.join(d, name + ".bin"), "wb") as f:
@@ -308,11 +316,14 @@ def reference(q, k, v, dout, cu, dtype):
     return [out.detach(), *grads], lse.detach()
 
 
+# Tiles (csrc/attention_params.h): forward and dQ blocks of 128 queries, key tiles of 64 (32 at
+# D = 128; dQ: 32 beyond D = 64); dK/dV blocks of 128 keys, query tiles of 64 (32 at D = 128).
 EMULATED_CASES = [
-    Case(heads=2, head_dim=64, batch=2, nq=70, nk=130),                     # ragged tails, several K tiles
+    Case(heads=1, head_dim=64, batch=2, nq=150, nk=200),                    # ragged tails, 2 blocks each way
     Case(heads=3, head_dim=128, batch=2, nq=1, nk=77),                      # attention pooling (Nq = 1)
-    Case(heads=1, head_dim=80, batch=1, nq=65, nk=33),                      # D 80, two query tiles
+    Case(heads=1, head_dim=80, batch=1, nq=140, nk=150),                    # D 80 (dK/dV: 8 x 1 warps)
     Case(heads=2, head_dim=96, batch=1, nq=40, nk=100),                     # D 96
+    Case(heads=1, head_dim=128, seg_q=(130, 3), seg_k=(20, 140)),           # varlen D 128, long segments
     Case(heads=2, head_dim=64, seg_q=(5, 0, 70), seg_k=(33, 7, 90)),        # varlen, an empty query segment
     Case(heads=2, head_dim=128, seg_q=(1, 1, 1), seg_k=(50, 3, 64)),        # varlen pooling
     Case(heads=1, head_dim=80, seg_q=(17, 66), seg_k=(9, 130)),             # varlen D 80
@@ -322,12 +333,16 @@ EMULATED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["deferred", "immediate"])
+EMULATOR_MODES = ("deferred", "immediate", "greedy")
+
+
+@pytest.mark.parametrize("mode", EMULATOR_MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: c.id)
 def test_emulated_kernels_match_float64(emulator, case, dtype, mode):
     """The kernel sources themselves (forward, delta preprocess, dQ, dK/dV), run by the CPU
-    emulator, against the float64 reference with FlashAttention's 2x-PyTorch-error rule."""
+    emulator under each of its schedules (see csrc/testing/emu_harness.cpp), against the float64
+    reference with FlashAttention's 2x-PyTorch-error rule."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-{mode}".encode()))
     q64, k64, v64, dout64, cu = make_inputs(case, gen)
     golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
@@ -346,6 +361,43 @@ def test_emulated_kernels_match_float64(emulator, case, dtype, mode):
     torch.testing.assert_close(delta.double(), golden_delta, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: c.id)
+def test_emulated_atomic_backward_matches_float64(emulator, case, dtype):
+    """The optional 5-product backward (dK/dV kernel adding dS K to an fp32 dQ with atomics, then
+    a convert kernel), under the greedy schedule: dq against float64, and dk, dv bit-identical
+    to the deterministic backward's (the same code computes them)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-atomic".encode()))
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    golden, _ = reference(q64, k64, v64, dout64, cu, torch.float64)
+    same_dtype, _ = reference(q64, k64, v64, dout64, cu, dtype)
+    q, k, v = as_dtype(case, q64, k64, v64, dtype)
+    out, lse = run_emulated(emulator, "fwd", q, k, v, cu)
+    args = dict(dout=dout64.to(dtype), out=out, lse=lse, mode="greedy", seed=7)
+    dq, dk, dv, _ = run_emulated(emulator, "bwd", q, k, v, cu, backward="atomic", **args)
+    _, dk_det, dv_det, _ = run_emulated(emulator, "bwd", q, k, v, cu, backward="deterministic", **args)
+    assert_close_to_golden(dq, golden[1], same_dtype[1], atol=dtype_atol(dtype), name="dq")
+    assert torch.equal(dk, dk_det) and torch.equal(dv, dv_det)
+
+
+@pytest.mark.parametrize("mode", EMULATOR_MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: c.id)
+def test_emulated_hopper_forward_matches_float64(emulator, case, dtype, mode):
+    """The opt-in sm_90a forward (wgmma with shared-memory descriptors, P from registers, V as a
+    transposed operand), run by the emulator's reading of the PTX ISA's wgmma layouts: out and
+    lse against float64. Schedules as above; "deferred" also runs each product only at its
+    wgmma.wait_group, so a result read before the wait would be stale."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}-{mode}-wgmma".encode()))
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
+    same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype)
+    q, k, v = as_dtype(case, q64, k64, v64, dtype)
+    out, lse = run_emulated(emulator, "fwd", q, k, v, cu, mode=mode, seed=11, forward="wgmma")
+    assert_close_to_golden(out, golden[0], same_dtype[0], atol=dtype_atol(dtype), name="out")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+
+
 def test_emulated_empty_key_segment(emulator):
     """A query segment whose key segment is empty: output 0, lse -inf, dq 0 (and dk/dv of the
     other segments unaffected)."""
@@ -360,6 +412,180 @@ def test_emulated_empty_key_segment(emulator):
     golden, _ = reference(q64[3:], k64, v64, dout64[3:], (cu_seqlens([4]), cu_seqlens([5])), torch.float64)
     for fast, gold in zip((out[3:], dq[3:], dk, dv), golden):
         torch.testing.assert_close(fast.double(), gold, rtol=0, atol=2e-2)
+
+
+# ---- (a) the install: setup.py never fails for want of a toolkit; what the binary holds ---------------
+
+def _run_setup(args, cwd, env_overrides, path=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TUBEVIT_FAST_BUILD_CUDA", "CUDA_HOME", "CUDA_PATH", "TORCH_CUDA_ARCH_LIST", "CXX")}
+    env.update(env_overrides)
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run([sys.executable, os.path.join(cwd, "setup.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _notices(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("tubevit_fast: ")]
+
+
+@pytest.fixture
+def fake_toolkit(tmp_path):
+    """A CUDA_HOME whose nvcc reports torch's CUDA version and fails every compile, and a host
+    compiler that fails every compile (version queries go to the real g++)."""
+    require(torch.version.cuda is not None, "torch is a CPU-only build")
+    home = tmp_path / "cuda"
+    (home / "bin").mkdir(parents=True)
+    nvcc, cxx = home / "bin" / "nvcc", home / "bin" / "fake-c++"
+    version = f"release {torch.version.cuda}, V{torch.version.cuda}.0"
+    nvcc.write_text("#!/bin/sh\n"
+                    f'[ "$1" = "--version" ] && {{ echo "Cuda compilation tools, {version}"; exit 0; }}\n'
+                    'echo "nvcc fatal : fake toolkit" >&2; exit 1\n')
+    cxx.write_text("#!/bin/sh\n"
+                   'for a in "$@"; do [ "$a" = "-c" ] && { echo "fake c++ fails" >&2; exit 1; }; done\n'
+                   f'exec {_cxx() or "g++"} "$@"\n')
+    nvcc.chmod(0o755), cxx.chmod(0o755)
+    return home, cxx
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_setup_without_a_toolkit(tmp_path, mode):
+    """No nvcc under CUDA_HOME: auto mode installs pure Python with one notice, =1 fails saying why."""
+    flag = {"TUBEVIT_FAST_BUILD_CUDA": "1"} if mode == "required" else {}
+    proc = _run_setup(["--name"], ROOT, {"CUDA_HOME": str(tmp_path), **flag})
+    notices = _notices(proc)
+    assert len(notices) == 1 and f"CUDA_HOME={tmp_path} holds no bin/nvcc" in notices[0], proc.stderr
+    if mode == "auto":
+        assert proc.returncode == 0 and "installing without the CUDA extension" in notices[0], proc.stderr
+    else:
+        assert proc.returncode != 0 and "TUBEVIT_FAST_BUILD_CUDA=1 but" in notices[0]
+
+
+def test_setup_without_ninja(fake_toolkit, tmp_path):
+    home, _ = fake_toolkit
+    proc = _run_setup(["--name"], ROOT, {"CUDA_HOME": str(home)}, path=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    [notice] = _notices(proc)
+    assert notice == ("tubevit_fast: installing without the CUDA extension: ninja not found "
+                      "(pip install ninja)")
+
+
+def test_setup_drops_archs_below_sm80(fake_toolkit):
+    require(shutil.which("ninja") is not None, "ninja not installed")
+    home, _ = fake_toolkit
+    proc = _run_setup(["--name"], ROOT, {"CUDA_HOME": str(home), "TORCH_CUDA_ARCH_LIST": "7.0;7.5"})
+    assert proc.returncode == 0
+    assert _notices(proc) == [
+        "tubevit_fast: not building the CUDA extension for 7.0;7.5 (it needs sm_80 or newer)",
+        "tubevit_fast: installing without the CUDA extension: TORCH_CUDA_ARCH_LIST names no arch the kernels "
+        "support (8.0 or newer)"], proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_setup_falls_back_when_the_compile_fails(fake_toolkit, tmp_path, mode):
+    """A toolkit that is present but cannot compile: auto mode still installs (pure Python, one
+    notice, no module left behind); =1 fails the build."""
+    require(shutil.which("ninja") is not None, "ninja not installed")
+    home, cxx = fake_toolkit
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(os.path.join(ROOT, "setup.py"), repo)
+    shutil.copytree(CSRC, repo / "csrc")
+    (repo / "tubevit_fast").mkdir()
+    flag = {"TUBEVIT_FAST_BUILD_CUDA": "1"} if mode == "required" else {}
+    proc = _run_setup(["build_ext", "--inplace"], str(repo),
+                      {"CUDA_HOME": str(home), "CXX": str(cxx), "TUBEVIT_FAST_CUDA_HEADDIMS": "64",
+                       "MAX_JOBS": "1", **flag})
+    assert not list((repo / "tubevit_fast").glob("_C*.so"))
+    if mode == "auto":
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        [notice] = _notices(proc)
+        assert notice.startswith("tubevit_fast: installing without the CUDA extension: its build failed")
+    else:
+        assert proc.returncode != 0 and not _notices(proc), proc.stderr[-2000:]
+
+
+def test_runs_on_reads_the_compatibility_rules():
+    targets = {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}
+    assert extension.runs_on((8, 0), targets) == "sm_80 machine code"
+    assert extension.runs_on((8, 9), targets) == "sm_80 machine code"  # same major, higher minor
+    assert extension.runs_on((9, 0), targets) == "sm_90a machine code"
+    assert extension.runs_on((12, 0), targets).startswith("compute_80 PTX")
+    assert extension.runs_on((7, 5), targets) is None
+    assert extension.runs_on((10, 0), {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_90a"]}) is None
+    assert extension.runs_on((9, 0), {"sass": ["sm_80"], "ptx": []}) is None  # no sm_9x code, no PTX
+
+
+@pytest.mark.aot
+def test_info_reports_the_archs_in_the_binary():
+    """python -m tubevit_fast.info: the build's arch list and the binary's SASS / PTX (cuobjdump)."""
+    require_extension()
+    from tubevit_fast.audit import cuobjdump_path
+    require(cuobjdump_path() is not None, "cuobjdump not found (Triton's wheel or CUDA_HOME)")
+    proc = subprocess.run([sys.executable, "-m", "tubevit_fast.info", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ext = json.loads(proc.stdout)["extension"]
+    build, binary = ext["build"], ext["binary"]
+    assert build["head_dims"] == list(extension.supported_head_dims())
+    entries = build["arch_list"].split(";")
+    sass_from_list = {"sm_" + a.split("+")[0].replace(".", "") for a in entries}
+    ptx_from_list = {"compute_" + a.split("+")[0].replace(".", "") for a in entries if a.endswith("+PTX")}
+    assert set(binary["sass"]) == sass_from_list and set(binary["ptx"]) == ptx_from_list, (build, binary)
+    if IN_CI and not os.environ.get("TORCH_CUDA_ARCH_LIST"):  # setup.py's default list
+        assert build["arch_list"] == "8.0+PTX;9.0a"
+        assert binary == {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}
+    from tubevit_fast.info import format_text
+    text = format_text(json.loads(proc.stdout))
+    assert "machine code (SASS): " + ", ".join(binary["sass"]) in text, text
+
+
+# Every cp.async refill of a ring buffer in the kernels is written on the line after the barrier
+# that ends every warp's reads of that buffer, and marked so.
+REFILL_AFTER_BARRIER = re.compile(r"(\n[ \t]*block_sync\(\);)(\n[^\n]*// refill: after the barrier[^\n]*)")
+# forward: V and K; dQ: the K/V pair; dK/dV: the Q/dO/lse/delta tile; Hopper forward: V and K
+REFILLS = {"attention_kernels.cuh": 4, "attention_fwd_sm90.cuh": 2}
+
+
+@pytest.fixture(scope="module")
+def emulator_with_early_refills(tmp_path_factory):
+    """The emulator built from a copy of csrc/ in which every refill is issued just before its
+    barrier instead of after it: the loop-end barrier of the buffer's last reader is gone, so a
+    warp that finishes early overwrites data the other warps have not read yet (a write-after-
+    read race on the ring; the reads of data just waited for, read-after-write, stay guarded)."""
+    mutant = tmp_path_factory.mktemp("mutant") / "csrc"
+    shutil.copytree(CSRC, mutant)
+    for name, expected in REFILLS.items():
+        path = mutant / name
+        source, n = REFILL_AFTER_BARRIER.subn(r"\2\1", path.read_text())
+        assert n == expected, f"{name}: found {n} marked refills, expected {expected}: update the test"
+        path.write_text(source)
+    return _build_emulator(str(mutant))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_greedy_schedule_catches_a_refill_before_its_barrier(emulator_with_early_refills, dtype):
+    """Mutation test of the emulator: with the refills moved above their barriers, the greedy
+    schedule gives wrong out (both forward kernels), dq, dk and dv (each kernel is fed exact
+    inputs, so each failure is its own). The real kernels pass the same schedule on every
+    emulated case (tests above)."""
+    case = Case(heads=1, head_dim=64, batch=1, nq=200, nk=200)  # >= 3 tiles per ring in every kernel
+    gen = torch.Generator().manual_seed(14)
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
+    same_dtype, _ = reference(q64, k64, v64, dout64, cu, dtype)
+    q, k, v = as_dtype(case, q64, k64, v64, dtype)
+    emu = emulator_with_early_refills
+    out, _ = run_emulated(emu, "fwd", q, k, v, mode="greedy", seed=3)
+    out_wgmma, _ = run_emulated(emu, "fwd", q, k, v, mode="greedy", seed=3, forward="wgmma")
+    dq, dk, dv, _ = run_emulated(emu, "bwd", q, k, v, dout=dout64.to(dtype), out=golden[0].to(dtype),
+                                 lse=golden_lse.float(), mode="greedy", seed=3)
+    atol = dtype_atol(dtype)
+    for name, fast, gold, ref in zip(("out", "out (wgmma)", "dq", "dk", "dv"), (out, out_wgmma, dq, dk, dv),
+                                     [golden[0], *golden], [same_dtype[0], *same_dtype]):
+        with pytest.raises(AssertionError):
+            assert_close_to_golden(fast, gold, ref, atol=atol, name=name)
 
 
 # ---- (b), (c) the nvcc build: ptxas report and SASS ------------------------------------------------
@@ -431,6 +657,23 @@ def test_sass_has_tensor_core_mma_on_both_archs(audit):
 
 
 @pytest.mark.aot
+def test_hopper_forward_sass_has_hgmma(audit):
+    """The opt-in wgmma forward: HGMMA (D/16 for S = Q K^T, 4 key chunks x its n64/n32/n16 pieces
+    for O += P V) and no HMMA in its sm_90a machine code, 128-bit cp.async, 0 spills; absent from
+    the sm_80 rows (a trap there, never launched)."""
+    rows = [r for r in audit if r["kernel"] == "attention_fwd_sm90_kernel"]
+    assert {r["arch"] for r in rows} == {"sm_90"}, rows
+    dims = extension.supported_head_dims()
+    expected = {(dt, d) for dt in ("fp16", "bf16") for d in dims}
+    assert {(r["dtype"], r["details"]["head_dim"]) for r in rows} == expected
+    for row in rows:
+        d = row["details"]["head_dim"]
+        pieces = d // 64 + bool(d % 64 & 32) + bool(d % 64 & 16)
+        assert row["details"]["hgmma"] == d // 16 + 4 * pieces and row["details"]["hmma"] == 0, row
+        assert row["load_widths"].get(128, 0) > 0 and row["spill_bytes"] == 0 and row["ok"], row
+
+
+@pytest.mark.aot
 def test_audit_rows_agree_with_the_ptxas_report_and_the_audit_rules(audit):
     """The extension's rows are judged with tubevit_fast.audit's rules: spill_bytes is LOCAL +
     STACK, occupancy is estimate_occupancy's, ok is row_ok's; registers match ptxas' report."""
@@ -474,11 +717,12 @@ def test_audit_cli_lists_the_extension_rows():
 
 SCHEMAS = {
     "attention_fwd": "tubevit_fast_C::attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, "
-                     "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale) "
-                     "-> (Tensor out, Tensor lse)",
+                     "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, "
+                     "bool wgmma=False) -> (Tensor out, Tensor lse)",
     "attention_bwd": "tubevit_fast_C::attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
                      "Tensor lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
-                     "int max_seqlen_k, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)",
+                     "int max_seqlen_k, float softmax_scale, bool deterministic=True) "
+                     "-> (Tensor dq, Tensor dk, Tensor dv)",
 }
 
 
@@ -512,14 +756,16 @@ def test_opcheck_on_meta_tensors(varlen, dtype):
     o = ops()
     q, k, v, cu_q, cu_k, max_q, max_k, lse = _meta_args(varlen, dtype)
     fwd_args = (q, k, v, cu_q, cu_k, max_q, max_k, 0.125)
-    torch.library.opcheck(o.attention_fwd.default, fwd_args)
+    for wgmma in (False, True):
+        torch.library.opcheck(o.attention_fwd.default, (*fwd_args, wgmma))
     out, lse_fake = o.attention_fwd(*fwd_args)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert lse_fake.shape == lse.shape and lse_fake.dtype == torch.float32
     bwd_args = (torch.empty_like(q), q, k, v, torch.empty_like(q), lse, cu_q, cu_k, max_q, max_k, 0.125)
-    torch.library.opcheck(o.attention_bwd.default, bwd_args)
-    dq, dk, dv = o.attention_bwd(*bwd_args)
-    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    for deterministic in (True, False):
+        torch.library.opcheck(o.attention_bwd.default, (*bwd_args, deterministic))
+        dq, dk, dv = o.attention_bwd(*bwd_args, deterministic)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 
 
 @pytest.mark.aot
@@ -531,6 +777,22 @@ def test_fake_kernels_trace_under_fake_tensor_mode():
         k = torch.empty(2, 50, 4, 128, dtype=torch.bfloat16)
         out, lse = o.attention_fwd(q, k, k, None, None, 1, 50, 0.1)
         assert out.shape == (2, 1, 4, 128) and lse.shape == (2, 4, 1)
+
+
+def test_backward_variant_follows_the_env_and_torch_determinism(monkeypatch):
+    monkeypatch.delenv(extension.ENV_BACKWARD, raising=False)
+    assert extension.backward_variant() == "deterministic"  # the default
+    monkeypatch.setenv(extension.ENV_BACKWARD, "atomic")
+    assert extension.backward_variant() == "atomic"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert extension.backward_variant() == "deterministic"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setenv(extension.ENV_BACKWARD, "fast")
+    with pytest.raises(ValueError, match="TUBEVIT_FAST_CUDA_BACKWARD='fast'"):
+        extension.backward_variant()
 
 
 _IMPORT_ORDER_SCRIPT = r"""
@@ -635,26 +897,32 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.gpu
-@requires_gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_gpu_against_float64_and_sdpa(case, dtype):
+def _gpu_case(case: Case, dtype, salt: str):
+    """Inputs on the GPU and the references of a GPU test: (q, k, v in dtype, dout float64, cu,
+    max_q, max_k, golden, golden_lse, same_dtype, same_lse). Skips head dims this build lacks."""
     require_extension()
     if case.head_dim not in extension.supported_head_dims():
         pytest.skip(f"head dim {case.head_dim} not in this build")
     dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}".encode()))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-{dtype}{salt}".encode()))
     q64, k64, v64, dout64, cu = make_inputs(case, gen)
     q64, k64, v64, dout64 = (t.to(dev) for t in (q64, k64, v64, dout64))
     cu = tuple(c.to(dev) if c is not None else None for c in cu)
     golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
     same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype)
     q, k, v = as_dtype(case, q64, k64, v64, dtype)
-    if case.varlen:
-        max_q, max_k = max(case.seg_q), max(case.seg_k)
-    else:
-        max_q, max_k = case.nq, case.nk
+    max_q, max_k = (max(case.seg_q), max(case.seg_k)) if case.varlen else (case.nq, case.nk)
+    return q, k, v, dout64, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("backward", extension.BACKWARDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_against_float64_and_sdpa(case, dtype, backward, monkeypatch):
+    monkeypatch.setenv(extension.ENV_BACKWARD, backward)
+    q, k, v, dout64, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse = _gpu_case(case, dtype, "")
     scale = 1 / math.sqrt(case.head_dim)
     out, lse = extension.attention_forward(q, k, v, *cu, max_q, max_k, scale)
     dq, dk, dv = extension.attention_backward(dout64.to(dtype), q, k, v, out, lse, *cu, max_q, max_k, scale)
@@ -668,6 +936,47 @@ def test_gpu_against_float64_and_sdpa(case, dtype):
         sdpa = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
         assert_close_to_golden(out, golden[0], sdpa, atol=atol, name="out vs sdpa")
+
+
+def _is_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _is_sm90(), reason="the wgmma forward needs an sm_90 GPU (H100/H200)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
+def test_gpu_wgmma_forward_against_float64(case, dtype, monkeypatch):
+    """The opt-in Hopper forward on hardware: out and lse against float64 (the first check of the
+    emulator's reading of the wgmma layouts on a real GPU)."""
+    monkeypatch.setenv(extension.ENV_WGMMA, "1")
+    q, k, v, _, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse = _gpu_case(case, dtype, "-wgmma")
+    out, lse = extension.attention_forward(q, k, v, *cu, max_q, max_k, 1 / math.sqrt(case.head_dim))
+    torch.cuda.synchronize()
+    assert_close_to_golden(out, golden[0], same_dtype[0], atol=dtype_atol(dtype), name="out")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_wgmma_forward_is_refused_off_sm90(monkeypatch):
+    require_extension()
+    if _is_sm90():
+        pytest.skip("this GPU runs the wgmma forward")
+    monkeypatch.setenv(extension.ENV_WGMMA, "1")
+    q, k, v = _dense(torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="runs on compute capability 9.0"):
+        extension.attention_forward(q, k, v, None, None, 4, 6, 0.1)
+
+
+def test_wgmma_request_is_read_from_the_env(monkeypatch):
+    monkeypatch.delenv(extension.ENV_WGMMA, raising=False)
+    assert not extension.wgmma_requested()  # never on by default
+    monkeypatch.setenv(extension.ENV_WGMMA, "1")
+    assert extension.wgmma_requested()
+    monkeypatch.setenv(extension.ENV_WGMMA, "yes")
+    with pytest.raises(ValueError, match="TUBEVIT_FAST_CUDA_WGMMA='yes'"):
+        extension.wgmma_requested()
 
 
 @pytest.mark.gpu

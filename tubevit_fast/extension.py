@@ -5,9 +5,11 @@ Importing tubevit_fast._C registers low-level operators in the namespace ``tubev
 other's namespace whatever the import order):
 
     torch.ops.tubevit_fast_C.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                           max_seqlen_q, max_seqlen_k, softmax_scale) -> (out, lse)
+                                           max_seqlen_q, max_seqlen_k, softmax_scale,
+                                           wgmma=False) -> (out, lse)
     torch.ops.tubevit_fast_C.attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                           max_seqlen_q, max_seqlen_k, softmax_scale) -> (dq, dk, dv)
+                                           max_seqlen_q, max_seqlen_k, softmax_scale,
+                                           deterministic=True) -> (dq, dk, dv)
     torch.ops.tubevit_fast_C.compiled_head_dims() -> list[int]
     torch.ops.tubevit_fast_C.kernel_configs() -> str (JSON)
 
@@ -17,6 +19,9 @@ torch.library.opcheck on fake/meta tensors, and offers:
     attention_forward / attention_backward   the launchers, same signatures as the Triton ones
     unavailable_reason()                     None, or why the extension cannot be used
     supported_head_dims()                    head dims compiled into this build
+    build_info(), binary_targets(), runs_on(capability)
+                                             what the binary was built for, which machine code and
+                                             PTX it holds, and what a GPU would run (tubevit_fast.info)
     ptxas_log_path(), ptxas_rows(), audit_rows()
                                              the build's ptxas report and its SASS audit (the
                                              parsers and rules of tubevit_fast.audit)
@@ -26,8 +31,20 @@ packed varlen q (total_q, H, D), k/v (total_k, H, D) with int32 cu_seqlens (batc
 (H, total_q). Non-causal, fp16/bf16 only (fp32 is rejected: the kernels are tensor-core
 kernels), head dims 64/80/96/128 (whichever were built). Dense inputs take their sequence
 lengths from the shapes; for varlen, max_seqlen_q/k must bound every segment (they size the
-grid). The backward is deterministic (no atomics): a delta = rowsum(dO * O) pass, a dQ kernel
-over key tiles and a dK/dV kernel over query tiles.
+grid).
+
+Backward. The default is deterministic (no atomics, bit-reproducible): a delta = rowsum(dO * O)
+pass, a dQ kernel over key tiles and a dK/dV kernel over query tiles (7 tile products). With
+TUBEVIT_FAST_CUDA_BACKWARD=atomic it is FlashAttention-2's 5-product backward instead: the dK/dV
+kernel also adds each tile's dS K to an fp32 dQ buffer with atomics (the order of those adds, so
+the last bits of dq, vary from run to run), then a pass scales and rounds it. Which is faster is
+unmeasured (no GPU run yet), so the default stays the deterministic one; the atomic one is never
+used while torch.use_deterministic_algorithms(True) is on.
+
+Hopper. TUBEVIT_FAST_CUDA_WGMMA=1 runs the forward on a wgmma kernel (sm_90a machine code;
+compute capability 9.0 only, an error elsewhere). It is checked here only by compilation, its SASS
+(HGMMA, 0 spills) and the CPU emulator's reading of the PTX ISA's wgmma layouts, not yet on a
+GPU, so it is never chosen automatically.
 """
 from __future__ import annotations
 
@@ -38,10 +55,14 @@ import json
 import math
 import os
 import re
+import subprocess
 
 import torch
 
 NAMESPACE = "tubevit_fast_C"
+ENV_BACKWARD = "TUBEVIT_FAST_CUDA_BACKWARD"
+ENV_WGMMA = "TUBEVIT_FAST_CUDA_WGMMA"
+BACKWARDS = ("deterministic", "atomic")
 PTXAS_LOG = "_C.ptxas.log"
 KERNEL_HEAD_DIMS = (64, 80, 96, 128)
 
@@ -86,6 +107,55 @@ def kernel_configs() -> list[dict]:
     return json.loads(_ops().kernel_configs())
 
 
+def build_info() -> dict:
+    """{"arch_list", "head_dims", "cuda_runtime_version"} as compiled into the binary."""
+    return json.loads(_ops().build_info())
+
+
+def binary_targets(lib: str | None = None) -> dict[str, list[str]]:
+    """{"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}: the machine code and PTX embedded in
+    the built module (cuobjdump --list-elf / --list-ptx). Raises RuntimeError without cuobjdump."""
+    from tubevit_fast import audit as A
+    lib = lib or library_path()
+    if lib is None or A.cuobjdump_path() is None:
+        raise RuntimeError("needs the built tubevit_fast._C and cuobjdump (Triton's wheel or CUDA_HOME)")
+    found = {"sass": set(), "ptx": set()}
+    for kind, flag in (("sass", "--list-elf"), ("ptx", "--list-ptx")):
+        proc = subprocess.run([A.cuobjdump_path(), flag, lib], capture_output=True, text=True)
+        # "ELF file    1: attention_fwd_hdim64.sm_80.cubin", "PTX file    1: attention_fwd_hdim64.sm_80.ptx"
+        for m in re.finditer(r"\.(sm_\d+[a-z]?)\.(?:cubin|ptx)\s*$", proc.stdout, flags=re.M):
+            found[kind].add(m.group(1) if kind == "sass" else m.group(1).replace("sm_", "compute_"))
+    return {kind: sorted(v, key=lambda a: (_version(a), a)) for kind, v in found.items()}
+
+
+def runs_on(capability: tuple[int, int], targets: dict[str, list[str]]) -> str | None:
+    """What a GPU of compute `capability` executes from `targets` (binary_targets()): "sm_XY machine
+    code", "compute_XY PTX, compiled by the driver", or None if nothing in the binary can run there.
+    Machine code runs on its own major version at the same or a higher minor one; the
+    arch-specific sm_90a only on 9.0. PTX runs on its own version and everything newer, except the
+    arch-specific compute_90a."""
+    major, minor = capability
+    sass = [a for a in targets.get("sass", ()) if _runs_sass(a, major, minor)]
+    if sass:
+        return f"{max(sass, key=lambda a: (_version(a), a.endswith('a')))} machine code"
+    ptx = [a for a in targets.get("ptx", ()) if not a.endswith("a") and _version(a) <= (major, minor)]
+    if ptx:
+        return f"{max(ptx, key=_version)} PTX, compiled by the driver at first use"
+    return None
+
+
+def _version(arch: str) -> tuple[int, int]:
+    digits = re.sub(r"\D", "", arch)
+    return int(digits[:-1]), int(digits[-1])
+
+
+def _runs_sass(arch: str, major: int, minor: int) -> bool:
+    a_major, a_minor = _version(arch)
+    if arch.endswith("a"):
+        return (a_major, a_minor) == (major, minor)
+    return a_major == major and a_minor <= minor
+
+
 # ---- fake kernels ---------------------------------------------------------------------------------
 
 def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple:
@@ -106,35 +176,55 @@ def _fake_checks(name: str, q, k, v, cu_q, cu_k) -> bool:
 
 def _register_fakes() -> None:
     @torch.library.register_fake(f"{NAMESPACE}::attention_fwd")
-    def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+    def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                            wgmma=False):
         varlen = _fake_checks("attention_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
         return q.new_empty(q.shape), q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
 
     @torch.library.register_fake(f"{NAMESPACE}::attention_bwd")
     def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale):
+                            softmax_scale, deterministic=True):
         _fake_checks("attention_bwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 # ---- launchers (the Triton launchers' signatures) -------------------------------------------------
 
+def wgmma_requested() -> bool:
+    """Whether TUBEVIT_FAST_CUDA_WGMMA=1 asks for the Hopper forward (see the module docstring)."""
+    flag = os.environ.get(ENV_WGMMA, "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"{ENV_WGMMA}={flag!r}: use 1 (the wgmma forward) or 0")
+    return flag == "1"
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
     """(out, lse): out like q (contiguous), lse float32 (B, H, Nq) dense or (H, total_q) varlen."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = _ops().attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q or 0),
-                                    int(max_seqlen_k or 0), float(softmax_scale))
+                                    int(max_seqlen_k or 0), float(softmax_scale), wgmma_requested())
     return out, lse
+
+
+def backward_variant() -> str:
+    """"deterministic" (default) or "atomic", from TUBEVIT_FAST_CUDA_BACKWARD; "deterministic"
+    whenever torch.use_deterministic_algorithms(True) is on."""
+    chosen = os.environ.get(ENV_BACKWARD, "").strip().lower() or "deterministic"
+    if chosen not in BACKWARDS:
+        raise ValueError(f"{ENV_BACKWARD}={chosen!r}: choose one of {BACKWARDS}")
+    return "deterministic" if torch.are_deterministic_algorithms_enabled() else chosen
 
 
 def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        softmax_scale):
-    """(dq, dk, dv), contiguous, like q, k, v; lse as returned by attention_forward."""
+    """(dq, dk, dv), contiguous, like q, k, v; lse as returned by attention_forward. The
+    variant is backward_variant()'s (see the module docstring)."""
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     dq, dk, dv = _ops().attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                      int(max_seqlen_q or 0), int(max_seqlen_k or 0), float(softmax_scale))
+                                      int(max_seqlen_q or 0), int(max_seqlen_k or 0), float(softmax_scale),
+                                      backward_variant() == "deterministic")
     return dq, dk, dv
 
 
@@ -158,8 +248,13 @@ def ptxas_log_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+# The Hopper kernel is machine code for sm_90a only; other cubins hold a trap in its place.
+SM90_KERNELS = ("attention_fwd_sm90_kernel",)
+# Kernels with no matrix product (no MMA expected in their SASS).
+ELEMENTWISE_KERNELS = ("attention_bwd_preprocess_kernel", "attention_bwd_dq_convert_kernel")
 _KERNEL_RE = re.compile(
-    r"tvf(\d+)attention_(fwd|bwd_dq|bwd_dkdv|bwd_preprocess)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E")
+    r"tvf(\d+)attention_(fwd|fwd_sm90|bwd_dq|bwd_dkdv|bwd_preprocess|bwd_dkdv_dqatomic|bwd_dq_convert)_kernel"
+    r"I(6__half|13__nv_bfloat16)Li(\d+)E")
 
 
 def describe_kernel(mangled: str) -> dict | None:
@@ -239,6 +334,8 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
             info = describe_kernel(func)
             if info is None or info["dtype"] not in dtypes:
                 continue
+            if info["kernel"] in SM90_KERNELS and arch != "sm_90":
+                continue
             cfg = configs.get((info["kernel"], info["head_dim"]), {})
             num_warps = cfg.get("threads", 128) // 32
             static_smem = res.get("SHARED", 0)
@@ -248,7 +345,7 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
             shared = dynamic_smem + static_smem
             stats = sass.get(func, A.SassStats())
             log = ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"]))
-            matmul = info["kernel"] != "attention_bwd_preprocess_kernel"
+            matmul = info["kernel"] not in ELEMENTWISE_KERNELS
             registers = res.get("REG", 0)
             occupancy = A.estimate_occupancy(arch, registers, shared, num_warps)
             spill = A.spill_bytes(res)
