@@ -355,7 +355,7 @@ def test_emulated_kernels_match_float64(emulator, case, dtype, mode):
     atol = dtype_atol(dtype)
     for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), golden, same_dtype):
         assert_close_to_golden(fast, gold, ref, atol=atol, name=name)
-    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse", dtype=dtype)
     golden_delta = (dout64.to(dtype).double() * out.double()).sum(-1)
     golden_delta = golden_delta.permute(1, 0) if case.varlen else golden_delta.permute(0, 2, 1)
     torch.testing.assert_close(delta.double(), golden_delta, rtol=1e-4, atol=1e-4)
@@ -395,7 +395,7 @@ def test_emulated_hopper_forward_matches_float64(emulator, case, dtype, mode):
     q, k, v = as_dtype(case, q64, k64, v64, dtype)
     out, lse = run_emulated(emulator, "fwd", q, k, v, cu, mode=mode, seed=11, forward="wgmma")
     assert_close_to_golden(out, golden[0], same_dtype[0], atol=dtype_atol(dtype), name="out")
-    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse", dtype=dtype)
 
 
 def test_emulated_empty_key_segment(emulator):
@@ -931,7 +931,7 @@ def test_gpu_against_float64_and_sdpa(case, dtype, backward, monkeypatch):
     for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), golden, same_dtype):
         assert fast.dtype == dtype
         assert_close_to_golden(fast, gold, ref, atol=atol, name=name)
-    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse", dtype=dtype)
     if not case.varlen:  # PyTorch's fused kernel as a second opinion
         sdpa = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale).transpose(1, 2)
@@ -954,7 +954,7 @@ def test_gpu_wgmma_forward_against_float64(case, dtype, monkeypatch):
     out, lse = extension.attention_forward(q, k, v, *cu, max_q, max_k, 1 / math.sqrt(case.head_dim))
     torch.cuda.synchronize()
     assert_close_to_golden(out, golden[0], same_dtype[0], atol=dtype_atol(dtype), name="out")
-    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse")
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse", dtype=dtype)
 
 
 @pytest.mark.gpu
