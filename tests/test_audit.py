@@ -666,6 +666,18 @@ def test_full_audit_of_library_kernels():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.aot
+def test_tube_embed_fp32_audit():
+    """The tube embedding's exact-fp32 configs (FMA dots) compile for sm_80 and sm_90 with no spills."""
+    proc = _run_cli("--module", "tubevit_fast.kernels.tube_embed", "--dtype", "fp32", "--json", "--strict")
+    rows = _rows(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows and {(r["dtype"], r["arch"]) for r in rows} == {("fp32", a) for a in A.ARCHS}
+    assert {r["kernel"] for r in rows} == {"_tube_embed_fwd_kernel", "_tube_embed_bwd_weight_kernel",
+                                          "_tube_embed_bwd_input_kernel"}
+    assert all(r["spill_bytes"] == 0 and r["ok"] and not r["matmul"] for r in rows), rows
+
+
 TARGETS_SCRIPT = f"""
 import importlib, json
 import tubevit_fast.audit as A
