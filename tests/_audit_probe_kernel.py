@@ -23,11 +23,9 @@ from tubevit_fast.kernels.audit_spec import AuditTarget
 
 
 @triton.jit
-def probe_dot_matmul(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_cm,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # C[M, N] = A[M, K] @ B[K, N], unit stride along the last axis of each matrix.
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _dot_tile(a_ptr, b_ptr, c_ptr, rm, rn, M, N, K, stride_am, stride_bk, stride_cm,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # C[rm, rn] = A[rm, :] @ B[:, rn], unit stride along the last axis of each matrix.
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -39,6 +37,15 @@ def probe_dot_matmul(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_
         acc += tl.dot(a, b)
     tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def probe_dot_matmul(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_cm,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # C[M, N] = A[M, K] @ B[K, N], one tile per program.
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _dot_tile(a_ptr, b_ptr, c_ptr, rm, rn, M, N, K, stride_am, stride_bk, stride_cm, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -65,19 +72,9 @@ def probe_nested_dot(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_bk, stride_
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # One row tile, every column tile in turn (a loop around the K loop).
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
     for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :],
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :],
-                        mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-            acc += tl.dot(a, b)
-        tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+        _dot_tile(a_ptr, b_ptr, c_ptr, rm, n0 + tl.arange(0, BLOCK_N), M, N, K, stride_am, stride_bk, stride_cm,
+                  BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def loop_mma_units(target: AuditTarget) -> float:
