@@ -221,6 +221,10 @@ _BWD_W_CONFIGS = [
     _cfg(64, 256, 64, 8, 3),
     _cfg(64, 128, 64, 4, 3),
 ]
+# ... and for launches whose gathers are (nearly) scalar: a channels-last or misaligned video
+# (VEC 1) or token rows without 8-byte runs (DY_VEC <= 2: odd dims, strided or stride-0 grads).
+# One address per element: the wide tiles above spill there.
+_BWD_W_CONFIGS_NARROW = [_cfg(64, 64, 64, 8, 3)]
 # Input gradient: BLOCK_N chunks the dim reduction, (BLOCK_M, BLOCK_K) the scattered tile.
 _BWD_X_CONFIGS = [
     _cfg(64, 64, 64, 8, 3),
@@ -243,14 +247,21 @@ def _configs(half, single):
     return _INTERPRET_CONFIGS if interpreter_enabled() else half + single
 
 
-def _prune_for(single):
-    """early_config_prune: the configs meant for the launch's dot precision, without tiles far
-    larger than the problem (BLOCK_N beyond the dim, BLOCK_M beyond the token rows)."""
-    ids = {id(c) for c in single}
+def _narrow(flags) -> bool:
+    """Whether a launch's gathers are (nearly) scalar: see _BWD_W_CONFIGS_NARROW."""
+    return flags.get("VEC", 4) == 1 or flags.get("DY_VEC", 4) <= 2
+
+
+def _prune_for(single, narrow=()):
+    """early_config_prune: the configs meant for the launch's dot precision (and, with `narrow`
+    configs, its vector widths), without tiles far larger than the problem (BLOCK_N beyond the
+    dim, BLOCK_M beyond the token rows)."""
+    families = {**{id(c): "single" for c in single}, **{id(c): "narrow" for c in narrow}}
 
     def prune(configs, named_args, **kwargs):
-        ieee = kwargs.get("DOT_PRECISION") == "ieee"
-        kept = [c for c in configs if (id(c) in ids) == ieee] or configs
+        want = ("single" if kwargs.get("DOT_PRECISION") == "ieee"
+                else "narrow" if narrow and _narrow(kwargs) else "half")
+        kept = [c for c in configs if families.get(id(c), "half") == want] or configs
         dim, rows = named_args.get("DIM"), named_args.get("ROWS_CLASS")
         fits = [c for c in kept
                 if (dim is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(dim)))
@@ -338,8 +349,8 @@ def _tube_embed_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(_BWD_W_CONFIGS, _BWD_W_CONFIGS_FP32), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune_for(_BWD_W_CONFIGS_FP32)})
+@triton.autotune(configs=_configs(_BWD_W_CONFIGS + _BWD_W_CONFIGS_NARROW, _BWD_W_CONFIGS_FP32), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(_BWD_W_CONFIGS_FP32, _BWD_W_CONFIGS_NARROW)})
 @triton.jit
 def _tube_embed_bwd_weight_kernel(
     x_ptr, dy_ptr, dw_ptr, db_ptr, geo_ptr, col_ptr, xrow_ptr, dyrow_ptr,
@@ -470,7 +481,8 @@ def _tube_embed_bwd_input_kernel(
 _KCOL_ALIGN = 64
 # Entries past a tube's ntok in its row tables: a dW tile's rows start at a token < ntok and run
 # BLOCK_M rows on (wrapping into the next samples).
-_ROW_TABLE_PAD = max(c.kwargs["BLOCK_M"] for c in _BWD_W_CONFIGS + _BWD_W_CONFIGS_FP32 + _INTERPRET_CONFIGS)
+_ROW_TABLE_PAD = max(c.kwargs["BLOCK_M"] for c in
+                     _BWD_W_CONFIGS + _BWD_W_CONFIGS_NARROW + _BWD_W_CONFIGS_FP32 + _INTERPRET_CONFIGS)
 
 
 def _column_starts(tubes, channels: int) -> list[int]:
@@ -855,6 +867,16 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
     launches.append(("-deterministic", _tube_embed_bwd_input_kernel, bwd_x, None,
                      _bwd_input_args(tokens, w, dx, geo[1:2], cols, tubes[1:2], ks[1], phase, period, False,
                                      rows_class)))
+    # Scalar gathers (VEC 1, DY_VEC 1): a channels-last video and token rows 769 elements apart
+    # (no loop budget: one 16-bit load per element is what such layouts allow).
+    channels_last = video.contiguous(memory_format=torch.channels_last_3d)
+    odd_tokens = torch.empty((B, sum(counts), dim + 1), dtype=dt, device=meta)[:, :, :dim]
+    fwd_args = _fwd_args(channels_last, w, bias, pos, tokens, geo, cols, tubes, rows_class)
+    bwd_w_args = _bwd_weight_args(channels_last, odd_tokens, dw_part, db_part, geo, cols, rtab, rtab, tubes, rows_class)
+    assert fwd_args[1]["VEC"] == 1 and _narrow(bwd_w_args[1])
+    launches += [("-scalar", _tube_embed_fwd_kernel, fwd, None, fwd_args),
+                 ("-scalar", _tube_embed_bwd_weight_kernel, bwd_w if single else _BWD_W_CONFIGS_NARROW, None,
+                  bwd_w_args)]
     targets = []
     for suffix, autotuner, configs, budget, (args, flags) in launches:
         fn = autotuner.fn

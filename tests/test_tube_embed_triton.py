@@ -312,24 +312,46 @@ def test_audit_targets_cover_every_kernel_and_config():
             assert t.matmul is not single and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(t.constexprs)
             # The paper tubes at W=224: kw 8/4/12/16, ow 0/8/16/0 and sw 32/32/32/16 allow 4-element
             # vectors (8 bytes in 16-bit, 16 in fp32); token rows of 768 channels 16-byte vectors.
+            # The "-scalar" targets: a channels-last video and odd token rows, no vectors at all.
+            scalar = t.config.endswith("-scalar")
             if "VEC" in t.constexprs:
-                assert t.constexprs["VEC"] == 4
+                assert t.constexprs["VEC"] == (1 if scalar else 4)
             if "DY_VEC" in t.constexprs:
-                assert t.constexprs["DY_VEC"] == 16 // {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+                assert t.constexprs["DY_VEC"] == (1 if scalar else 16 // {"fp16": 2, "bf16": 2, "fp32": 4}[dtype])
             # The static targets: forward and dW loops of the 16-bit kernels (issue 13).
             budget = t.loop_budget
-            if single or t.kernel == "_tube_embed_bwd_input_kernel":
+            if single or scalar or t.kernel == "_tube_embed_bwd_input_kernel":
                 assert budget is None
             else:
                 assert budget.max_non_mma_per_mma == 4 and budget.min_load_bits == 32
                 assert budget.hgmma_archs == ("sm_90",)
         fwd, bwd_w, bwd_x = ((te._FWD_CONFIGS_FP32, te._BWD_W_CONFIGS_FP32, te._BWD_X_CONFIGS_FP32) if single
                              else (te._FWD_CONFIGS, te._BWD_W_CONFIGS, te._BWD_X_CONFIGS))
-        # Each kernel plain and specialised for space-to-depth; dX also in deterministic mode.
-        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 2 * len(fwd)
-        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(bwd_w)
+        # Each kernel plain, specialised for space-to-depth and (forward, dW) for scalar gathers,
+        # with the configs the launch keeps there; dX also in deterministic mode.
+        narrow = bwd_w if single else te._BWD_W_CONFIGS_NARROW
+        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 3 * len(fwd)
+        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(bwd_w) + len(narrow)
         assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 3 * len(bwd_x)
         s2d = [t for t in targets if t.config.endswith("-s2d")]
         assert s2d and all(t.constexprs["SPACE_TO_DEPTH"] for t in s2d)
         assert all(t.constexprs["WIDTH_ALIGN"] == 16 for t in s2d if "WIDTH_ALIGN" in t.constexprs)
     assert te._ROW_TABLE_PAD >= max(c.kwargs["BLOCK_M"] for c in te._BWD_W_CONFIGS + te._BWD_W_CONFIGS_FP32)
+
+
+def test_config_pruning_by_precision_vectors_and_shape():
+    """The dW launch keeps the exact-fp32 configs for fp32, the narrow ones for scalar gathers, the
+    wide ones otherwise, and drops tiles far larger than the problem unless nothing is left."""
+    configs = te._BWD_W_CONFIGS + te._BWD_W_CONFIGS_NARROW + te._BWD_W_CONFIGS_FP32
+    prune = te._prune_for(te._BWD_W_CONFIGS_FP32, te._BWD_W_CONFIGS_NARROW)
+    paper = {"DIM": 768, "ROWS_CLASS": 32768}
+    assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS
+    assert prune(configs, paper, DOT_PRECISION="tf32", VEC=1, DY_VEC=8) == te._BWD_W_CONFIGS_NARROW
+    assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=2) == te._BWD_W_CONFIGS_NARROW
+    assert prune(configs, paper, DOT_PRECISION="ieee", VEC=1, DY_VEC=1) == te._BWD_W_CONFIGS_FP32
+    assert prune(configs, {"DIM": 96, "ROWS_CLASS": 32768}, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == [
+        c for c in te._BWD_W_CONFIGS if c.kwargs["BLOCK_N"] <= 128]
+    # A tiny problem keeps what its precision allows rather than nothing.
+    assert prune(configs, {"DIM": 8, "ROWS_CLASS": 16}, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS
+    fwd_prune = te._prune_for(te._FWD_CONFIGS_FP32)
+    assert fwd_prune(te._FWD_CONFIGS + te._FWD_CONFIGS_FP32, paper, DOT_PRECISION="tf32", VEC=1) == te._FWD_CONFIGS
