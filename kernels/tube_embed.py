@@ -178,9 +178,11 @@ def _row_entries(xrow_ptr, dyrow_ptr, rtab, m0, ntok, VEC: tl.constexpr, DY_VEC:
                  BLOCK_M: tl.constexpr):
     """dW's rows m0 .. m0 + BLOCK_M of a tube: their first sample b0 and their row-table entries
     (pixel and token-slot offsets relative to sample b0; see _row_tables), hinted as the host
-    guarantees (multiples of VEC and DY_VEC)."""
-    b0 = m0 // ntok
-    x = rtab + (m0 - b0 * ntok) + tl.arange(0, BLOCK_M)
+    guarantees (multiples of VEC and DY_VEC). A tube without tokens in this video has no rows to
+    reduce but is still read ahead: its entries 0 .. BLOCK_M (zeros), never a division by 0."""
+    per_sample = tl.maximum(ntok, 1)
+    b0 = m0 // per_sample
+    x = rtab + (m0 - b0 * per_sample) + tl.arange(0, BLOCK_M)
     xrow = tl.multiple_of(tl.load(xrow_ptr + x), VEC)
     dyrow = tl.multiple_of(tl.load(dyrow_ptr + x), DY_VEC)
     return b0, xrow, dyrow

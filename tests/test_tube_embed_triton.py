@@ -7,6 +7,7 @@ bf16 tl.dot is wrong; the AOT audit compiles the bf16 kernels instead.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -127,6 +128,32 @@ def test_eight_tubes():
     tubes = tuple(TubeSpec((1 + i % 2, 2 + i % 3, 3 - i % 2), (2, 2 + i % 2, 3), (i % 2, i % 3, 0))
                   for i in range(8))
     _check(tubes, 1, 2, (4, 8, 8), 16, torch.float32, seed=17)
+
+
+def test_tube_without_tokens(poisoned_empty):
+    """A tube too large for this video gives no tokens; the others are unaffected, its weight and
+    bias gradients are zeros, and no kernel divides by its token count (the interpreter's numpy
+    would warn; a GPU would read outside the row tables)."""
+    size = (4, 9, 10)
+    tubes = (MIXED_TUBES[0], TubeSpec((5, 2, 2), (1, 2, 2)), MIXED_TUBES[1])
+    assert [t.num_tokens(size) for t in tubes][1] == 0
+    video, weights, biases, pos = _make_inputs(tubes, 2, 3, size, 16, seed=29)
+    x = video.float().to(TRITON_DEVICE)
+    ws = [w.float().to(TRITON_DEVICE) for w in weights]
+    bs = [b.float().to(TRITON_DEVICE) for b in biases]
+    grad = torch.randn(2, num_tokens(tubes, size), 16, device=TRITON_DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = te.tube_embed_forward(x, ws, bs, pos.to(TRITON_DEVICE), tubes)
+        gx, gw, gb = te.tube_embed_backward(grad, x, ws, tubes, True)
+    fitting = (tubes[0], tubes[2])
+    ref = te.tube_embed_forward(x, [ws[0], ws[2]], [bs[0], bs[2]], pos.to(TRITON_DEVICE), fitting)
+    rgx, rgw, rgb = te.tube_embed_backward(grad, x, [ws[0], ws[2]], fitting, True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rgx)
+    for got, want in zip(gw[::2] + gb[::2], rgw + rgb):
+        torch.testing.assert_close(got, want)
+    assert not gw[1].any() and not gb[1].any()
 
 
 def test_no_pos_no_input_grad():
