@@ -1,4 +1,4 @@
-"""Fused tube embedding: implicit-im2col gather + GEMM + bias + position embedding, all tubes at once.
+"""Fused tube embedding: implicit-GEMM gather + GEMM + bias + position embedding, all tubes at once.
 
 Maths. Video x of shape (B, C, T, H, W), any strides. Tube i has kernel (kt, kh, kw), stride
 (st, sh, sw), offset (ot, oh, ow), grid (nt, nh, nw) from `geometry.TubeSpec.sampler_grid`,
@@ -25,14 +25,26 @@ gathers sum_i B*N_i*K_i elements (more than the pixels where tokens overlap) onc
 the dim tiles of one M tile run next to each other, so the repeats, like the re-reads of the
 packed weight and of pos by every M tile, are meant to hit in L2.
 
+Implicit GEMM (as CUTLASS/cuDNN gather convolutions). A's address splits into a row part and a
+column part: x + row(b, n) + col(k), row = b*sxb + (ot+it*st)*sxt + (oh+ih*sh)*sxh + (ow+iw*sw)*sxw,
+col = c*sxc + dt*sxt + dh*sxh + dw*sxw. The column offsets of every tube are a small int table
+built on the host (`_column_table`, cached per tubes, channels and strides); the row offsets are
+computed once per M tile (forward, dX) or read from a per-tube row table (dW, whose loop runs over
+M: `_row_tables`). Inside the main loop an A element's address is then one add. Along w the kw
+pixels of a patch row are contiguous when x's w stride is 1: the host picks the widest vector VEC
+(up to 16 bytes) that every tube's kw, ow, sw, the other strides and x's alignment allow
+(`_gather_vector`; 1 for odd widths, channels-last or misaligned views) and the kernels hint it
+(tl.multiple_of / tl.max_contiguous on values the kernel body itself loads or computes: a hint on
+a helper's return value is lost), so A's runs load as 64/128-bit cp.async copies.
+
 Kernels (one Triton program per output tile, fp32 accumulation everywhere):
   _tube_embed_fwd_kernel         grid: M tiles of all tubes x dim tiles (flat, dim tile
-                                 fastest). A gathered straight from x (masks, no copies), W^T
-                                 from the packed weight; bias and pos added in the epilogue,
-                                 stored straight into `out`.
+                                 fastest). A gathered straight from x, W^T from the packed weight;
+                                 bias and pos added in the epilogue, stored straight into `out`.
   _tube_embed_bwd_weight_kernel  grid: (K tiles of all tubes, dim tiles, SPLIT). Each program
-                                 reduces every SPLIT-th M tile of its tube into an fp32 partial;
-                                 the host sums the SPLIT partials (deterministic, no atomics).
+                                 reduces every SPLIT-th M tile of its tube into an fp32 partial (db
+                                 with one more small MMA against ones); the host sums the SPLIT
+                                 partials (deterministic, no atomics).
   _tube_embed_bwd_input_kernel   grid: M tiles x K tiles (flat, K tile fastest). dY @ W, then
                                  scatter-add into an fp32 buffer: atomics (one launch), or in
                                  deterministic mode one launch per tube and phase with plain
@@ -47,25 +59,25 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from tubevit_fast.backends import interpreter_enabled
 from tubevit_fast.geometry import TubeSpec, token_offsets
 
-from .audit_spec import AuditTarget
-
-# The interpreter (CPU) decides at decoration time; autotuning there would only cost time.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .audit_spec import AuditTarget, LoopBudget
 
 # Geometry table columns (int32, one row per tube); the kernels index them by position.
 # ntok and (nt, nh, nw) count sampler tokens; (ft, fh, fw) are the space-to-depth factors and
-# width = dim / (ft * fh * fw) the channels each sampler token is projected to.
+# width = dim / (ft * fh * fw) the channels each sampler token is projected to; kcol is the
+# tube's first column in the packed weight and the column table, rtab its first entry in the
+# row tables.
 _COLUMNS = ("start", "ntok", "nt", "nh", "nw", "kt", "kh", "kw", "st", "sh", "sw", "ot", "oh", "ow",
-            "K", "kcol", "width", "ft", "fh", "fw")
-GEO_COLS = len(_COLUMNS)  # 20, the row stride the kernels use
+            "K", "kcol", "width", "ft", "fh", "fw", "rtab")
+GEO_COLS = len(_COLUMNS)  # 21, the row stride the kernels use
 
 
 # ----------------------------------------------------------------------------------------
@@ -73,21 +85,25 @@ GEO_COLS = len(_COLUMNS)  # 20, the row stride the kernels use
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _tube_row(geo_ptr, tube):
-    row = geo_ptr + tube * 20
+def _tube_row(geo_ptr, tube, VEC: tl.constexpr):
+    row = geo_ptr + tube * 21
+    # Hints on the loads themselves (they survive inlining): K is a multiple of kw, hence of VEC
+    # (_gather_vector); the host aligns kcol (_KCOL_ALIGN).
     return (tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
             tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9),
-            tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
-            tl.multiple_of(tl.load(row + 15), 16))  # kcol: the host aligns it (_KCOL_ALIGN)
+            tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13),
+            tl.multiple_of(tl.load(row + 14), VEC), tl.multiple_of(tl.load(row + 15), 16))
 
 
 @triton.jit
-def _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH: tl.constexpr):
+def _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr):
     """width, ft, fh, fw: from the table, or (DIM, 1, 1, 1) as constants when no tube merges, so
-    that launch compiles to exactly the plain kernel (known width: vector loads, no slot maths)."""
+    that launch compiles to exactly the plain kernel (known width: vector loads, no slot maths).
+    Every width is a multiple of WIDTH_ALIGN (the host checks): masks at the width stay vector-wide."""
     if SPACE_TO_DEPTH:
-        row = geo_ptr + tube * 20
-        width, ft, fh, fw = tl.load(row + 16), tl.load(row + 17), tl.load(row + 18), tl.load(row + 19)
+        row = geo_ptr + tube * 21
+        width = tl.multiple_of(tl.load(row + 16), WIDTH_ALIGN)
+        ft, fh, fw = tl.load(row + 17), tl.load(row + 18), tl.load(row + 19)
     else:
         width, ft, fh, fw = DIM, 1, 1, 1
     return width, ft, fh, fw
@@ -110,7 +126,7 @@ def _locate(geo_ptr, pid, B, pt, ph, pw, PT, PH, PW,
     first = pid * 0
     seen = pid * 0
     for i in tl.static_range(NUM_TUBES):
-        row = geo_ptr + i * 20
+        row = geo_ptr + i * 21
         if BY_K:
             rows = tl.load(row + 14)
         else:
@@ -147,8 +163,9 @@ def _token_rows(offs_m, B, nt, nh, nw, pt, ph, pw, PT, PH, PW):
 @triton.jit
 def _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN: tl.constexpr):
     """Sampler token -> (output token within the tube, first channel): the epilogue's
-    space-to-depth mapping. Group (it // ft, ih // fh, iw // fw) is one token; member
-    j = ((it % ft) * fh + ih % fh) * fw + iw % fw fills channels j * width ... (j + 1) * width."""
+    space-to-depth mapping (geometry.TubeSpec.sampler_slots). Group (it // ft, ih // fh, iw // fw)
+    is one token; member j = ((it % ft) * fh + ih % fh) * fw + iw % fw fills channels
+    j * width ... (j + 1) * width."""
     n = ((it // ft) * (nh // fh) + ih // fh) * (nw // fw) + iw // fw
     j = ((it % ft) * fh + ih % fh) * fw + iw % fw
     # The host guarantees every width is a multiple of WIDTH_ALIGN: with this hint a merged
@@ -157,23 +174,25 @@ def _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN: tl.constexpr
 
 
 @triton.jit
+def _row_entries(xrow_ptr, dyrow_ptr, rtab, m0, ntok, VEC: tl.constexpr, DY_VEC: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """dW's rows m0 .. m0 + BLOCK_M of a tube: their first sample b0 and their row-table entries
+    (pixel and token-slot offsets relative to sample b0; see _row_tables), hinted as the host
+    guarantees (multiples of VEC and DY_VEC). A tube without tokens in this video has no rows to
+    reduce but is still read ahead: its entries 0 .. BLOCK_M (zeros), never a division by 0."""
+    per_sample = tl.maximum(ntok, 1)
+    b0 = m0 // per_sample
+    x = rtab + (m0 - b0 * per_sample) + tl.arange(0, BLOCK_M)
+    xrow = tl.multiple_of(tl.load(xrow_ptr + x), VEC)
+    dyrow = tl.multiple_of(tl.load(dyrow_ptr + x), DY_VEC)
+    return b0, xrow, dyrow
+
+
+@triton.jit
 def _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw):
     # int64: B*C*T*H*W elements (or large strides) can exceed 2**31.
     return (b.to(tl.int64) * sxb + (ot + it * st).to(tl.int64) * sxt
             + (oh + ih * sh).to(tl.int64) * sxh + (ow + iw * sw).to(tl.int64) * sxw)
-
-
-@triton.jit
-def _patch_cols(offs_k, kt, kh, kw, sxc, sxt, sxh, sxw):
-    # k = ((c*kt + dt)*kh + dh)*kw + dw, the Conv3d weight's flattening order.
-    dw = offs_k % kw
-    r = offs_k // kw
-    dh = r % kh
-    r = r // kh
-    dt = r % kt
-    c = r // kt
-    return (c.to(tl.int64) * sxc + dt.to(tl.int64) * sxt + dh.to(tl.int64) * sxh
-            + dw.to(tl.int64) * sxw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,23 +206,27 @@ def _cfg(bm, bn, bk, warps, stages):
 # One small config under the interpreter: several tiles per axis even on tiny test shapes.
 _INTERPRET_CONFIGS = [_cfg(16, 16, 16, 4, 1)]
 
-# fp16/bf16 (tensor cores). Every config here compiles for sm_80 and sm_90 without spills
-# (STACK 0 in cuobjdump's resource usage, no STL/LDL), for contiguous, channels-last and
-# odd-sized inputs, dims not multiples of 16 and stride-0 grads: gathered or scattered tiles
-# cost one 64-bit address per element (and unaligned dims make the epilogue's accesses
-# scalar), hence mostly 8 warps for the larger tiles.
+# fp16/bf16 (tensor cores): tiles large enough that the main loop's fixed costs (barriers,
+# address adds, the column-table load) spread over many MMAs. Every config compiles for sm_80
+# and sm_90 without spills and meets the loop budget below (audit_targets), for contiguous,
+# channels-last and odd-sized inputs, dims not multiples of 16 and stride-0 grads.
 _FWD_CONFIGS = [
-    _cfg(64, 128, 32, 8, 3),
-    _cfg(128, 64, 32, 8, 3),
-    _cfg(64, 64, 64, 8, 2),
-    _cfg(64, 64, 32, 4, 3),
-]
-# Weight gradient: M is the reduction axis, (BLOCK_N, BLOCK_K) the output tile.
-_BWD_W_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 64, 64, 8, 3),
     _cfg(64, 128, 64, 8, 3),
-    _cfg(64, 128, 32, 8, 3),
-    _cfg(64, 64, 64, 4, 2),
 ]
+# Weight gradient: M is the reduction axis, (BLOCK_N, BLOCK_K) the output tile. Each row of a
+# step costs its table entries and addresses whatever the tile, so the output tiles are wide.
+_BWD_W_CONFIGS = [
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(64, 256, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 3),
+]
+# ... and for launches whose gathers are (nearly) scalar: a channels-last or misaligned video
+# (VEC 1) or token rows without 8-byte runs (DY_VEC <= 2: odd dims, strided or stride-0 grads).
+# One address per element: the wide tiles above spill there.
+_BWD_W_CONFIGS_NARROW = [_cfg(64, 64, 64, 8, 3)]
 # Input gradient: BLOCK_N chunks the dim reduction, (BLOCK_M, BLOCK_K) the scattered tile.
 _BWD_X_CONFIGS = [
     _cfg(64, 64, 64, 8, 3),
@@ -212,41 +235,65 @@ _BWD_X_CONFIGS = [
 ]
 # fp32 inputs take the exact ("ieee") dot, done with FMAs in registers: the 16-bit tiles
 # spill heavily there; these do not (same checks as above).
-_FWD_CONFIGS_FP32 = [_cfg(64, 64, 16, 4, 2), _cfg(32, 64, 32, 4, 2)]
-_BWD_W_CONFIGS_FP32 = [_cfg(64, 64, 16, 8, 2), _cfg(32, 32, 32, 4, 2)]
+_FWD_CONFIGS_FP32 = [_cfg(64, 64, 16, 4, 2), _cfg(32, 64, 16, 4, 2)]
+_BWD_W_CONFIGS_FP32 = [_cfg(32, 64, 32, 8, 2), _cfg(32, 32, 32, 4, 2)]
 _BWD_X_CONFIGS_FP32 = [_cfg(64, 64, 16, 4, 2), _cfg(32, 64, 32, 4, 2)]
+
+# The static targets of the 16-bit forward and dW main loops (issue 13), checked by the audit on
+# the paper's setting: at most 4 non-MMA instructions per m16n8k16 MMA, no 8/16-bit global loads
+# (A's pixel runs load as vectors), and wgmma on Hopper.
+_FWD_BUDGET = _BWD_W_BUDGET = LoopBudget(max_non_mma_per_mma=4, min_load_bits=32, hgmma_archs=("sm_90",))
 
 
 def _configs(half, single):
-    return _INTERPRET_CONFIGS if _INTERPRET else half + single
+    return _INTERPRET_CONFIGS if interpreter_enabled() else half + single
 
 
-def _by_precision(single):
-    """early_config_prune: keep the configs meant for the launch's dot precision."""
-    ids = {id(c) for c in single}
+def _narrow(flags) -> bool:
+    """Whether a launch's gathers are (nearly) scalar: see _BWD_W_CONFIGS_NARROW."""
+    return flags.get("VEC", 4) == 1 or flags.get("DY_VEC", 4) <= 2
+
+
+def _prune_for(single, narrow=()):
+    """early_config_prune: the configs meant for the launch's dot precision (and, with `narrow`
+    configs, its vector widths), without tiles far larger than the problem (BLOCK_N beyond the
+    dim, BLOCK_M beyond the token rows)."""
+    families = {**{id(c): "single" for c in single}, **{id(c): "narrow" for c in narrow}}
 
     def prune(configs, named_args, **kwargs):
-        ieee = kwargs.get("DOT_PRECISION") == "ieee"
-        return [c for c in configs if (id(c) in ids) == ieee] or configs
+        want = ("single" if kwargs.get("DOT_PRECISION") == "ieee"
+                else "narrow" if narrow and _narrow(kwargs) else "half")
+        kept = [c for c in configs if families.get(id(c), "half") == want] or configs
+        dim, rows = named_args.get("DIM"), named_args.get("ROWS_CLASS")
+        fits = [c for c in kept
+                if (dim is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(dim)))
+                and (rows is None or c.kwargs["BLOCK_M"] <= max(64, rows))]
+        return fits or kept
     return prune
+
+
+# Autotune keys: the problem's shape class. ROWS_CLASS (the token rows rounded up to a power of
+# two) keeps the first-use self-check's tiny input from fixing the config of a real batch.
+_KEY = ["DIM", "KTOT", "ROWS_CLASS"]
 
 
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS, _FWD_CONFIGS_FP32), key=["DIM", "KTOT"],
-                 prune_configs_by={"early_config_prune": _by_precision(_FWD_CONFIGS_FP32)})
+@triton.autotune(configs=_configs(_FWD_CONFIGS, _FWD_CONFIGS_FP32), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(_FWD_CONFIGS_FP32)})
 @triton.jit
 def _tube_embed_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, pos_ptr, out_ptr, geo_ptr,
-    B, DIM, KTOT,
-    sxb, sxc, sxt, sxh, sxw,
+    x_ptr, w_ptr, b_ptr, pos_ptr, out_ptr, geo_ptr, col_ptr,
+    B, DIM, KTOT, ROWS_CLASS,
+    sxb, sxt, sxh, sxw,
     swd, swk,
     sbt, sbd,
     spn, spd,
     sob, son, sod,
-    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, HAS_POS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, HAS_POS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Flat grid, dim tile fastest: the programs that share a gathered A tile run together and
@@ -255,8 +302,8 @@ def _tube_embed_fwd_kernel(
     pid_m = tl.program_id(0) // n_tiles
     pid_n = tl.program_id(0) % n_tiles
     tube, first = _locate(geo_ptr, pid_m, B, 0, 0, 0, 1, 1, 1, BLOCK_M, NUM_TUBES, False)
-    start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
-    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH)
+    start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube, VEC)
+    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH, WIDTH_ALIGN)
     if SPACE_TO_DEPTH:
         # DIM is the widest tube's width: narrower (space-to-depth) tubes have nothing here.
         if pid_n * BLOCK_N >= width:
@@ -264,7 +311,10 @@ def _tube_embed_fwd_kernel(
 
     offs_m = (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
     b, it, ih, iw, mask_m = _token_rows(offs_m, B, nt, nh, nw, 0, 0, 0, 1, 1, 1)
-    rows = _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw)
+    # Rows past the tube's last token gather its first token's pixels (in bounds) and are never
+    # stored: the loop's A loads then need no row mask, only the K mask.
+    rows = tl.where(mask_m, _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw), 0)
+    a_rows = x_ptr + tl.multiple_of(rows, VEC)
     # Where each row's tokens go (before the K loop: then only n and chan, not the three grid
     # indices, stay live through it). Space-to-depth is this mapping: a sampler token's channels
     # land at chan.. of its group's token.
@@ -276,15 +326,19 @@ def _tube_embed_fwd_kernel(
     mask_w = offs_d < DIM
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Column offsets one K step ahead, in registers: A's addresses then do not wait on a load of
+    # the same step, and the pipeliner buffers A and W like a plain GEMM's. (The table is padded
+    # past every tube's columns, so the read ahead of the last step stays in bounds.)
+    cols = tl.max_contiguous(tl.multiple_of(tl.load(col_ptr + kcol + tl.arange(0, BLOCK_K)), VEC), VEC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        cols = _patch_cols(offs_k, kt, kh, kw, sxc, sxt, sxh, sxw)
-        a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        cols_next = tl.max_contiguous(tl.multiple_of(tl.load(col_ptr + kcol + BLOCK_K + offs_k), VEC), VEC)
+        a = tl.load(a_rows[:, None] + cols[None, :], mask=(offs_k < K)[None, :], other=0.0)
         # No K mask: columns past K_i are the tube's zero padding (_KCOL_ALIGN).
         wt = tl.load(w_ptr + (kcol + offs_k)[:, None] * swk + offs_d[None, :] * swd,
                      mask=mask_w[None, :], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=DOT_PRECISION)
+        cols = cols_next
 
     acc += tl.load(b_ptr + tube * sbt + offs_d * sbd, mask=mask_w, other=0.0).to(tl.float32)[None, :]
     tok = start + n
@@ -297,69 +351,86 @@ def _tube_embed_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(_BWD_W_CONFIGS, _BWD_W_CONFIGS_FP32), key=["DIM", "KTOT"],
-                 prune_configs_by={"early_config_prune": _by_precision(_BWD_W_CONFIGS_FP32)})
+@triton.autotune(configs=_configs(_BWD_W_CONFIGS + _BWD_W_CONFIGS_NARROW, _BWD_W_CONFIGS_FP32), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for(_BWD_W_CONFIGS_FP32, _BWD_W_CONFIGS_NARROW)})
 @triton.jit
 def _tube_embed_bwd_weight_kernel(
-    x_ptr, dy_ptr, dw_ptr, db_ptr, geo_ptr,
-    B, DIM, KTOT, SPLIT,
-    sxb, sxc, sxt, sxh, sxw,
-    syb, syn, syd,
+    x_ptr, dy_ptr, dw_ptr, db_ptr, geo_ptr, col_ptr, xrow_ptr, dyrow_ptr,
+    B, DIM, KTOT, ROWS_CLASS, SPLIT,
+    sxb, syb, syd,
     sws, swd, swk,
     sbs, sbt, sbd,
-    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VEC: tl.constexpr, DY_VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     tube, first = _locate(geo_ptr, pid_k, B, 0, 0, 0, 1, 1, 1, BLOCK_K, NUM_TUBES, True)
-    start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
-    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH)
+    start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube, VEC)
+    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH, DY_VEC)
+    rtab = tl.load(geo_ptr + tube * 21 + 20)
     if SPACE_TO_DEPTH:
         if pid_n * BLOCK_N >= width:  # past a narrower tube's rows: nothing to compute or store
             return
 
     offs_k = (pid_k - first) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    cols = _patch_cols(offs_k, kt, kh, kw, sxc, sxt, sxh, sxw)
+    cols = tl.load(col_ptr + kcol + offs_k, mask=mask_k, other=0)
+    cols = tl.max_contiguous(tl.multiple_of(cols, VEC), VEC)
     offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_d = offs_d < width
+    # db as one more small MMA: dY^T against a column of ones (all 16 columns equal; the
+    # epilogue keeps the first), so the loop needs no separate reduction of the dY tile.
+    ones = tl.full((BLOCK_M, 16), 1.0, dy_ptr.dtype.element_ty)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    # Interleaved M tiles: split s takes tiles s, s + SPLIT, ... in a fixed order.
-    for mt in range(pid_s, tl.cdiv(B * ntok, BLOCK_M), SPLIT):
-        offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-        b, it, ih, iw, mask_m = _token_rows(offs_m, B, nt, nh, nw, 0, 0, 0, 1, 1, 1)
-        n, chan = _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN)
-        rows = _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw)
-        a = tl.load(x_ptr + rows[:, None] + cols[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        dy_rows = b.to(tl.int64) * syb + (start + n).to(tl.int64) * syn + chan.to(tl.int64) * syd
-        dy = tl.load(dy_ptr + dy_rows[:, None] + offs_d[None, :] * syd, mask=mask_m[:, None] & mask_d[None, :],
-                     other=0.0)
-        acc = tl.dot(tl.trans(dy), a, acc, input_precision=DOT_PRECISION)
-        # Cheap next to the dot; only the tube's first K tile stores it.
-        db += tl.sum(dy.to(tl.float32), axis=0)
+    db_acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    rows_total = B * ntok
+    # Interleaved M tiles: split s takes tiles s, s + SPLIT, ... in a fixed order. Tile mt's rows
+    # m0 .. m0 + BLOCK_M start in sample b0 at token x0 < ntok; entry x0 + i of the tube's row
+    # tables holds row i's offsets relative to sample b0 (they wrap into the next samples), so no
+    # row is decoded here. The next tile's entries are read one step ahead, into registers (A's
+    # addresses then do not wait on a load of the same step; for a tile past the end they are
+    # still inside the table, and unused).
+    b0, xrow, dyrow = _row_entries(xrow_ptr, dyrow_ptr, rtab, pid_s * BLOCK_M, ntok, VEC, DY_VEC, BLOCK_M)
+    for mt in range(pid_s, tl.cdiv(rows_total, BLOCK_M), SPLIT):
+        m0 = mt * BLOCK_M
+        b0_next, xrow_next, dyrow_next = _row_entries(xrow_ptr, dyrow_ptr, rtab, m0 + SPLIT * BLOCK_M, ntok, VEC,
+                                                      DY_VEC, BLOCK_M)
+        mask_m = m0 + tl.arange(0, BLOCK_M) < rows_total
+        # Offsets relative to sample b0's pointers: 32-bit sums when the host's tables are 32-bit.
+        a = tl.load((x_ptr + b0.to(tl.int64) * sxb) + (xrow[:, None] + cols[None, :]),
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # dY^T loaded as such (channels down, rows across): a dot operand straight from memory.
+        dyt = tl.load((dy_ptr + b0.to(tl.int64) * syb) + (dyrow[None, :] + offs_d[:, None] * syd),
+                      mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(dyt, a, acc, input_precision=DOT_PRECISION)
+        db_acc = tl.dot(dyt, ones, db_acc, input_precision=DOT_PRECISION)
+        b0, xrow, dyrow = b0_next, xrow_next, dyrow_next
 
     dw = dw_ptr + pid_s * sws + offs_d[:, None] * swd + (kcol + offs_k)[None, :] * swk
     tl.store(dw, acc, mask=mask_d[:, None] & mask_k[None, :])
+    db = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, db_acc, 0.0), axis=1)
     tl.store(db_ptr + pid_s * sbs + tube * sbt + offs_d * sbd, db, mask=mask_d & (pid_k == first))
 
 
-# restore_value: benchmarking a config must not leave its scatter-adds in dx.
-@triton.autotune(configs=_configs(_BWD_X_CONFIGS, _BWD_X_CONFIGS_FP32), key=["DIM", "KTOT"],
-                 restore_value=["dx_ptr"],
-                 prune_configs_by={"early_config_prune": _by_precision(_BWD_X_CONFIGS_FP32)})
+# reset_to_zero: benchmarking a config must not leave its scatter-adds in dx (dx starts as
+# zeros; Triton 3.6 and 3.8 zero it again after tuning, before the real launch).
+@triton.autotune(configs=_configs(_BWD_X_CONFIGS, _BWD_X_CONFIGS_FP32), key=_KEY,
+                 reset_to_zero=["dx_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_for(_BWD_X_CONFIGS_FP32)})
 @triton.jit
 def _tube_embed_bwd_input_kernel(
-    dy_ptr, w_ptr, dx_ptr, geo_ptr,
-    B, DIM, KTOT, KMAX,
+    dy_ptr, w_ptr, dx_ptr, geo_ptr, col_ptr,
+    B, DIM, KTOT, ROWS_CLASS, KMAX,
     pt, ph, pw, PT, PH, PW,
     syb, syn, syd,
     swd, swk,
-    sxb, sxc, sxt, sxh, sxw,
-    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, ATOMIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    sxb, sxt, sxh, sxw,
+    NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, ATOMIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Flat grid, K tile fastest: the programs that share a dY tile run together (L2 reuse).
@@ -367,8 +438,8 @@ def _tube_embed_bwd_input_kernel(
     pid_m = tl.program_id(0) // k_tiles
     pid_k = tl.program_id(0) % k_tiles
     tube, first = _locate(geo_ptr, pid_m, B, pt, ph, pw, PT, PH, PW, BLOCK_M, NUM_TUBES, False)
-    start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube)
-    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH)
+    start, ntok, nt, nh, nw, kt, kh, kw, st, sh, sw, ot, oh, ow, K, kcol = _tube_row(geo_ptr, tube, 1)
+    width, ft, fh, fw = _tube_merge(geo_ptr, tube, DIM, SPACE_TO_DEPTH, WIDTH_ALIGN)
     # The K axis of the grid covers the largest tube; smaller tubes have nothing here.
     if pid_k * BLOCK_K >= K:
         return
@@ -390,8 +461,9 @@ def _tube_embed_bwd_input_kernel(
                     mask=mask_d[:, None], other=0.0)
         acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
 
+    # dx's own column table (dx is a contiguous fp32 buffer, not the video's layout).
     rows = _pixel_rows(b, it, ih, iw, st, sh, sw, ot, oh, ow, sxb, sxt, sxh, sxw)
-    cols = _patch_cols(offs_k, kt, kh, kw, sxc, sxt, sxh, sxw)
+    cols = tl.load(col_ptr + kcol + offs_k, mask=mask_k, other=0)
     dx = dx_ptr + rows[:, None] + cols[None, :]
     mask = mask_m[:, None] & mask_k[None, :]
     if ATOMIC:
@@ -405,10 +477,14 @@ def _tube_embed_bwd_input_kernel(
 # Host side
 # ----------------------------------------------------------------------------------------
 
-# Each tube's block of columns in the packed weight (and dW buffer) is zero-padded to a
-# multiple of this (a multiple of every BLOCK_K): W tiles then need no K mask and start
-# 16-element aligned, so they load as 16-byte vectors.
+# Each tube's block of columns in the packed weight, the column table and the dW buffer is
+# zero-padded to a multiple of this (a multiple of every forward BLOCK_K): W tiles then need no K
+# mask and start 16-element aligned, so they load as 16-byte vectors.
 _KCOL_ALIGN = 64
+# Entries past a tube's ntok in its row tables: a dW tile's rows start at a token < ntok and run
+# BLOCK_M rows on (wrapping into the next samples).
+_ROW_TABLE_PAD = max(c.kwargs["BLOCK_M"] for c in
+                     _BWD_W_CONFIGS + _BWD_W_CONFIGS_NARROW + _BWD_W_CONFIGS_FP32 + _INTERPRET_CONFIGS)
 
 
 def _column_starts(tubes, channels: int) -> list[int]:
@@ -417,16 +493,99 @@ def _column_starts(tubes, channels: int) -> list[int]:
     return list(itertools.accumulate((triton.cdiv(k, _KCOL_ALIGN) * _KCOL_ALIGN for k in ks), initial=0))
 
 
+def _row_table_starts(tubes, size) -> list[int]:
+    """Start of each tube in the row tables (ntok + _ROW_TABLE_PAD entries each), plus the total."""
+    return list(itertools.accumulate((math.prod(t.sampler_grid(size)) + _ROW_TABLE_PAD for t in tubes), initial=0))
+
+
 @functools.lru_cache(maxsize=64)
 def _geometry_table(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], channels: int, dim: int,
                     device: torch.device) -> torch.Tensor:
     starts = token_offsets(tubes, size)
     kcols = _column_starts(tubes, channels)
+    rtabs = _row_table_starts(tubes, size)
     rows = [[starts[i], math.prod(tube.sampler_grid(size)), *tube.sampler_grid(size), *tube.kernel,
-             *tube.stride, *tube.offset, tube.patch_size(channels), kcols[i], tube.width(dim), *tube.factors]
+             *tube.stride, *tube.offset, tube.patch_size(channels), kcols[i], tube.width(dim), *tube.factors,
+             rtabs[i]]
             for i, tube in enumerate(tubes)]
     assert all(len(r) == GEO_COLS for r in rows)
     return torch.tensor(rows, dtype=torch.int32).to(device)
+
+
+def _offsets_tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int32 when every offset fits (half the bytes to read), else int64."""
+    small = values.size == 0 or (values.min() >= -2**31 and values.max() < 2**31)
+    return torch.from_numpy(values.astype(np.int32 if small else np.int64)).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _column_table(tubes: tuple[TubeSpec, ...], channels: int, strides: tuple[int, int, int, int],
+                  device: torch.device) -> torch.Tensor:
+    """(Kpad + _KCOL_ALIGN,) column offsets: tube i's patch_offsets (for (c, t, h, w) element
+    strides) from its start column, zeros in the padding and in one more block at the end (the
+    forward reads one K step ahead)."""
+    kcols = _column_starts(tubes, channels)
+    table = np.zeros(kcols[-1] + _KCOL_ALIGN, dtype=np.int64)
+    for i, tube in enumerate(tubes):
+        cols = tube.patch_offsets(channels, strides)
+        table[kcols[i]:kcols[i] + cols.size] = cols
+    return _offsets_tensor(table, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_tables(tubes: tuple[TubeSpec, ...], size: tuple[int, int, int], dim: int,
+                x_strides: tuple[int, int, int, int], y_strides: tuple[int, int, int],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dW kernel's row tables. Entry x of tube i (x < ntok + _ROW_TABLE_PAD) is row x counted
+    from a sample's first token, i.e. sample x // ntok, sampler token n = x % ntok: its first
+    pixel in the video, (x // ntok) * sxb + sampler_offsets[n], and its slot in the tokens
+    tensor, (x // ntok) * syb + (s_i + token) * syn + member * width * syd (sampler_slots)."""
+    sxb, sxt, sxh, sxw = x_strides
+    syb, syn, syd = y_strides
+    starts = token_offsets(tubes, size)
+    xrow, dyrow = [], []
+    for i, tube in enumerate(tubes):
+        pixels = tube.sampler_offsets(size, (sxt, sxh, sxw))
+        token, member = tube.sampler_slots(size)
+        slots = (starts[i] + token) * syn + member * tube.width(dim) * syd
+        x = np.arange(pixels.size + _ROW_TABLE_PAD)
+        if pixels.size == 0:  # a tube without tokens here: no M tile reads its rows
+            xrow.append(0 * x)
+            dyrow.append(0 * x)
+            continue
+        sample, n = x // pixels.size, x % pixels.size
+        xrow.append(sample * sxb + pixels[n])
+        dyrow.append(sample * syb + slots[n])
+    return _offsets_tensor(np.concatenate(xrow), device), _offsets_tensor(np.concatenate(dyrow), device)
+
+
+def _vector_width(tensor: torch.Tensor, divisors) -> int:
+    """The widest vector (a power of two, at most 16 bytes) whose element count divides every one
+    of `divisors` and whose bytes divide the tensor's address; 1 if none."""
+    es = tensor.element_size()
+    vec = 16 // es
+    while vec > 1 and (tensor.data_ptr() % (vec * es) or any(d % vec for d in divisors)):
+        vec //= 2
+    return max(vec, 1)
+
+
+def _gather_vector(video: torch.Tensor, tubes) -> int:
+    """VEC of a launch: every tube's patch rows (kw pixels from ow + iw * sw along w) are runs of
+    VEC contiguous elements starting VEC-aligned, in every sample, channel, frame and row. Needs a
+    unit w stride; one VEC for all tubes of the launch (the largest their kw, ow, sw allow)."""
+    sxb, sxc, sxt, sxh, sxw = video.stride()
+    if sxw != 1:
+        return 1
+    return _vector_width(video, [sxb, sxc, sxt, sxh, *(v for t in tubes for v in (t.kernel[2], t.offset[2], t.stride[2]))])
+
+
+def _token_vector(tokens: torch.Tensor, tubes) -> int:
+    """How many channels of a token row load as one vector: runs of channels are contiguous
+    (unit channel stride) and every row start and merged channel block is aligned."""
+    syb, syn, syd = tokens.stride()
+    if syd != 1:
+        return 1
+    return _vector_width(tokens, [syb, syn, *(t.width(tokens.shape[-1]) for t in tubes)])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -449,27 +608,28 @@ def _pack_biases(biases, width: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(b.reshape(-1), (0, width - b.numel())) for b in biases])
 
 
-def _m_tiles(rows: int, block: int) -> int:
-    return triton.cdiv(rows, block)
+def _rows_class(B: int, samplers) -> int:
+    """The autotune key's size class: the launch's token rows, rounded up to a power of two."""
+    return triton.next_power_of_2(max(1, B * sum(samplers)))
 
 
 def _split_count(B: int, counts, dim: int, ktot: int, device: torch.device) -> int:
     """How many ways to split each tube's M reduction for dW: enough programs for the GPU."""
-    max_tiles = max(_m_tiles(B * n, 64) for n in counts)
-    if _INTERPRET or device.type != "cuda":
+    max_tiles = max(triton.cdiv(B * n, 64) for n in counts)
+    if interpreter_enabled() or device.type != "cuda":
         return min(2, max_tiles)  # still exercises the split path, cheaply
-    programs = triton.cdiv(ktot, 64) * triton.cdiv(dim, 128)
+    programs = triton.cdiv(ktot, 128) * triton.cdiv(dim, 128)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(8, max_tiles, triton.cdiv(2 * sms, programs)))
 
 
 def _launch(kernel, grid, args, flags):
-    """Autotuned launch; in deterministic mode the first config, fixed, because the rounding
+    """Autotuned launch; in deterministic mode the first kept config, fixed, because the rounding
     depends on the block sizes and a timing-based choice may differ from process to process."""
     if torch.are_deterministic_algorithms_enabled():
         configs = kernel.configs
         if kernel.early_config_prune is not None:
-            configs = kernel.early_config_prune(configs, {}, **flags)
+            configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **flags)
         cfg = configs[0]
         kernel.fn[grid](*args, **flags, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
@@ -486,29 +646,33 @@ def _merge_flags(tubes, dim: int) -> dict:
     return dict(SPACE_TO_DEPTH=merges, WIDTH_ALIGN=align & -align if merges else 1)
 
 
-def _fwd_args(video, w, bias, pos, out, geo, tubes):
+def _fwd_args(video, w, bias, pos, out, geo, cols, tubes, rows_class):
     has_pos = pos is not None
-    args = (video, w, bias, pos if has_pos else bias, out, geo,  # pos_ptr unread without HAS_POS
-            video.shape[0], w.shape[0], w.shape[1],
-            *video.stride(), *w.stride(), *bias.stride(),
+    sxb, _, sxt, sxh, sxw = video.stride()
+    args = (video, w, bias, pos if has_pos else bias, out, geo, cols,  # pos_ptr unread without HAS_POS
+            video.shape[0], w.shape[0], w.shape[1], rows_class,
+            sxb, sxt, sxh, sxw, *w.stride(), *bias.stride(),
             *(pos.stride() if has_pos else (0, 0)), *out.stride())
     flags = dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, out.shape[-1]), HAS_POS=has_pos,
-                 DOT_PRECISION=_dot_precision(video.dtype))
+                 DOT_PRECISION=_dot_precision(video.dtype), VEC=_gather_vector(video, tubes))
     return args, flags
 
 
-def _bwd_weight_args(video, grad_out, dw_part, db_part, geo, tubes):
-    args = (video, grad_out, dw_part, db_part, geo,
-            video.shape[0], dw_part.shape[1], dw_part.shape[2], dw_part.shape[0],
-            *video.stride(), *grad_out.stride(), *dw_part.stride(), *db_part.stride())
-    return args, dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, grad_out.shape[-1]),
-                      DOT_PRECISION=_dot_precision(video.dtype))
+def _bwd_weight_args(video, grad_out, dw_part, db_part, geo, cols, xrow, dyrow, tubes, rows_class):
+    syb, _, syd = grad_out.stride()
+    args = (video, grad_out, dw_part, db_part, geo, cols, xrow, dyrow,
+            video.shape[0], dw_part.shape[1], dw_part.shape[2], rows_class, dw_part.shape[0],
+            video.stride(0), syb, syd, *dw_part.stride(), *db_part.stride())
+    return args, dict(NUM_TUBES=len(tubes), SPACE_TO_DEPTH=_merge_flags(tubes, grad_out.shape[-1])["SPACE_TO_DEPTH"],
+                      DOT_PRECISION=_dot_precision(video.dtype), VEC=_gather_vector(video, tubes),
+                      DY_VEC=_token_vector(grad_out, tubes))
 
 
-def _bwd_input_args(grad_out, w, dx, geo, tubes, kmax, phase, period, atomic):
-    args = (grad_out, w, dx, geo,
-            dx.shape[0], w.shape[0], w.shape[1], kmax, *phase, *period,
-            *grad_out.stride(), *w.stride(), *dx.stride())
+def _bwd_input_args(grad_out, w, dx, geo, cols, tubes, kmax, phase, period, atomic, rows_class):
+    sxb, _, sxt, sxh, sxw = dx.stride()
+    args = (grad_out, w, dx, geo, cols,
+            dx.shape[0], w.shape[0], w.shape[1], rows_class, kmax, *phase, *period,
+            *grad_out.stride(), *w.stride(), sxb, sxt, sxh, sxw)
     return args, dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, grad_out.shape[-1]), ATOMIC=atomic,
                       DOT_PRECISION=_dot_precision(w.dtype))
 
@@ -521,13 +685,14 @@ def tube_embed_forward(video, weights, biases, pos, tubes):
     samplers = [math.prod(t.sampler_grid((T, H, W))) for t in tubes]
     dim = tubes[0].token_dim(weights[0].shape[0])
     geo = _geometry_table(tubes, (T, H, W), C, dim, video.device)
+    cols = _column_table(tubes, C, video.stride()[1:], video.device)
     w = _pack_weights(weights)
     bias = _pack_biases(biases, w.shape[0])
     out = torch.empty((B, sum(counts), dim), device=video.device, dtype=video.dtype)
-    args, flags = _fwd_args(video, w, bias, pos, out, geo, tubes)
+    args, flags = _fwd_args(video, w, bias, pos, out, geo, cols, tubes, _rows_class(B, samplers))
 
     def grid(meta):
-        return (sum(_m_tiles(B * n, meta["BLOCK_M"]) for n in samplers) * triton.cdiv(w.shape[0], meta["BLOCK_N"]),)
+        return (sum(triton.cdiv(B * n, meta["BLOCK_M"]) for n in samplers) * triton.cdiv(w.shape[0], meta["BLOCK_N"]),)
 
     _launch(_tube_embed_fwd_kernel, grid, args, flags)
     return out
@@ -544,14 +709,19 @@ def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
     dim = max(widths)  # the packed rows; narrower space-to-depth tubes use the first width_i
     if grad_out.dtype != video.dtype:
         grad_out = grad_out.to(video.dtype)
-    geo = _geometry_table(tubes, (T, H, W), C, grad_out.shape[-1], video.device)
+    size, device = (T, H, W), video.device
+    geo = _geometry_table(tubes, size, C, grad_out.shape[-1], device)
+    rows_class = _rows_class(B, samplers)
 
-    split = _split_count(B, samplers, dim, kcols[-1], video.device)
+    split = _split_count(B, samplers, dim, kcols[-1], device)
     # Every entry read below is written (a split without M tiles stores zeros); the pad
     # columns between tubes, and rows past a tube's width, stay unwritten and unread.
-    dw_part = torch.empty((split, dim, kcols[-1]), device=video.device, dtype=torch.float32)
-    db_part = torch.empty((split, len(tubes), dim), device=video.device, dtype=torch.float32)
-    args, flags = _bwd_weight_args(video, grad_out, dw_part, db_part, geo, tubes)
+    dw_part = torch.empty((split, dim, kcols[-1]), device=device, dtype=torch.float32)
+    db_part = torch.empty((split, len(tubes), dim), device=device, dtype=torch.float32)
+    xs = video.stride()
+    xrow, dyrow = _row_tables(tubes, size, grad_out.shape[-1], (xs[0], *xs[2:]), grad_out.stride(), device)
+    args, flags = _bwd_weight_args(video, grad_out, dw_part, db_part, geo, _column_table(tubes, C, xs[1:], device),
+                                   xrow, dyrow, tubes, rows_class)
 
     def grid_w(meta):
         return (sum(triton.cdiv(k, meta["BLOCK_K"]) for k in ks), triton.cdiv(dim, meta["BLOCK_N"]), split)
@@ -566,20 +736,22 @@ def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
 
     grad_video = None
     if input_requires_grad:
-        grad_video = _input_grad(grad_out, video, weights, tubes, geo, samplers, ks)
+        grad_video = _input_grad(grad_out, video, weights, tubes, geo, samplers, ks, rows_class)
     return grad_video, grad_weights, grad_biases
 
 
-def _input_grad(grad_out, video, weights, tubes, geo, samplers, ks):
+def _input_grad(grad_out, video, weights, tubes, geo, samplers, ks, rows_class):
     B, C, T, H, W = video.shape
     w = _pack_weights(weights)
     dx = torch.zeros(video.shape, device=video.device, dtype=torch.float32)
+    cols = _column_table(tubes, C, dx.stride()[1:], dx.device)
 
     def launch(geo_rows, launched, rows_per_tube, kmax, phase, period, atomic):
-        args, flags = _bwd_input_args(grad_out, w, dx, geo_rows, launched, kmax, phase, period, atomic)
+        args, flags = _bwd_input_args(grad_out, w, dx, geo_rows, cols, launched, kmax, phase, period, atomic,
+                                      rows_class)
 
         def grid(meta):
-            m_tiles = sum(_m_tiles(r, meta["BLOCK_M"]) for r in rows_per_tube)
+            m_tiles = sum(triton.cdiv(r, meta["BLOCK_M"]) for r in rows_per_tube)
             return (m_tiles * triton.cdiv(kmax, meta["BLOCK_K"]),)
 
         _launch(_tube_embed_bwd_input_kernel, grid, args, flags)
@@ -611,7 +783,8 @@ def _phases(tube: TubeSpec, grid3):
 # Ahead-of-time audit
 # ----------------------------------------------------------------------------------------
 
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                    torch.int64: "i64"}
 
 
 def _specialise(fn, args, constexprs):
@@ -646,7 +819,8 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
     """Every kernel x kept autotune config, specialised as the launches specialise them for the
     paper's setting (PAPER_TUBES, B=32, 3x32x224x224, dim 768, contiguous tensors).
 
-    "fp32" is accepted too: its configs use FMAs (exact dot), so there matmul is False."""
+    The 16-bit forward and dW carry their main loops' budgets (_FWD_BUDGET, _BWD_W_BUDGET). "fp32"
+    audits the exact-dot configs, which use FMAs: there matmul is False and no budget applies."""
     from tubevit_fast.geometry import PAPER_TUBES
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -657,10 +831,14 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
     meta = torch.device("meta")
     tubes, (B, C, T, H, W), dim = PAPER_TUBES, (32, 3, 32, 224, 224), 768
     counts = [t.num_tokens((T, H, W)) for t in tubes]
+    samplers = [math.prod(t.sampler_grid((T, H, W))) for t in tubes]
+    rows_class = _rows_class(B, samplers)
     kcols = _column_starts(tubes, C)
     ks = [t.patch_size(C) for t in tubes]
     geo = torch.empty((len(tubes), GEO_COLS), dtype=torch.int32, device=meta)
     video = torch.empty((B, C, T, H, W), dtype=dt, device=meta)
+    cols = torch.empty(kcols[-1], dtype=torch.int32, device=meta)
+    rtab = torch.empty(_row_table_starts(tubes, (T, H, W))[-1], dtype=torch.int32, device=meta)
     w = torch.empty((dim, kcols[-1]), dtype=dt, device=meta)
     bias = torch.empty((len(tubes), dim), dtype=dt, device=meta)
     tokens = torch.empty((B, sum(counts), dim), dtype=dt, device=meta)
@@ -674,27 +852,41 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
 
     fwd, bwd_w, bwd_x = ((_FWD_CONFIGS_FP32, _BWD_W_CONFIGS_FP32, _BWD_X_CONFIGS_FP32) if single
                          else (_FWD_CONFIGS, _BWD_W_CONFIGS, _BWD_X_CONFIGS))
+    fwd_budget, bwd_w_budget = (None, None) if single else (_FWD_BUDGET, _BWD_W_BUDGET)
     # The space-to-depth specialisation (SPACE_TO_DEPTH=True): the paper's 2D tube merged in pairs
     # along w; only the flag differs in what is compiled.
     s2d = (*tubes[:3], TubeSpec(tubes[3].kernel, tubes[3].stride, tubes[3].offset, ("w", 2)))
     launches = []
     for suffix, ts in (("", tubes), ("-s2d", s2d)):
         launches += [
-            (suffix, _tube_embed_fwd_kernel, fwd, _fwd_args(video, w, bias, pos, tokens, geo, ts)),
-            (suffix, _tube_embed_bwd_weight_kernel, bwd_w, _bwd_weight_args(video, tokens, dw_part, db_part, geo, ts)),
-            ("-atomic" + suffix, _tube_embed_bwd_input_kernel, bwd_x,
-             _bwd_input_args(tokens, w, dx, geo, ts, max(ks), (0, 0, 0), (1, 1, 1), True)),
+            (suffix, _tube_embed_fwd_kernel, fwd, fwd_budget,
+             _fwd_args(video, w, bias, pos, tokens, geo, cols, ts, rows_class)),
+            (suffix, _tube_embed_bwd_weight_kernel, bwd_w, bwd_w_budget,
+             _bwd_weight_args(video, tokens, dw_part, db_part, geo, cols, rtab, rtab, ts, rows_class)),
+            ("-atomic" + suffix, _tube_embed_bwd_input_kernel, bwd_x, None,
+             _bwd_input_args(tokens, w, dx, geo, cols, ts, max(ks), (0, 0, 0), (1, 1, 1), True, rows_class)),
         ]
-    launches.append(("-deterministic", _tube_embed_bwd_input_kernel, bwd_x,
-                     _bwd_input_args(tokens, w, dx, geo[1:2], tubes[1:2], ks[1], phase, period, False)))
+    launches.append(("-deterministic", _tube_embed_bwd_input_kernel, bwd_x, None,
+                     _bwd_input_args(tokens, w, dx, geo[1:2], cols, tubes[1:2], ks[1], phase, period, False,
+                                     rows_class)))
+    # Scalar gathers (VEC 1, DY_VEC 1): a channels-last video and token rows 769 elements apart
+    # (no loop budget: one 16-bit load per element is what such layouts allow).
+    channels_last = video.contiguous(memory_format=torch.channels_last_3d)
+    odd_tokens = torch.empty((B, sum(counts), dim + 1), dtype=dt, device=meta)[:, :, :dim]
+    fwd_args = _fwd_args(channels_last, w, bias, pos, tokens, geo, cols, tubes, rows_class)
+    bwd_w_args = _bwd_weight_args(channels_last, odd_tokens, dw_part, db_part, geo, cols, rtab, rtab, tubes, rows_class)
+    assert fwd_args[1]["VEC"] == 1 and _narrow(bwd_w_args[1])
+    launches += [("-scalar", _tube_embed_fwd_kernel, fwd, None, fwd_args),
+                 ("-scalar", _tube_embed_bwd_weight_kernel, bwd_w if single else _BWD_W_CONFIGS_NARROW, None,
+                  bwd_w_args)]
     targets = []
-    for suffix, autotuner, configs, (args, flags) in launches:
+    for suffix, autotuner, configs, budget, (args, flags) in launches:
         fn = autotuner.fn
         for cfg in configs:
             signature, constexprs, attrs = _specialise(fn, args, {**flags, **cfg.kwargs})
             targets.append(AuditTarget(
                 kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
                 config=_label(cfg) + suffix, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                matmul=not single, attrs=attrs,
+                matmul=not single, attrs=attrs, loop_budget=budget,
             ))
     return targets

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from tubevit_fast import audit as A
+from tubevit_fast.audit import cubin as C
+from tubevit_fast.audit import report as R
+from tubevit_fast.kernels.audit_spec import LoopBudget
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -166,6 +169,119 @@ def test_by_function_parsers_and_spill_bytes():
     assert ldsm.ldsm == 2 and ldsm.instructions == 2
 
 
+# Two loops with MMAs, one nested in an outer loop, and a self-branch after EXIT: the main loop
+# is the inner loop at 0x40..0x80 (2 HMMA.16816 = 2 units of MMA work, more than the other
+# innermost loop's one HMMA.1688 = 1/2 unit).
+CANNED_LOOPS = """
+\t\tFunction : loops
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R2, 0x1, PT ;
+        /*0020*/              @!P0 BRA 0xe0 ;
+        /*0030*/                   IADD3 R4, R4, 0x1, RZ ;
+        /*0040*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0050*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], desc[UR4][R10.64] ;
+        /*0060*/                   HMMA.16816.F32 R12, R8, R10, R12 ;
+        /*0070*/                   HMMA.16816.F32.BF16 R16, R8, R11, R16 ;
+        /*0080*/               @P1 BRA 0x40 ;
+        /*0090*/                   LDG.E.U16 R20, desc[UR4][R6.64] ;
+        /*00a0*/               @P2 BRA 0x30 ;
+        /*00b0*/                   HMMA.1688.F32.TF32 R12, R8, R10, R12 ;
+        /*00c0*/                   LDG.E.U16 R21, desc[UR4][R6.64] ;
+        /*00d0*/              @!UP3 BRA 0xb0 ;
+        /*00e0*/                   EXIT ;
+        /*00f0*/                   BRA 0xf0;
+\t\t..........
+
+\t\tFunction : hopper
+        /*0000*/                   WARPGROUP.ARRIVE ;
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/               @P0 BRA 0x0 ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0040*/                   UTMALDG.2D [UR8], [UR6] ;
+        /*0050*/                   LDGSTS.E.BYPASS.LTC128B.64 [R3], desc[UR4][R10.64] ;
+        /*0060*/               @P1 BRA 0x0 ;
+        /*0070*/                   EXIT ;
+\t\t..........
+
+\t\tFunction : unrolled
+        /*0000*/                   HMMA.16816.F32 R12, R8, R10, R12 ;
+        /*0010*/                   HMMA.16816.F32 R16, R8, R11, R16 ;
+        /*0020*/                   EXIT ;
+        /*0030*/                   BRA 0x30;
+"""
+
+
+def test_main_loop_is_the_innermost_loop_with_the_most_mma_work():
+    stats = A.sass_by_function(CANNED_LOOPS)
+    loop = stats["loops"].loop
+    assert (loop.start, loop.end) == (0x40, 0x80)
+    assert (loop.instructions, loop.hmma, loop.hgmma, loop.mma, loop.mma_units) == (5, 2, 0, 2, 2.0)
+    assert loop.non_mma_per_mma == pytest.approx(3 / 2)
+    assert loop.load_widths == {128: 2}            # LDG.128 + LDGSTS.128; the outer loop's U16 is outside
+    # Two back edges to one target are one loop, up to the last; a warpgroup's HGMMA.64x128x16
+    # gives each warp 16x128x16 = 16 m16n8k16 units; TMA copies count under "tma".
+    hopper = stats["hopper"].loop
+    assert (hopper.start, hopper.end, hopper.instructions, hopper.hgmma) == (0x0, 0x60, 7, 2)
+    assert hopper.mma_units == 32.0 and hopper.non_mma_per_mma == pytest.approx(5 / 32)
+    assert hopper.load_widths == {64: 1, "tma": 1}
+    assert stats["unrolled"].loop is None          # no back edge around the MMAs
+    assert A.parse_sass(CANNED_DUMP, "my_kernel").loop is None   # its only back edge holds no MMA
+
+
+@pytest.mark.parametrize("opcode, units", [
+    ("HMMA.16816.F32", 1.0), ("HMMA.16816.F32.BF16", 1.0), ("HMMA.1688.F32.TF32", 0.5),
+    ("HGMMA.64x128x16.F32", 16.0), ("HGMMA.64x64x16.F32.BF16", 8.0), ("HGMMA.64x256x16.F32", 32.0),
+    ("HGMMA.64x32x8.F32.TF32", 2.0), ("LDG.E.128", 0.0), ("IMAD", 0.0),
+])
+def test_mma_units(opcode, units):
+    assert A.mma_units(opcode) == units
+
+
+def test_unknown_mma_shape_is_an_error_not_a_guess():
+    with pytest.raises(A.AuditError, match="HMMA shape"):
+        A.mma_units("HMMA.999.F32")
+
+
+def test_branch_target_reads_the_last_address():
+    parse = A.instructions_by_function
+    [bra, brx, iadd] = parse("\t\tFunction : k\n        /*0100*/ @!P0 BRA 0x40 ;\n"
+                             "        /*0110*/ BRA.U !UP0, 0x1a0 ;\n        /*0120*/ IADD3 R1, R1, 0x10, RZ ;\n")["k"]
+    assert (bra.address, A.branch_target(bra)) == (0x100, 0x40)
+    assert A.branch_target(brx) == 0x1a0 and A.branch_target(iadd) is None
+
+
+def test_loop_budget_misses_make_the_row_not_ok():
+    loop = A.sass_by_function(CANNED_LOOPS)["loops"].loop     # 1.5 non-MMA per MMA, 128-bit loads, no HGMMA
+    assert A.budget_misses(None, loop, "sm_90") == []
+    assert A.budget_misses(LoopBudget(max_non_mma_per_mma=4, min_load_bits=64), loop, "sm_80") == []
+    misses = A.budget_misses(LoopBudget(max_non_mma_per_mma=1, min_load_bits=256, hgmma_archs=("sm_90",)),
+                             loop, "sm_90")
+    assert len(misses) == 3 and "1.50 non-MMA" in misses[0] and "narrower than 256" in misses[1]
+    assert "HGMMA" in misses[2]
+    assert A.budget_misses(LoopBudget(hgmma_archs=("sm_90",)), loop, "sm_80") == []
+    assert "no main loop" in A.budget_misses(LoopBudget(max_non_mma_per_mma=4), None, "sm_80")[0]
+    # The same through make_row: resources fine, but the budget missed.
+    sass = A.sass_by_function(CANNED_LOOPS)["loops"]
+    kw = dict(kernel="k", config="c", dtype="fp16", arch="sm_80", resources={"REG": 64, "SHARED": 0},
+              sass=sass, dynamic_shared=4096, reserved_in_static=False, num_warps=4, matmul=True, ptxas=None)
+    good = A.make_row(**kw)
+    bad = A.make_row(**kw, budget=LoopBudget(max_non_mma_per_mma=1))
+    assert set(A.ROW_KEYS) <= set(good) and good["ok"] and not bad["ok"]
+    assert (good["loop_instructions"], good["loop_mma"], good["loop_non_mma_per_mma"],
+            good["loop_load_widths"]) == (5, 2, 1.5, {128: 2})
+    assert "1.50 non-MMA" in A.why_not_ok(bad)
+
+
+def test_audit_modules_do_not_import_the_extension():
+    """The import cycle is gone: the audit package never imports tubevit_fast.extension (it calls
+    its audit_rows by name); the extension builds its rows on audit.cubin and audit.rows."""
+    code = "import sys, tubevit_fast.audit\nassert 'tubevit_fast.extension' not in sys.modules\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    source = (REPO / "tubevit_fast" / "extension.py").read_text()
+    assert "tubevit_fast.audit import cubin" in source
+
+
 @pytest.mark.parametrize("spill, ptxas, matmul, mma, occ, ok", [
     (0, None, True, 4, 0.5, True),
     (0, {"spill_stores": 0, "spill_loads": 0}, False, 0, 0.5, True),      # no matmul: MMA not needed
@@ -180,7 +296,7 @@ def test_row_ok(spill, ptxas, matmul, mma, occ, ok):
 
 def test_cuobjdump_path_prefers_the_wheel_then_cuda_home(tmp_path, monkeypatch):
     try:
-        wheel = A._nvidia_bin("cuobjdump")
+        wheel = C._nvidia_bin("cuobjdump")
     except A.AuditError:
         wheel = None
     if wheel is not None:
@@ -191,7 +307,7 @@ def test_cuobjdump_path_prefers_the_wheel_then_cuda_home(tmp_path, monkeypatch):
     def no_wheel_tool(tool):
         raise A.AuditError("not in this wheel")
 
-    monkeypatch.setattr(A, "_nvidia_bin", no_wheel_tool)
+    monkeypatch.setattr(C, "_nvidia_bin", no_wheel_tool)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     assert A.cuobjdump_path() == str(tmp_path / "bin" / "cuobjdump")
 
@@ -266,7 +382,7 @@ def test_bad_arch_and_dtype_rejected():
     with pytest.raises(A.AuditError):
         A.audit(archs=["sm_75"], modules=[])
     with pytest.raises(A.AuditError):
-        A.audit(dtypes=["fp32"], modules=[])
+        A.audit(dtypes=["fp8"], modules=[])
 
 
 def test_external_rows_are_added_and_checked():
@@ -290,8 +406,8 @@ def test_external_rows_are_added_and_checked():
             A.audit(modules=[])
     finally:
         for fn in (good, bad):
-            if fn in A._EXTERNAL:
-                A._EXTERNAL.remove(fn)
+            if fn in R._EXTERNAL:
+                R._EXTERNAL.remove(fn)
 
 
 def _named_row(kernel):
@@ -304,9 +420,9 @@ def _named_row(kernel):
 def test_named_external_is_audited_by_default_or_by_name(monkeypatch):
     """An external registered with a module name (as the CUDA extension is) is audited by default
     and by --module NAME, not when other modules are named; anonymous ones always."""
-    monkeypatch.setattr(A, "_EXTERNAL", [])
-    monkeypatch.setattr(A, "_EXTERNAL_MODULE", {})
-    monkeypatch.setattr(A, "AUDITED_MODULES", ())     # no Triton compilation here
+    monkeypatch.setattr(R, "_EXTERNAL", [])
+    monkeypatch.setattr(R, "_EXTERNAL_MODULE", {})
+    monkeypatch.setattr(R, "AUDITED_MODULES", ())     # no Triton compilation here
 
     def named(archs, dtypes):
         return [_named_row("csrc_kernel")]
@@ -323,9 +439,9 @@ def test_named_external_is_audited_by_default_or_by_name(monkeypatch):
 
 
 def test_unbuilt_external_is_a_notice_or_a_missing_row(monkeypatch):
-    monkeypatch.setattr(A, "_EXTERNAL", [])
-    monkeypatch.setattr(A, "_EXTERNAL_MODULE", {})
-    monkeypatch.setattr(A, "AUDITED_MODULES", ())
+    monkeypatch.setattr(R, "_EXTERNAL", [])
+    monkeypatch.setattr(R, "_EXTERNAL_MODULE", {})
+    monkeypatch.setattr(R, "AUDITED_MODULES", ())
 
     def unbuilt(archs, dtypes):
         raise A.ExternalUnavailable("pkg._ext is not available\n(no build)")
@@ -344,10 +460,10 @@ def test_extension_is_registered_and_unbuilt_is_one_line(monkeypatch, capsys):
     """tubevit_fast._C is a named external of the audit; when it is not built the CLI prints one
     line about it and --strict still passes (it only judges what is built)."""
     from tubevit_fast import extension
-    assert A.extension_rows in A._EXTERNAL
-    assert A._EXTERNAL_MODULE[A.extension_rows] == A.EXTENSION_MODULE == "tubevit_fast._C"
-    monkeypatch.setattr(A, "_EXTERNAL", [A.extension_rows])
-    monkeypatch.setattr(A, "AUDITED_MODULES", ())
+    assert A.extension_rows in R._EXTERNAL
+    assert R._EXTERNAL_MODULE[A.extension_rows] == A.EXTENSION_MODULE == "tubevit_fast._C"
+    monkeypatch.setattr(R, "_EXTERNAL", [A.extension_rows])
+    monkeypatch.setattr(R, "AUDITED_MODULES", ())
     monkeypatch.setattr(extension, "unavailable_reason", lambda: "tubevit_fast._C is not available (test)")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # main() must not re-exec pytest
     assert A.main(["--json", "--strict"]) == 0
@@ -363,11 +479,20 @@ def test_extension_is_registered_and_unbuilt_is_one_line(monkeypatch, capsys):
 def test_table_renders_all_row_kinds():
     ok_row = {"kernel": "k", "config": "c", "dtype": "fp16", "arch": "sm_80", "registers": 32,
               "spill_bytes": 0, "shared_bytes": 0, "occupancy": 1.0, "mma_instructions": 4,
-              "load_widths": {128: 2}, "matmul": True, "ok": True,
+              "load_widths": {128: 2}, "loop_instructions": 40, "loop_mma": 4, "loop_non_mma_per_mma": 9.0,
+              "loop_load_widths": {16: 8, 128: 2, "tma": 1}, "matmul": True, "ok": True,
               "details": {"hmma": 4, "hgmma": 0, "ldg_widths": {128: 2}, "ldgsts_widths": {}, "tma": 0}}
-    missing = A._empty_row("mod.x", A.MISSING, None, None, False, error="module mod.x does not exist")
+    missing = A.empty_row("mod.x", A.MISSING, None, None, False, error="module mod.x does not exist")
     text = A.format_table([ok_row, missing])
     assert "4 HMMA" in text and "128b x2" in text and "MISSING" in text and "100.0" in text
+    assert "9.00 (40/4)" in text and "16b x8 128b x2; TMA x1" in text and "loop non-MMA/MMA" in text
+    hopper = dict(ok_row, arch="sm_90", loop_non_mma_per_mma=2.5, loop_instructions=30, loop_mma=2,
+                  loop_load_widths={128: 4}, ok=False)
+    summary = A.format_summary([ok_row, dict(ok_row, registers=40, loop_non_mma_per_mma=11.0), hopper, missing])
+    lines = summary.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| kernel | arch | rows |")
+    assert "| k | sm_80 | 2 | 32-40 |" in lines[2] and "9.00-11.00" in lines[2] and "16, 128, TMA" in lines[2]
+    assert lines[2].endswith("| 2/2 |") and "2.50" in lines[3] and lines[3].endswith("| 0/1 |")
 
 
 # --------------------------------------------------------------------------------------
@@ -390,18 +515,29 @@ def _rows(proc: subprocess.CompletedProcess) -> list[dict]:
     return rows
 
 
+# The probe kernels' tl.dot takes 16-bit inputs; fp32 would be a tf32 dot of another shape.
+PROBE_DTYPES = ("fp16", "bf16")
+# The library's full audit here: attention's audit_targets has no fp32 targets yet.
+LIBRARY_DTYPES = ("fp16", "bf16")
+
+
+def _dtype_flags(dtypes) -> list[str]:
+    return [flag for dtype in dtypes for flag in ("--dtype", dtype)]
+
+
 @pytest.mark.aot
 def test_probe_kernels_audit_can_fail():
     """A declared matmul without tl.dot has no HMMA/HGMMA: the audit must flag it."""
-    proc = _run_cli("--module", "_audit_probe_kernel", "--json", "--strict")
+    proc = _run_cli("--module", "_audit_probe_kernel", "--json", "--strict", *_dtype_flags(PROBE_DTYPES))
     assert proc.returncode == 1, proc.stderr
     rows = _rows(proc)
     assert {(r["kernel"], r["dtype"], r["arch"]) for r in rows} == {
-        (k, d, a) for k in ("probe_dot_matmul", "probe_nodot_matmul") for d in A.DTYPES for a in A.ARCHS}
+        (k, d, a) for k in ("probe_dot_matmul", "probe_nested_dot", "probe_nodot_matmul")
+        for d in PROBE_DTYPES for a in A.ARCHS}
     for r in rows:
         assert r["spill_bytes"] == 0 and r["registers"] > 0 and 0 < r["occupancy"] <= 1, r
         assert r["load_widths"] and all(int(w) in (8, 16, 32, 64, 128) for w in r["load_widths"]), r
-        if r["kernel"] == "probe_dot_matmul":
+        if r["kernel"] != "probe_nodot_matmul":
             assert r["ok"] and r["mma_instructions"] > 0, r
             assert r["shared_bytes"] > 0, r        # tl.dot operands are staged in shared memory
         else:
@@ -412,6 +548,35 @@ def test_probe_kernels_audit_can_fail():
                        "--arch", "sm_80", "--dtype", "fp16")
     assert lenient.returncode == 0, lenient.stderr
     assert [(r["kernel"], r["ok"]) for r in _rows(lenient)] == [("probe_nodot_matmul", False)]
+
+
+@pytest.mark.aot
+def test_main_loop_of_probe_kernels_is_one_k_step():
+    """On real cubins the main loop found is the K loop (the inner one of probe_nested_dot): one pass
+    holds exactly one K step of the tile's MMA work, on sm_80 (HMMA) and sm_90 (HGMMA); its loads
+    are 16-bit without divisibility hints on K and N, 128-bit vectors with them, which also cuts the
+    loop's non-MMA instructions per MMA."""
+    import _audit_probe_kernel as P
+    proc = _run_cli("--module", "_audit_probe_kernel", "--json", "--details", "--kernel", "probe_*dot*",
+                    "--dtype", "fp16")
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["kernel"], r["config"], r["arch"]): r for r in json.loads(proc.stdout)}
+    units = {(t.kernel, t.config): P.loop_mma_units(t) for t in P.audit_targets("fp16")}
+    for (kernel, config, arch), r in rows.items():
+        if kernel == "probe_nodot_matmul":
+            assert r["loop_instructions"] is None and r["loop_non_mma_per_mma"] is None, r
+            continue
+        loop = r["details"]["loop"]
+        assert loop["mma_units"] == units[(kernel, config)], r
+        assert (loop["hmma"], loop["hgmma"]) == ((r["loop_mma"], 0) if arch == "sm_80" else (0, r["loop_mma"])), r
+        assert r["loop_non_mma_per_mma"] == pytest.approx((r["loop_instructions"] - r["loop_mma"]) / loop["mma_units"],
+                                                          abs=0.01)
+        assert r["loop_mma"] <= r["mma_instructions"] and r["loop_instructions"] > r["loop_mma"], r
+    for arch in A.ARCHS:
+        plain = rows[("probe_dot_matmul", "BM64-BN64-BK32-w4-s3", arch)]
+        hinted = rows[("probe_dot_matmul", "BM64-BN64-BK32-w4-s3-KN16", arch)]
+        assert set(plain["loop_load_widths"]) == {"16"} and set(hinted["loop_load_widths"]) == {"128"}, (plain, hinted)
+        assert hinted["loop_non_mma_per_mma"] < plain["loop_non_mma_per_mma"]
 
 
 SPILL_SCRIPT = """
@@ -453,7 +618,7 @@ def test_cli_drops_triton_interpret_and_reports_missing_modules():
     assert proc.returncode == 1, proc.stderr          # the missing module fails --strict
     rows = _rows(proc)
     probe = [r for r in rows if r["kernel"] == "probe_dot_matmul"]
-    assert len(probe) == 1 and probe[0]["ok"] and probe[0]["mma_instructions"] > 0, rows
+    assert len(probe) == 2 and all(r["ok"] and r["mma_instructions"] > 0 for r in probe), rows   # two configs
     assert [r["config"] for r in rows if r["kernel"] == "tubevit_fast.kernels._no_such_kernel"] == [A.MISSING]
     table = _run_cli("--module", "_audit_probe_kernel", "--kernel", "probe_dot_matmul", "--arch", "sm_80",
                      "--dtype", "fp16")
@@ -465,11 +630,11 @@ def test_cli_drops_triton_interpret_and_reports_missing_modules():
 def test_full_audit_of_library_kernels():
     """Every kept config of every library kernel compiles for sm_80 and sm_90 in fp16 and bf16
     with no spills, and every matmul kernel uses the tensor cores."""
-    proc = _run_cli("--json", "--strict")
+    proc = _run_cli("--json", "--strict", *_dtype_flags(LIBRARY_DTYPES))
     rows = _rows(proc)
     assert not [r for r in rows if r["config"] in (A.MISSING, A.NO_TARGETS)], proc.stderr
     assert {r["arch"] for r in rows} == set(A.ARCHS)
-    assert {r["dtype"] for r in rows} == set(A.DTYPES)
+    assert {r["dtype"] for r in rows} == set(LIBRARY_DTYPES)
     problems = []
     for r in rows:
         where = f"{r['kernel']} {r['config']} {r['dtype']} {r['arch']}"
@@ -491,7 +656,7 @@ def test_full_audit_of_library_kernels():
                              text=True, timeout=600)
     assert listing.returncode == 0, listing.stderr
     targets = json.loads(listing.stdout.strip().splitlines()[-1])
-    assert set(targets) == {f"{name} {dtype}" for name in A.AUDITED_MODULES for dtype in A.DTYPES}
+    assert set(targets) == {f"{name} {dtype}" for name in A.AUDITED_MODULES for dtype in LIBRARY_DTYPES}
     for where, pairs in targets.items():
         assert pairs, f"{where}: audit_targets is empty"
         dtype = where.split()[1]
@@ -501,9 +666,21 @@ def test_full_audit_of_library_kernels():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-TARGETS_SCRIPT = """
+@pytest.mark.aot
+def test_tube_embed_fp32_audit():
+    """The tube embedding's exact-fp32 configs (FMA dots) compile for sm_80 and sm_90 with no spills."""
+    proc = _run_cli("--module", "tubevit_fast.kernels.tube_embed", "--dtype", "fp32", "--json", "--strict")
+    rows = _rows(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows and {(r["dtype"], r["arch"]) for r in rows} == {("fp32", a) for a in A.ARCHS}
+    assert {r["kernel"] for r in rows} == {"_tube_embed_fwd_kernel", "_tube_embed_bwd_weight_kernel",
+                                          "_tube_embed_bwd_input_kernel"}
+    assert all(r["spill_bytes"] == 0 and r["ok"] and not r["matmul"] for r in rows), rows
+
+
+TARGETS_SCRIPT = f"""
 import importlib, json
 import tubevit_fast.audit as A
-print(json.dumps({f"{name} {dtype}": [(t.kernel, t.config) for t in importlib.import_module(name).audit_targets(dtype)]
-                  for name in A.AUDITED_MODULES for dtype in A.DTYPES}))
+print(json.dumps({{f"{{name}} {{dtype}}": [(t.kernel, t.config) for t in importlib.import_module(name).audit_targets(dtype)]
+                  for name in A.AUDITED_MODULES for dtype in {LIBRARY_DTYPES!r}}}))
 """

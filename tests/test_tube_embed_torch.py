@@ -2,7 +2,9 @@
 
 Every result is judged against a float64 golden computed here with one F.conv3d per tube on
 the offset slice (independent of the reference module), with conftest's rule: error at most
-2x that of the same conv3d computation in the test dtype, plus a small atol.
+2x that of the same conv3d computation in the test dtype, plus a small atol. Both gather routes
+run here on CPU: "unfold" (the CPU default) and "index" (the CUDA default: one index_select per
+tube over the batch).
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ from hypothesis import strategies as st
 
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec, token_offsets
 from tubevit_fast.posembed import tube_position_embedding
+from tubevit_fast.reference.tube_embed import tube_embed_reference
 from tubevit_fast.torch_backend import tube_embed as te
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROUTES = list(te.ROUTES)
 
 SMALL_TUBES = (
     TubeSpec((2, 3, 3), (2, 4, 4), (0, 0, 0)),
@@ -63,15 +67,15 @@ def make_inputs(tubes, size, batch=2, channels=3, dim=12, dtype=torch.float32, s
     return cast(video), [cast(w) for w in weights], [cast(b) for b in biases], pos
 
 
-def check_all(video, weights, biases, tubes, pos, grad_out, dtype, need_dx=True):
-    """Forward and every gradient of the torch backend against the float64 golden."""
+def check_all(video, weights, biases, tubes, pos, grad_out, dtype, need_dx=True, route=None):
+    """Forward and every gradient of the torch backend (gather `route`) against the float64 golden."""
     golden = conv_grads(video.double(), [w.double() for w in weights], [b.double() for b in biases],
                         tubes, None if pos is None else pos.double(), grad_out.double())
     same = conv_grads(video, weights, biases, tubes, pos, grad_out)
 
-    out = te.tube_embed_forward(video, weights, biases, pos, tubes)
+    out = te.tube_embed_forward(video, weights, biases, pos, tubes, route)
     assert out.dtype == dtype and out.is_contiguous()
-    dx, dws, dbs = te.tube_embed_backward(grad_out, video, weights, tubes, need_dx)
+    dx, dws, dbs = te.tube_embed_backward(grad_out, video, weights, tubes, need_dx, route)
     if need_dx:
         assert dx.dtype == dtype
     else:
@@ -93,27 +97,56 @@ def check_all(video, weights, biases, tubes, pos, grad_out, dtype, need_dx=True)
 
 # ---- fixed cases --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_pos", [True, False])
-def test_forward_and_grads_small(dtype, with_pos):
+def test_forward_and_grads_small(dtype, with_pos, route):
     video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE, dtype=dtype, with_pos=with_pos)
     n = token_offsets(SMALL_TUBES, SMALL_SIZE)[-1]
     grad_out = torch.randn(2, n, 12, generator=torch.Generator().manual_seed(1)).to(dtype)
-    check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, dtype)
+    check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, dtype, route=route)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_paper_tubes_small_video(dtype):
+def test_paper_tubes_small_video(dtype, route):
     """The paper's four tubes (one overlapping itself in time) on the smallest video they fit."""
     size = (32, 40, 40)
     video, weights, biases, pos = make_inputs(PAPER_TUBES, size, batch=1, dim=8, dtype=dtype)
     n = token_offsets(PAPER_TUBES, size)[-1]
     grad_out = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(2)).to(dtype)
-    check_all(video, weights, biases, PAPER_TUBES, pos, grad_out, dtype)
+    check_all(video, weights, biases, PAPER_TUBES, pos, grad_out, dtype, route=route)
 
 
+@pytest.mark.parametrize("route", ROUTES)
+def test_space_to_depth_tubes(route):
+    """Merged tokens (each group's sampler tokens gathered side by side), forward and gradients,
+    against the reference module's merge in float64 (conftest's rule, fp32)."""
+    tubes = (TubeSpec((2, 3, 3), (2, 4, 4), (0, 0, 0), ("w", 2)), TubeSpec((4, 2, 2), (1, 3, 3), (1, 1, 2), ("t", 2)),
+             TubeSpec((1, 4, 4), (3, 4, 4), (0, 2, 0), ("w", 3)))
+    assert all(t.fits(SMALL_SIZE) for t in tubes)
+    dim, gen = 6, torch.Generator().manual_seed(4)
+    video = torch.randn(2, 3, *SMALL_SIZE, generator=gen)
+    weights = [torch.randn(t.width(dim), 3, *t.kernel, generator=gen) / math.sqrt(t.patch_size(3)) for t in tubes]
+    biases = [torch.randn(t.width(dim), generator=gen) for t in tubes]
+    grad_out = torch.randn(2, token_offsets(tubes, SMALL_SIZE)[-1], dim, generator=gen)
+
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (video, *weights, *biases)]
+        out = tube_embed_reference(leaves[0], leaves[1:4], leaves[4:], tubes)
+        return [out.detach(), *torch.autograd.grad(out, leaves, grad_out.to(dtype))]
+
+    golden, same = reference(torch.float64), reference(torch.float32)
+    out = te.tube_embed_forward(video, weights, biases, None, tubes, route)
+    dx, dws, dbs = te.tube_embed_backward(grad_out, video, weights, tubes, True, route)
+    for name, fast, g, r in zip(["out", "dx", "dW0", "dW1", "dW2", "db0", "db1", "db2"],
+                                [out, dx, *dws, *dbs], golden, same):
+        assert_close_to_golden(fast, g, r, atol=dtype_atol(torch.float32, max(1.0, g.abs().max().item())), name=name)
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("layout", ["channels_last_3d", "sliced", "transposed_hw"])
-def test_non_contiguous_video(layout):
+def test_non_contiguous_video(layout, route):
     video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE)
     if layout == "channels_last_3d":
         video = video.contiguous(memory_format=torch.channels_last_3d)
@@ -125,18 +158,19 @@ def test_non_contiguous_video(layout):
     assert not video.is_contiguous() and video.shape[2:] == SMALL_SIZE
     n = token_offsets(SMALL_TUBES, SMALL_SIZE)[-1]
     grad_out = torch.randn(video.shape[0], n, 12)
-    check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, torch.float32)
+    check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, torch.float32, route=route)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_stride_zero_grad_out(dtype):
+def test_stride_zero_grad_out(dtype, route):
     """grad_out as autograd hands it over for out.sum() or out.mean(1): expanded, stride 0."""
     video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE, dtype=dtype)
     n = token_offsets(SMALL_TUBES, SMALL_SIZE)[-1]
     for grad_out in (torch.ones((), dtype=dtype).expand(2, n, 12),
                      torch.randn(2, 1, 12).to(dtype).expand(2, n, 12)):
         assert 0 in grad_out.stride()
-        check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, dtype)
+        check_all(video, weights, biases, SMALL_TUBES, pos, grad_out, dtype, route=route)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -200,6 +234,7 @@ def test_output_fully_written(monkeypatch):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tube,size,offset", [
     (TubeSpec((2, 4, 8), (3, 5, 8), (1, 2, 8)), (7, 12, 40), 0),   # 16-byte (or wider) rows
@@ -207,13 +242,13 @@ def test_output_fully_written(monkeypatch):
     (TubeSpec((2, 3, 4), (3, 5, 4), (0, 1, 4)), (5, 9, 20), 1),    # misaligned storage: no wide view
     (TubeSpec((1, 2, 3), (1, 2, 3), (0, 0, 1)), (2, 6, 10), 0),    # odd rows: no wide view
 ])
-def test_patches_bit_exact(dtype, tube, size, offset):
+def test_patches_bit_exact(dtype, tube, size, offset, route):
     """The wide-element gather moves bits: equal to a plain indexing gather, NaN and -0 included."""
     raw = torch.randn(2 * 3 * math.prod(size) + offset).to(dtype)
     raw[::7] = float("nan")
     raw[1::11] = -0.0
     video = raw[offset:].view(2, 3, *size)
-    got = te.patches(video, tube)
+    got = te.patches(video, tube, route)
     nt, nh, nw = tube.grid(size)
     (kt, kh, kw), (st_, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
     rows = []
@@ -264,11 +299,39 @@ def geometries(draw):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(geometry=geometries(), channels=st.integers(1, 4), dim=st.integers(1, 9), batch=st.integers(1, 2),
-       dtype=st.sampled_from(DTYPES), with_pos=st.booleans(), seed=st.integers(0, 2**16))
-def test_random_geometries(geometry, channels, dim, batch, dtype, with_pos, seed):
+       dtype=st.sampled_from(DTYPES), with_pos=st.booleans(), seed=st.integers(0, 2**16),
+       route=st.sampled_from(ROUTES))
+def test_random_geometries(geometry, channels, dim, batch, dtype, with_pos, seed, route):
     tubes, size = geometry
     video, weights, biases, pos = make_inputs(tubes, size, batch=batch, channels=channels, dim=dim,
                                               dtype=dtype, seed=seed, with_pos=with_pos)
     n = token_offsets(tubes, size)[-1]
     grad_out = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    check_all(video, weights, biases, tubes, pos, grad_out, dtype, need_dx=seed % 4 != 0)
+    check_all(video, weights, biases, tubes, pos, grad_out, dtype, need_dx=seed % 4 != 0, route=route)
+
+
+def test_route_by_device_and_bad_route():
+    """CUDA gathers with the index route, CPU keeps the unfold copies (its measured fast path);
+    an unknown route is a clear error."""
+    assert te.default_route(torch.device("cuda")) == "index"
+    assert te.default_route(torch.device("cpu")) == "unfold"
+    video, weights, biases, pos = make_inputs(SMALL_TUBES, SMALL_SIZE)
+    with pytest.raises(ValueError, match="gather route"):
+        te.tube_embed_forward(video, weights, biases, pos, SMALL_TUBES, "gather")
+
+
+def test_index_route_gathers_once_per_tube(monkeypatch):
+    """The index route is one index_select per tube over the whole batch, from a cached index."""
+    calls = []
+    real = torch.Tensor.index_select
+
+    def counting(self, dim, index):
+        calls.append((tuple(self.shape), dim, index.numel()))
+        return real(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", counting)
+    video, weights, biases, pos = make_inputs(PAPER_TUBES, (32, 40, 40), batch=2, dim=8)
+    te.tube_embed_forward(video, weights, biases, pos, PAPER_TUBES, "index")
+    assert len(calls) == len(PAPER_TUBES) and all(shape[0] == 2 and dim == 1 for shape, dim, _ in calls)
+    # 16-byte rows on a contiguous fp32 video: 4 pixels per gathered element.
+    assert [n for _, _, n in calls] == [t.num_tokens((32, 40, 40)) * t.patch_size(3) // 4 for t in PAPER_TUBES]

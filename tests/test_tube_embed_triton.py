@@ -7,14 +7,16 @@ bf16 tl.dot is wrong; the AOT audit compiles the bf16 kernels instead.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TRITON_DEVICE, assert_close_to_golden, dtype_atol
-from tubevit_fast.geometry import TubeSpec, num_tokens
+from tubevit_fast.geometry import PAPER_TUBES, TubeSpec, num_tokens
 from tubevit_fast.kernels import tube_embed as te
 from tubevit_fast.reference.tube_embed import tube_embed_reference
 
@@ -128,6 +130,32 @@ def test_eight_tubes():
     _check(tubes, 1, 2, (4, 8, 8), 16, torch.float32, seed=17)
 
 
+def test_tube_without_tokens(poisoned_empty):
+    """A tube too large for this video gives no tokens; the others are unaffected, its weight and
+    bias gradients are zeros, and no kernel divides by its token count (the interpreter's numpy
+    would warn; a GPU would read outside the row tables)."""
+    size = (4, 9, 10)
+    tubes = (MIXED_TUBES[0], TubeSpec((5, 2, 2), (1, 2, 2)), MIXED_TUBES[1])
+    assert [t.num_tokens(size) for t in tubes][1] == 0
+    video, weights, biases, pos = _make_inputs(tubes, 2, 3, size, 16, seed=29)
+    x = video.float().to(TRITON_DEVICE)
+    ws = [w.float().to(TRITON_DEVICE) for w in weights]
+    bs = [b.float().to(TRITON_DEVICE) for b in biases]
+    grad = torch.randn(2, num_tokens(tubes, size), 16, device=TRITON_DEVICE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = te.tube_embed_forward(x, ws, bs, pos.to(TRITON_DEVICE), tubes)
+        gx, gw, gb = te.tube_embed_backward(grad, x, ws, tubes, True)
+    fitting = (tubes[0], tubes[2])
+    ref = te.tube_embed_forward(x, [ws[0], ws[2]], [bs[0], bs[2]], pos.to(TRITON_DEVICE), fitting)
+    rgx, rgw, rgb = te.tube_embed_backward(grad, x, [ws[0], ws[2]], fitting, True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rgx)
+    for got, want in zip(gw[::2] + gb[::2], rgw + rgb):
+        torch.testing.assert_close(got, want)
+    assert not gw[1].any() and not gb[1].any()
+
+
 def test_no_pos_no_input_grad():
     _check(MIXED_TUBES[:2], 1, 2, (4, 8, 9), 16, torch.float32, with_pos=False, input_grad=False, seed=3)
 
@@ -223,19 +251,134 @@ def test_deterministic_input_grad_is_bitwise_reproducible():
                            name="grad_video")
 
 
+# kw 4 and 8, ow 4 and 0, sw 4 and 8 on W = 16: every patch row is a run of 4 aligned pixels
+# (VEC = 4: 16 bytes in fp32, 8 in fp16), with overlapping tokens along t.
+VECTOR_TUBES = (TubeSpec((2, 4, 4), (1, 4, 4), (0, 0, 4)), TubeSpec((1, 3, 8), (2, 3, 8), (1, 1, 0)))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "shifted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_vector_gather(dtype, layout, poisoned_empty):
+    """Tubes whose patch rows load as 4-element vectors; shifted by one element in memory the same
+    video allows none (VEC 1). Both give the golden result."""
+    size = (4, 9, 16)
+    kw = dict(dtype=dtype, device=TRITON_DEVICE)
+    if layout == "contiguous":
+        video = torch.randn(2, 3, *size, **kw)
+    else:
+        video = torch.randn(2 * 3 * math.prod(size) + 1, **kw)[1:].view(2, 3, *size)
+    assert te._gather_vector(video, VECTOR_TUBES) == (4 if layout == "contiguous" else 1)
+    _check(VECTOR_TUBES, 2, 3, size, 24, dtype, video=video, seed=19)
+
+
+@pytest.mark.parametrize("tubes, shape, dtype, offset, fmt, expected", [
+    (PAPER_TUBES, (1, 3, 32, 224, 224), torch.float16, 0, None, 4),         # tube 1's kw = 4 limits it
+    (PAPER_TUBES, (1, 3, 32, 224, 224), torch.float32, 0, None, 4),
+    (PAPER_TUBES[:1], (1, 3, 8, 224, 224), torch.bfloat16, 0, None, 8),     # kw 8, ow 0, sw 32: 16 bytes
+    (PAPER_TUBES, (1, 3, 32, 225, 224), torch.float16, 0, None, 4),         # odd H: rows still aligned
+    (PAPER_TUBES, (1, 3, 32, 224, 225), torch.float16, 0, None, 1),         # odd W: rows misaligned
+    (PAPER_TUBES, (1, 3, 32, 224, 224), torch.float16, 0, torch.channels_last_3d, 1),  # w stride 3
+    (PAPER_TUBES, (1, 3, 32, 224, 224), torch.float16, 2, None, 2),         # a crop 4 bytes off
+    (PAPER_TUBES, (1, 3, 32, 224, 224), torch.float16, 1, None, 1),         # 2 bytes off
+    ((TubeSpec((1, 3, 3), (1, 3, 3)),), (1, 3, 4, 12, 12), torch.float32, 0, None, 1),  # odd kw
+], ids=["paper-fp16", "paper-fp32", "kw8-bf16", "odd-H", "odd-W", "channels-last", "offset-4B", "offset-2B",
+        "kw3"])
+def test_gather_vector_rule(tubes, shape, dtype, offset, fmt, expected):
+    base = torch.empty(math.prod(shape) + offset, dtype=dtype)[offset:].view(shape)
+    video = base if fmt is None else base.contiguous(memory_format=fmt)
+    assert te._gather_vector(video, tubes) == expected
+
+
+def test_autotune_key_has_a_size_class():
+    """The token rows, rounded up to a power of two, are part of every kernel's autotune key: the
+    first-use self-check's tiny input cannot fix the config a real batch runs with."""
+    for kernel in (te._tube_embed_fwd_kernel, te._tube_embed_bwd_weight_kernel, te._tube_embed_bwd_input_kernel):
+        assert kernel.keys == ["DIM", "KTOT", "ROWS_CLASS"]
+    paper = [math.prod(t.sampler_grid((32, 224, 224))) for t in PAPER_TUBES]
+    assert te._rows_class(32, paper) == 32768 and te._rows_class(2, paper) == 2048
+    assert te._rows_class(2, [6, 3]) == 32
+
+
+def test_autotuning_leaves_dx_zeroed_for_the_real_launch(monkeypatch):
+    """The atomic dX kernel adds into a freshly zeroed buffer. Benchmarking several configs runs it
+    many times; with reset_to_zero Triton zeroes dx before each run and again after tuning, so the
+    launch that counts adds exactly once (restore_value would keep a copy of the whole buffer)."""
+    kernel = te._tube_embed_bwd_input_kernel
+    assert kernel.reset_to_zero == ["dx_ptr"] and not kernel.restore_value
+    runs = []
+
+    def bench(call, quantiles):
+        for _ in range(3):
+            call()
+        runs.append(3)
+        return [float(len(runs))] * len(quantiles)
+
+    tuned = triton.autotune(configs=[te._cfg(16, 16, 16, 4, 1), te._cfg(32, 16, 16, 4, 1)], key=te._KEY,
+                            reset_to_zero=["dx_ptr"], do_bench=bench)(kernel.fn)
+    video, weights, _, _ = _make_inputs(MIXED_TUBES[:2], 2, 3, (4, 9, 10), 16, seed=23)
+    x = video.float().to(TRITON_DEVICE)
+    ws = [w.float().to(TRITON_DEVICE) for w in weights]
+    grad = torch.randn(2, num_tokens(MIXED_TUBES[:2], (4, 9, 10)), 16, device=TRITON_DEVICE)
+    plain = te.tube_embed_backward(grad, x, ws, MIXED_TUBES[:2], True)[0]
+    monkeypatch.setattr(te, "_tube_embed_bwd_input_kernel", tuned)
+    after_tuning = te.tube_embed_backward(grad, x, ws, MIXED_TUBES[:2], True)[0]
+    assert runs == [3, 3]
+    torch.testing.assert_close(after_tuning, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_audit_targets_cover_every_kernel_and_config():
-    for dtype in ("fp16", "bf16"):
+    for dtype in ("fp16", "bf16", "fp32"):
         targets = te.audit_targets(dtype)
+        single = dtype == "fp32"
         per_kernel = {}
         for t in targets:
             per_kernel.setdefault(t.kernel, []).append(t)
             assert set(t.signature) == set(t.fn.arg_names)
             assert all(t.signature[k] == "constexpr" for k in t.constexprs)
             assert t.signature["x_ptr" if "x_ptr" in t.signature else "dy_ptr"] == "*" + dtype
-            assert t.matmul and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(t.constexprs)
-        # Each kernel plain and specialised for space-to-depth; dX also in deterministic mode.
-        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 2 * len(te._FWD_CONFIGS)
-        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(te._BWD_W_CONFIGS)
-        assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 3 * len(te._BWD_X_CONFIGS)
+            assert t.matmul is not single and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(t.constexprs)
+            # The paper tubes at W=224: kw 8/4/12/16, ow 0/8/16/0 and sw 32/32/32/16 allow 4-element
+            # vectors (8 bytes in 16-bit, 16 in fp32); token rows of 768 channels 16-byte vectors.
+            # The "-scalar" targets: a channels-last video and odd token rows, no vectors at all.
+            scalar = t.config.endswith("-scalar")
+            if "VEC" in t.constexprs:
+                assert t.constexprs["VEC"] == (1 if scalar else 4)
+            if "DY_VEC" in t.constexprs:
+                assert t.constexprs["DY_VEC"] == (1 if scalar else 16 // {"fp16": 2, "bf16": 2, "fp32": 4}[dtype])
+            # The static targets: forward and dW loops of the 16-bit kernels (issue 13).
+            budget = t.loop_budget
+            if single or scalar or t.kernel == "_tube_embed_bwd_input_kernel":
+                assert budget is None
+            else:
+                assert budget.max_non_mma_per_mma == 4 and budget.min_load_bits == 32
+                assert budget.hgmma_archs == ("sm_90",)
+        fwd, bwd_w, bwd_x = ((te._FWD_CONFIGS_FP32, te._BWD_W_CONFIGS_FP32, te._BWD_X_CONFIGS_FP32) if single
+                             else (te._FWD_CONFIGS, te._BWD_W_CONFIGS, te._BWD_X_CONFIGS))
+        # Each kernel plain, specialised for space-to-depth and (forward, dW) for scalar gathers,
+        # with the configs the launch keeps there; dX also in deterministic mode.
+        narrow = bwd_w if single else te._BWD_W_CONFIGS_NARROW
+        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 3 * len(fwd)
+        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(bwd_w) + len(narrow)
+        assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 3 * len(bwd_x)
         s2d = [t for t in targets if t.config.endswith("-s2d")]
-        assert s2d and all(t.constexprs["SPACE_TO_DEPTH"] and t.constexprs["WIDTH_ALIGN"] == 16 for t in s2d)
+        assert s2d and all(t.constexprs["SPACE_TO_DEPTH"] for t in s2d)
+        assert all(t.constexprs["WIDTH_ALIGN"] == 16 for t in s2d if "WIDTH_ALIGN" in t.constexprs)
+    assert te._ROW_TABLE_PAD >= max(c.kwargs["BLOCK_M"] for c in te._BWD_W_CONFIGS + te._BWD_W_CONFIGS_FP32)
+
+
+def test_config_pruning_by_precision_vectors_and_shape():
+    """The dW launch keeps the exact-fp32 configs for fp32, the narrow ones for scalar gathers, the
+    wide ones otherwise, and drops tiles far larger than the problem unless nothing is left."""
+    configs = te._BWD_W_CONFIGS + te._BWD_W_CONFIGS_NARROW + te._BWD_W_CONFIGS_FP32
+    prune = te._prune_for(te._BWD_W_CONFIGS_FP32, te._BWD_W_CONFIGS_NARROW)
+    paper = {"DIM": 768, "ROWS_CLASS": 32768}
+    assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS
+    assert prune(configs, paper, DOT_PRECISION="tf32", VEC=1, DY_VEC=8) == te._BWD_W_CONFIGS_NARROW
+    assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=2) == te._BWD_W_CONFIGS_NARROW
+    assert prune(configs, paper, DOT_PRECISION="ieee", VEC=1, DY_VEC=1) == te._BWD_W_CONFIGS_FP32
+    assert prune(configs, {"DIM": 96, "ROWS_CLASS": 32768}, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == [
+        c for c in te._BWD_W_CONFIGS if c.kwargs["BLOCK_N"] <= 128]
+    # A tiny problem keeps what its precision allows rather than nothing.
+    assert prune(configs, {"DIM": 8, "ROWS_CLASS": 16}, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS
+    fwd_prune = te._prune_for(te._FWD_CONFIGS_FP32)
+    assert fwd_prune(te._FWD_CONFIGS + te._FWD_CONFIGS_FP32, paper, DOT_PRECISION="tf32", VEC=1) == te._FWD_CONFIGS

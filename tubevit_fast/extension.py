@@ -24,7 +24,7 @@ torch.library.opcheck on fake/meta tensors, and offers:
                                              PTX it holds, and what a GPU would run (tubevit_fast.info)
     ptxas_log_path(), ptxas_rows(), audit_rows()
                                              the build's ptxas report and its SASS audit (the
-                                             parsers and rules of tubevit_fast.audit)
+                                             parsers and rules of tubevit_fast.audit.cubin/rows)
 
 Layouts (as for the Triton launchers): dense q (B, Nq, H, D), k/v (B, Nk, H, D), lse (B, H, Nq);
 packed varlen q (total_q, H, D), k/v (total_k, H, D) with int32 cu_seqlens (batch + 1), lse
@@ -269,8 +269,8 @@ def describe_kernel(mangled: str) -> dict | None:
 def ptxas_rows(text: str) -> list[dict]:
     """Rows {kernel, dtype, head_dim, arch, registers, stack, spill_stores, spill_loads} of a
     `ptxas -v` report of this build (arch as ptxas names it: sm_80, sm_90a), one per entry
-    function; parsed by tubevit_fast.audit.parse_ptxas_entries, named by describe_kernel."""
-    from tubevit_fast.audit import parse_ptxas_entries
+    function; parsed by tubevit_fast.audit.cubin.parse_ptxas_entries, named by describe_kernel."""
+    from tubevit_fast.audit.cubin import parse_ptxas_entries
     rows = []
     for entry in parse_ptxas_entries(text):
         info = describe_kernel(entry["function"]) or {"kernel": entry["function"], "dtype": None, "head_dim": None}
@@ -304,17 +304,18 @@ def _split_cubins(text: str) -> dict[tuple[str, str | None], str]:
 
 def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
     """One row per kernel x head dim x dtype x arch of the built .so, with the keys and meaning of
-    tubevit_fast.audit.ROW_KEYS (arch "sm_80"/"sm_90"; sm_90a cubins count as sm_90) plus
-    "details". One `cuobjdump --dump-resource-usage --dump-sass --dump-elf-symbols` of the .so,
-    split per cubin and parsed, judged and sized with tubevit_fast.audit's parsers, occupancy
-    estimate and ok rule, plus the build's ptxas report. python -m tubevit_fast.audit lists these
-    rows beside the Triton kernels'. Raises RuntimeError if the extension is not built."""
-    from tubevit_fast import audit as A
+    tubevit_fast.audit.ROW_KEYS (arch "sm_80"/"sm_90"; sm_90a cubins count as sm_90; the main-loop
+    keys included) plus "details". One `cuobjdump --dump-resource-usage --dump-sass
+    --dump-elf-symbols` of the .so, split per cubin, parsed and judged by tubevit_fast.audit's
+    cubin and rows modules (the audit reaches this function by name and never imports this module
+    itself), plus the build's ptxas report. python -m tubevit_fast.audit lists these rows beside the
+    Triton kernels'. Raises ExternalUnavailable (a RuntimeError) if the extension is not built."""
+    from tubevit_fast.audit import cubin, rows as audit_rows_
     lib = library_path()
     if lib is None or not os.path.exists(lib):
-        raise RuntimeError(unavailable_reason() or "tubevit_fast._C is not built")
+        raise audit_rows_.ExternalUnavailable(unavailable_reason() or "tubevit_fast._C is not built")
     configs = {(c["kernel"], c["head_dim"]): c for c in kernel_configs()}
-    dump = A.cuobjdump(lib, "--dump-resource-usage", "--dump-sass", "--dump-elf-symbols")
+    dump = cubin.cuobjdump(lib, "--dump-resource-usage", "--dump-sass", "--dump-elf-symbols")
     log_path = ptxas_log_path()
     ptxas = {}
     if log_path is not None:
@@ -326,11 +327,11 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
         arch = arch_full.rstrip("a")
         if arch not in archs:
             continue
-        sass = A.sass_by_function(cubin_text)
+        sass = cubin.sass_by_function(cubin_text)
         # On sm_90 ptxas gives each cubin the driver's 1 KB per-block reservation as a static
         # shared symbol, and cuobjdump counts it in SHARED; it is not the kernel's own.
         reserved = "RESERVED_SHARED" in cubin_text
-        for func, res in sorted(A.resource_usage_by_function(cubin_text).items()):
+        for func, res in sorted(cubin.resource_usage_by_function(cubin_text).items()):
             info = describe_kernel(func)
             if info is None or info["dtype"] not in dtypes:
                 continue
@@ -338,36 +339,17 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
                 continue
             cfg = configs.get((info["kernel"], info["head_dim"]), {})
             num_warps = cfg.get("threads", 128) // 32
-            static_smem = res.get("SHARED", 0)
-            if reserved:
-                static_smem = max(static_smem - A.ARCH_LIMITS[arch].reserved_smem_per_block, 0)
-            dynamic_smem = cfg.get("shared_bytes", 0)
-            shared = dynamic_smem + static_smem
-            stats = sass.get(func, A.SassStats())
-            log = ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"]))
-            matmul = info["kernel"] not in ELEMENTWISE_KERNELS
-            registers = res.get("REG", 0)
-            occupancy = A.estimate_occupancy(arch, registers, shared, num_warps)
-            spill = A.spill_bytes(res)
             config = f"D{info['head_dim']}"
             if cfg.get("block_n"):
                 config += f"-BM{cfg['block_m']}-BN{cfg['block_n']}-s{cfg['stages']}"
             config += f"-w{num_warps}"
-            rows.append({
-                "kernel": info["kernel"], "config": config, "dtype": info["dtype"], "arch": arch,
-                "registers": registers, "spill_bytes": spill, "shared_bytes": shared,
-                "occupancy": round(occupancy, 4), "mma_instructions": stats.mma,
-                "load_widths": stats.load_widths, "matmul": matmul,
-                "ok": A.row_ok(spill, log, matmul, stats.mma, occupancy),
-                "details": {"module": A.EXTENSION_MODULE, "cubin_arch": arch_full, "source": ident,
-                            "function": func, "head_dim": info["head_dim"], "hmma": stats.hmma, "hgmma": stats.hgmma, "tma": stats.tma,
-                            "ldsm": stats.ldsm, "ldg_widths": dict(sorted(stats.ldg.items())),
-                            "ldgsts_widths": dict(sorted(stats.ldgsts.items())),
-                            "sass_instructions": stats.instructions, "stack_bytes": res.get("STACK", 0),
-                            "local_bytes": res.get("LOCAL", 0), "dynamic_shared_bytes": dynamic_smem,
-                            "static_shared_bytes": static_smem, "num_warps": num_warps,
-                            "occupancy_blocks": A.occupancy_limits(arch, registers, shared, num_warps),
-                            "ptxas": log, "ptxas_log": log_path},
-            })
+            rows.append(audit_rows_.make_row(
+                kernel=info["kernel"], config=config, dtype=info["dtype"], arch=arch, resources=res,
+                sass=sass.get(func, cubin.SassStats()), dynamic_shared=cfg.get("shared_bytes", 0),
+                reserved_in_static=reserved, num_warps=num_warps,
+                matmul=info["kernel"] not in ELEMENTWISE_KERNELS,
+                ptxas=ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"])),
+                details={"module": "tubevit_fast._C", "cubin_arch": arch_full, "source": ident, "function": func,
+                         "head_dim": info["head_dim"], "ptxas_log": log_path}))
     rows.sort(key=lambda r: (r["kernel"], r["details"]["head_dim"], r["dtype"], r["arch"]))
     return rows

@@ -149,6 +149,31 @@ class TubeSpec:
             for n, k, s, o in zip(grid, self.kernel, self.stride, self.offset)
         )
 
+    def sampler_offsets(self, size: Sequence[int], strides: Sequence[int]) -> np.ndarray:
+        """(N_s,) int64: where each sampler token's patch starts in a video with (t, h, w) element
+        strides `strides`, i.e. sum over axes of (o + i * s) * stride, tokens row-major over the
+        sampler grid. Gathers add patch_offsets to it."""
+        axes = [(o + np.arange(n, dtype=np.int64) * s) * stride
+                for n, s, o, stride in zip(self.sampler_grid(size), self.stride, self.offset, strides)]
+        return (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]).ravel()
+
+    def patch_offsets(self, in_channels: int, strides: Sequence[int]) -> np.ndarray:
+        """(K,) int64: each patch element's offset from its token's first pixel in a video with
+        (c, t, h, w) element strides `strides`, in W.reshape(dim, -1)'s (c, dt, dh, dw) order."""
+        axes = [np.arange(n, dtype=np.int64) * stride for n, stride in zip((in_channels, *self.kernel), strides)]
+        return (axes[0][:, None, None, None] + axes[1][None, :, None, None] + axes[2][None, None, :, None]
+                + axes[3][None, None, None, :]).ravel()
+
+    def sampler_slots(self, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(output token, member) of each sampler token, row-major over the sampler grid: member j of
+        a space-to-depth group fills channels j * width ... (j + 1) * width of its output token, j
+        counting the group's sampler tokens row-major. Without space-to-depth: (arange, zeros)."""
+        (nt, nh, nw), (ft, fh, fw) = self.sampler_grid(size), self.factors
+        it, ih, iw = np.meshgrid(np.arange(nt), np.arange(nh), np.arange(nw), indexing="ij")
+        token = ((it // ft) * (nh // fh) + ih // fh) * (nw // fw) + iw // fw
+        member = ((it % ft) * fh + ih % fh) * fw + iw % fw
+        return token.ravel().astype(np.int64), member.ravel().astype(np.int64)
+
     def overlaps_itself(self) -> bool:
         """True when neighbouring tokens read shared pixels (stride < kernel on some axis)."""
         return any(s < k for k, s in zip(self.kernel, self.stride))

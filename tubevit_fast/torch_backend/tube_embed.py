@@ -1,9 +1,14 @@
-"""Tube embedding in plain PyTorch: the fast CPU path (it also runs on CUDA tensors).
+"""Tube embedding in plain PyTorch: the fast CPU path, and on CUDA the fallback without Triton.
 
-Per tube, the patches are gathered with `Tensor.unfold` views of the offset crop and one
-reshape copy into A_i (B, N_i, K_i), K_i in the (c, dt, dh, dw) order of
-W_i.reshape(dim, -1). Where alignment allows, the copy moves several neighbouring pixels of
-a row as one 8- or 16-byte element (bit-exact), which makes the gather 2-4x cheaper.
+Per tube, the patches are gathered into A_i (B, N_i, K_i), K_i in the (c, dt, dh, dw) order of
+W_i.reshape(dim, -1), by one of two routes (`patches`):
+  "unfold"  (CPU) `Tensor.unfold` views of the offset crop and reshape copies; the copies read
+            the pixels in the video's memory order, which the CPU's prefetchers follow.
+  "index"   (CUDA) one index_select over the batch with a precomputed per-sample index (cached
+            per tube, size and strides: token offset + column offset for every element of A_i),
+            i.e. a single gather kernel per tube instead of a strided copy of an 8-d view.
+Where alignment allows, both move several neighbouring pixels of a row as one 8- or 16-byte
+element (bit-exact), which makes the gather 2-4x cheaper.
 
 Forward, per tube: one GEMM A_i W_i^T + b_i over all B * N_i tokens (torch_backend.gemm:
 oneDNN on CPU), then the position embedding added on the way into the tokens' slot of the
@@ -23,8 +28,10 @@ Inputs are validated by tubevit_fast.ops.tube_embed; `pos` is a (N, dim) float32
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from tubevit_fast.geometry import TubeSpec, token_offsets
@@ -68,13 +75,56 @@ def _grouped_tokens(t: torch.Tensor, tube: TubeSpec, first: int) -> torch.Tensor
     return t.permute(order)
 
 
-def patches(video: torch.Tensor, tube: TubeSpec) -> torch.Tensor:
+ROUTES = ("unfold", "index")
+
+
+def default_route(device: torch.device) -> str:
+    """The gather route for tensors on `device`: "index" on CUDA, "unfold" elsewhere."""
+    return "index" if device.type == "cuda" else "unfold"
+
+
+def _check_route(route: str | None, device: torch.device) -> str:
+    route = default_route(device) if route is None else route
+    if route not in ROUTES:
+        raise ValueError(f"unknown gather route {route!r}; choose from {ROUTES}")
+    return route
+
+
+def _wide_tube(tube: TubeSpec, r: int) -> TubeSpec:
+    """The tube in units of r pixels along w (kw, sw, ow divisible by r): same sampler grid on W / r."""
+    (kt, kh, kw), (st, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
+    return TubeSpec((kt, kh, kw // r), (st, sh, sw // r), (ot, oh, ow // r), tube.space_to_depth)
+
+
+@functools.lru_cache(maxsize=64)
+def _patch_index(tube: TubeSpec, size: tuple[int, int, int], channels: int, strides: tuple[int, ...],
+                 device: torch.device) -> tuple[torch.Tensor, int]:
+    """(index, span): for every element of one sample's A_i (sampler tokens in `_grouped_tokens`'
+    order, then K) its offset from the sample's first element in a video with element strides
+    `strides` (c, t, h, w); span = the largest offset + 1."""
+    token, member = tube.sampler_slots(size)
+    order = np.argsort(token * tube.merge + member, kind="stable")
+    offsets = (tube.sampler_offsets(size, strides[1:])[order][:, None]
+               + tube.patch_offsets(channels, strides)[None, :]).ravel()
+    return torch.from_numpy(offsets).to(device), int(offsets.max()) + 1 if offsets.size else 0
+
+
+def patches(video: torch.Tensor, tube: TubeSpec, route: str | None = None) -> torch.Tensor:
     """(B, N_s, C * kt * kh * kw) patches of one tube's N_s sampler tokens, K in (c, dt, dh, dw)
-    order, tokens row-major (grouped for space-to-depth: `_grouped_tokens`)."""
+    order, tokens row-major (grouped for space-to-depth: `_grouped_tokens`). `route`: "unfold"
+    or "index" (see the module docstring); None picks `default_route` for the video's device."""
+    route = _check_route(route, video.device)
     B, C, T, H, W = video.shape
     (kt, kh, kw), (st, sh, sw), (ot, oh, ow) = tube.kernel, tube.stride, tube.offset
     nt, nh, nw = tube.sampler_grid((T, H, W))
     src, r = _wide_view(video, tube)
+    if route == "index":
+        index, span = _patch_index(_wide_tube(tube, r), tuple(src.shape[2:]), C, tuple(src.stride()[1:]),
+                                   video.device)
+        # Each sample as one flat run of storage from its first element: A_i is one gather of it.
+        a = src.as_strided((B, span), (src.stride(0), 1)).index_select(1, index)
+        a = a.view(B, nt * nh * nw, C * kt * kh * (kw // r))
+        return a.view(video.dtype) if r > 1 else a
     crop = src[:, :, ot:ot + (nt - 1) * st + kt, oh:oh + (nh - 1) * sh + kh,
                ow // r:(ow + (nw - 1) * sw + kw) // r]
     windows = crop.unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw // r, sw // r)  # B C nt nh nw kt kh kw/r
@@ -103,8 +153,10 @@ def _bias_plus_pos(bias: torch.Tensor, merge: int, pos: torch.Tensor | None, sta
 
 
 def tube_embed_forward(video: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
-                       pos: torch.Tensor | None, tubes: Sequence[TubeSpec]) -> torch.Tensor:
-    """(B, C, T, H, W) video -> (B, N, dim) tokens (+ bias + pos), dtype of the video."""
+                       pos: torch.Tensor | None, tubes: Sequence[TubeSpec], route: str | None = None) -> torch.Tensor:
+    """(B, C, T, H, W) video -> (B, N, dim) tokens (+ bias + pos), dtype of the video. `route`:
+    the gather (`patches`), by default the device's."""
+    route = _check_route(route, video.device)
     B = video.shape[0]
     dim = tubes[0].token_dim(weights[0].shape[0])
     dtype = video.dtype
@@ -113,7 +165,7 @@ def tube_embed_forward(video: torch.Tensor, weights: Sequence[torch.Tensor], bia
     out = torch.empty(B, starts[-1], dim, dtype=dtype, device=video.device)
     for i, tube in enumerate(tubes):
         start, end = starts[i], starts[i + 1]
-        a = patches(video, tube)
+        a = patches(video, tube, route)
         # One GEMM over all B * N_s sampler tokens; the bias rides in it except for fp16/bf16,
         # which add bias + pos in fp32 below (the tokens are rounded once more, as in the
         # reference: conv, then + pos). Space-to-depth: the projections of a group's tokens are
@@ -160,9 +212,11 @@ def _fold_add_(grad_video: torch.Tensor, grad_patches: torch.Tensor, tube: TubeS
 
 
 def tube_embed_backward(grad_out: torch.Tensor, video: torch.Tensor, weights: Sequence[torch.Tensor],
-                        tubes: Sequence[TubeSpec], input_requires_grad: bool
+                        tubes: Sequence[TubeSpec], input_requires_grad: bool, route: str | None = None
                         ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
-    """(grad_video or None, grad_weights, grad_biases) for grad_out (B, N, dim), any strides."""
+    """(grad_video or None, grad_weights, grad_biases) for grad_out (B, N, dim), any strides.
+    `route`: the gather of the recomputed patches (`patches`), by default the device's."""
+    route = _check_route(route, video.device)
     B = video.shape[0]
     dtype = video.dtype
     starts = token_offsets(tubes, video.shape[2:])
@@ -174,7 +228,7 @@ def tube_embed_backward(grad_out: torch.Tensor, video: torch.Tensor, weights: Se
     grad_weights, grad_biases = [], []
     for i, tube in enumerate(tubes):
         start, end = starts[i], starts[i + 1]
-        a = patches(video, tube)
+        a = patches(video, tube, route)
         a = a.reshape(-1, a.shape[-1])
         width = weights[i].shape[0]
         # dY_i as one (B * N_s, dim / f) matrix, a row per sampler token (space-to-depth: the

@@ -1,0 +1,5 @@
+import sys
+
+from tubevit_fast.audit.report import main
+
+sys.exit(main())
