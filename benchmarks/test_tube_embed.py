@@ -15,6 +15,8 @@ gradients; the video needs no gradient):
   compiled_reference  torch.compile of the reference (Inductor), compiled before timing
   torch      the "torch" backend through the public op (tubevit_fast.ops.tube_embed, autograd)
   triton     the fused Triton kernels through the public op (CUDA only)
+  auto       what a user gets (backend "auto"); on CUDA the torch and triton medians also give
+             this GPU's row of tubevit_fast.backends.MEASURED_ORDER (printed at the end of the run)
 
 Before timing, every case is checked once against the reference output (and gradients), so a
 broken implementation cannot look fast. Nothing asserts on time.
@@ -62,7 +64,7 @@ if torch.cuda.is_available():
                 (torch.device("cuda"), torch.float32, 2)]
 PASSES = ["forward", "forward+backward"]
 BASELINES = ["reference", "compiled_reference", "floor"]
-FAST = ["torch", "triton"]
+FAST = ["torch", "triton", "auto"]
 IMPLS = BASELINES + FAST  # baselines first: the fast cases reuse their medians
 
 
@@ -131,6 +133,12 @@ class Problem:
 
     def triton_forward_backward(self):
         return self._fast_forward_backward("triton")
+
+    def auto_forward(self):
+        return self._fast_forward("auto")
+
+    def auto_forward_backward(self):
+        return self._fast_forward_backward("auto")
 
     def floor_forward(self):
         return [linear(a, w) for a, w in zip(self.a, self.w)]
@@ -215,6 +223,8 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
         return
     if median is None:  # --benchmark-disable: correctness only
         return
+    if impl != "auto":
+        bench.record_dispatch("tube_embed", device, dtype, None, None, pass_, impl, median)
     # Headline ratios: our median against the reference's and the floor's own benchmarks, all
     # run back to back in this session (timed here if those were deselected).
     ref = bench.baseline(key + ("reference",), getattr(p, f"reference_{name}"), device)
@@ -243,9 +253,9 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
             for impl_ in ("floor", impl)}
     benchmark.extra_info["cold_cache_medians_s"] = cold
     benchmark.extra_info["ratio_to_floor_cold_cache"] = cold[impl] / cold["floor"]
-    bench.add_row(f"tube_embed {pass_} B={batch} [{impl}]", device.type, dtype, median, ref, "reference", floor=floor,
-                  peak=peak, baseline_peak=ref_peak,
+    bench.add_row(f"tube_embed {'fwd+bwd' if backward else 'fwd'} B={batch} [{impl}]", device.type, dtype, median,
+                  ref, "reference", floor=floor, peak=peak, baseline_peak=ref_peak,
+                  interleaved=mixed["reference"] / mixed[impl], spread=bench.run_spread(benchmark, key + ("reference",)),
                   notes=f"{flops / median / 1e12:.3g} TFLOP/s (floor {flops / floor / 1e12:.3g}); "
-                        f"interleaved: {mixed['reference'] / mixed[impl]:.2f}x vs reference, "
-                        f"{mixed[impl] / mixed['floor']:.2f} x floor; cold caches: {cold[impl] / cold['floor']:.2f} x "
-                        f"floor; {compiled / median:.2f}x vs compiled ref")
+                        f"x floor interleaved {mixed[impl] / mixed['floor']:.2f}, cold caches {cold[impl] / cold['floor']:.2f}; "
+                        f"{compiled / median:.2f}x vs compiled ref")

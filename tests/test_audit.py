@@ -228,6 +228,18 @@ def test_main_loop_is_the_innermost_loop_with_the_most_mma_work():
     assert A.parse_sass(CANNED_DUMP, "my_kernel").loop is None   # its only back edge holds no MMA
 
 
+def test_main_loop_with_inner_trips_weights_the_nested_mma_loops():
+    """The CUDA extension's rows: its MMAs sit in short head-dim loops inside the loop over key
+    tiles, so the metric takes the outermost MMA loop (0x30..0xa0 here) and counts the nested
+    loop's five instructions inner_trips times."""
+    loop = A.main_loop(A.instructions_by_function(CANNED_LOOPS)["loops"], inner_trips=3)
+    assert (loop.start, loop.end) == (0x30, 0xa0)
+    assert (loop.instructions, loop.hmma, loop.mma_units) == (3 * 5 + 3, 6, 6.0)
+    assert loop.non_mma_per_mma == pytest.approx((18 - 6) / 6)
+    assert loop.load_widths == {16: 1, 128: 6}
+    assert A.main_loop(A.instructions_by_function(CANNED_LOOPS)["loops"], inner_trips=1).instructions == 8
+
+
 @pytest.mark.parametrize("opcode, units", [
     ("HMMA.16816.F32", 1.0), ("HMMA.16816.F32.BF16", 1.0), ("HMMA.1688.F32.TF32", 0.5),
     ("HGMMA.64x128x16.F32", 16.0), ("HGMMA.64x64x16.F32.BF16", 8.0), ("HGMMA.64x256x16.F32", 32.0),
@@ -517,8 +529,8 @@ def _rows(proc: subprocess.CompletedProcess) -> list[dict]:
 
 # The probe kernels' tl.dot takes 16-bit inputs; fp32 would be a tf32 dot of another shape.
 PROBE_DTYPES = ("fp16", "bf16")
-# The library's full audit here: attention's audit_targets has no fp32 targets yet.
-LIBRARY_DTYPES = ("fp16", "bf16")
+# The library's full audit: every dtype the kernels run.
+LIBRARY_DTYPES = A.DTYPES
 
 
 def _dtype_flags(dtypes) -> list[str]:
@@ -628,8 +640,9 @@ def test_cli_drops_triton_interpret_and_reports_missing_modules():
 
 @pytest.mark.aot
 def test_full_audit_of_library_kernels():
-    """Every kept config of every library kernel compiles for sm_80 and sm_90 in fp16 and bf16
-    with no spills, and every matmul kernel uses the tensor cores."""
+    """Every kept config of every library kernel compiles for sm_80 and sm_90 in fp16, bf16 and fp32
+    with no spills, every matmul kernel uses the tensor cores, and the fp32 configs (exact dots on
+    FMAs) declare no matmul."""
     proc = _run_cli("--json", "--strict", *_dtype_flags(LIBRARY_DTYPES))
     rows = _rows(proc)
     assert not [r for r in rows if r["config"] in (A.MISSING, A.NO_TARGETS)], proc.stderr
@@ -645,6 +658,8 @@ def test_full_audit_of_library_kernels():
             problems.append(f"{where}: {r['spill_bytes']} B of local memory (spills) at {r['registers']} registers")
         if r["matmul"] and not r["mma_instructions"] > 0:
             problems.append(f"{where}: matmul kernel without HMMA/HGMMA")
+        if r["dtype"] == "fp32" and r["matmul"]:
+            problems.append(f"{where}: an fp32 config declared as a tensor-core matmul")
     assert not problems, "\n".join(problems)
     # Every module's every target shows up for both dtypes and both archs. The targets are listed
     # in a subprocess without TRITON_INTERPRET, like the CLI's: kernel modules read it at import
@@ -664,18 +679,6 @@ def test_full_audit_of_library_kernels():
             for arch in A.ARCHS:
                 assert (kernel, config, dtype, arch) in seen, f"{where}: {kernel} {config} {arch}"
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.mark.aot
-def test_tube_embed_fp32_audit():
-    """The tube embedding's exact-fp32 configs (FMA dots) compile for sm_80 and sm_90 with no spills."""
-    proc = _run_cli("--module", "tubevit_fast.kernels.tube_embed", "--dtype", "fp32", "--json", "--strict")
-    rows = _rows(proc)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert rows and {(r["dtype"], r["arch"]) for r in rows} == {("fp32", a) for a in A.ARCHS}
-    assert {r["kernel"] for r in rows} == {"_tube_embed_fwd_kernel", "_tube_embed_bwd_weight_kernel",
-                                          "_tube_embed_bwd_input_kernel"}
-    assert all(r["spill_bytes"] == 0 and r["ok"] and not r["matmul"] for r in rows), rows
 
 
 TARGETS_SCRIPT = f"""

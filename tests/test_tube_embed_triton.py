@@ -6,6 +6,7 @@ bf16 tl.dot is wrong; the AOT audit compiles the bf16 kernels instead.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -227,9 +228,12 @@ def test_grad_out_with_zero_strides():
 
 
 def test_deterministic_input_grad_is_bitwise_reproducible():
-    # Period (2, 2, 2) and (1, 2, 1): several phases per tube, tokens overlapping on every axis.
-    tubes = (TubeSpec((2, 3, 3), (1, 2, 2)), TubeSpec((1, 4, 2), (2, 3, 2), (1, 0, 1)))
-    size, dim = (4, 8, 9), 20
+    # Periods (2, 2, 2), (1, 2, 1) and (3, 1, 2): several phases per tube, tokens overlapping on
+    # every axis, and the paper's kind of time overlap (kernel 16, stride 6: kt > st, kt not a
+    # multiple of st) as kernel 5, stride 2.
+    tubes = (TubeSpec((2, 3, 3), (1, 2, 2)), TubeSpec((1, 4, 2), (2, 3, 2), (1, 0, 1)),
+             TubeSpec((5, 2, 3), (2, 3, 2), (0, 1, 0)))
+    size, dim = (9, 8, 9), 20
     video, weights, biases, pos = _make_inputs(tubes, 2, 2, size, dim, seed=13)
     grad_out = torch.randn(2, num_tokens(tubes, size), dim, dtype=torch.float64)
     x = video.float().to(TRITON_DEVICE)
@@ -249,6 +253,55 @@ def test_deterministic_input_grad_is_bitwise_reproducible():
     same = _reference(video, weights, biases, pos, tubes, grad_out, torch.float32)
     assert_close_to_golden(first[0].cpu(), golden[1], same[1], atol=dtype_atol(torch.float32, 4.0),
                            name="grad_video")
+
+
+def _footprints_overlap(a, b, tube: TubeSpec) -> bool:
+    """Do sampler tokens a and b (grid indices) read a common pixel?"""
+    return all(abs(i - j) * s < k for i, j, k, s in zip(a, b, tube.kernel, tube.stride))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 5), st.integers(1, 7)), min_size=3, max_size=3))
+def test_deterministic_phases_never_hold_overlapping_footprints(axes):
+    """The deterministic dX launches one phase at a time with plain read-add-write stores, which
+    is only race-free if no two tokens of a phase read a common pixel. On GPUs a violation is a
+    race; the interpreter runs programs one by one and would never show it, so the phases are
+    checked here directly, on random tubes (kernel > stride with kernel not a multiple of stride
+    included on every axis): every token in exactly one phase, no overlapping pair in one."""
+    kernel, stride, grid = (tuple(a[i] for a in axes) for i in range(3))
+    tube = TubeSpec(kernel, stride)
+    seen = {}
+    for phase, period, count in te._phases(tube, grid):
+        members = [idx for idx in itertools.product(*(range(n) for n in grid))
+                   if all(i % P == p for i, p, P in zip(idx, phase, period))]
+        assert len(members) == count, (phase, period)
+        for a, b in itertools.combinations(members, 2):
+            assert not _footprints_overlap(a, b, tube), f"{tube}: tokens {a} and {b} share phase {phase}"
+        for idx in members:
+            assert idx not in seen, f"token {idx} in phases {seen[idx]} and {phase}"
+            seen[idx] = phase
+    assert len(seen) == math.prod(grid)
+
+
+def test_fp32_launches_ask_for_ieee_dots(monkeypatch):
+    """The interpreter ignores DOT_PRECISION: assert what every launch requests. fp32 takes exact
+    ("ieee") dots (tf32 would miss fp32 tolerances on a GPU); 16-bit inputs take tensor cores."""
+    requested = []
+    real_launch = te._launch
+
+    def spy(kernel, grid, args, flags):
+        requested.append((kernel.fn.__name__, flags["DOT_PRECISION"]))
+        return real_launch(kernel, grid, args, flags)
+
+    monkeypatch.setattr(te, "_launch", spy)
+    for dtype, expected in ((torch.float32, "ieee"), (torch.float16, "tf32")):
+        requested.clear()
+        video, weights, biases, pos = _make_inputs(MIXED_TUBES, 1, 2, (4, 9, 10), 8)
+        grad_out = torch.randn(1, num_tokens(MIXED_TUBES, (4, 9, 10)), 8, dtype=torch.float64)
+        _fast(video, weights, biases, pos, MIXED_TUBES, grad_out, dtype)
+        kernels = {name for name, _ in requested}
+        assert kernels == {"_tube_embed_fwd_kernel", "_tube_embed_bwd_weight_kernel", "_tube_embed_bwd_input_kernel"}
+        assert {precision for _, precision in requested} == {expected}, (dtype, requested)
 
 
 # kw 4 and 8, ow 4 and 0, sw 4 and 8 on W = 16: every patch row is a run of 4 aligned pixels

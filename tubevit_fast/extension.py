@@ -328,6 +328,7 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
         if arch not in archs:
             continue
         sass = cubin.sass_by_function(cubin_text)
+        instructions = cubin.instructions_by_function(cubin_text)
         # On sm_90 ptxas gives each cubin the driver's 1 KB per-block reservation as a static
         # shared symbol, and cuobjdump counts it in SHARED; it is not the kernel's own.
         reserved = "RESERVED_SHARED" in cubin_text
@@ -343,9 +344,13 @@ def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
             if cfg.get("block_n"):
                 config += f"-BM{cfg['block_m']}-BN{cfg['block_n']}-s{cfg['stages']}"
             config += f"-w{num_warps}"
+            stats = sass.get(func, cubin.SassStats())
+            # The S / dP products loop over the head dim in steps of 16 inside the loop over key
+            # (or query) tiles: the metric describes one pass of that outer loop.
+            stats.loop = cubin.main_loop(instructions.get(func, []), inner_trips=info["head_dim"] // 16)
             rows.append(audit_rows_.make_row(
                 kernel=info["kernel"], config=config, dtype=info["dtype"], arch=arch, resources=res,
-                sass=sass.get(func, cubin.SassStats()), dynamic_shared=cfg.get("shared_bytes", 0),
+                sass=stats, dynamic_shared=cfg.get("shared_bytes", 0),
                 reserved_in_static=reserved, num_warps=num_warps,
                 matmul=info["kernel"] not in ELEMENTWISE_KERNELS,
                 ptxas=ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"])),

@@ -133,8 +133,8 @@ def mma_units(opcode: str) -> float:
     return 0.0
 
 
-def _count(table: dict, key) -> None:
-    table[key] = table.get(key, 0) + 1
+def _count(table: dict, key, n: int = 1) -> None:
+    table[key] = table.get(key, 0) + n
 
 
 @dataclass
@@ -166,16 +166,19 @@ class LoopStats:
         return out
 
 
-def _loop_stats(body: list[Instruction]) -> LoopStats:
+def _loop_stats(body: list[Instruction], weights: list[int] | None = None) -> LoopStats:
+    """Stats of one pass of `body`; weights[i] counts instruction i that many times (inner loops)."""
+    weights = weights or [1] * len(body)
     loads: dict = {}
-    for ins in body:
+    for ins, n in zip(body, weights):
         if ins.base in ("LDG", "LDGSTS"):
-            _count(loads, load_width(ins.opcode))
+            _count(loads, load_width(ins.opcode), n)
         elif ins.base in _TMA:
-            _count(loads, "tma")
-    return LoopStats(start=body[0].address, end=body[-1].address, instructions=len(body),
-                     hmma=sum(i.base == "HMMA" for i in body), hgmma=sum(i.base == "HGMMA" for i in body),
-                     mma_units=sum(mma_units(i.opcode) for i in body), loads=loads)
+            _count(loads, "tma", n)
+    return LoopStats(start=body[0].address, end=body[-1].address, instructions=sum(weights),
+                     hmma=sum(n for i, n in zip(body, weights) if i.base == "HMMA"),
+                     hgmma=sum(n for i, n in zip(body, weights) if i.base == "HGMMA"),
+                     mma_units=sum(mma_units(i.opcode) * n for i, n in zip(body, weights)), loads=loads)
 
 
 def branch_target(ins: Instruction) -> int | None:
@@ -186,8 +189,13 @@ def branch_target(ins: Instruction) -> int | None:
     return int(found[-1], 16) if found else None
 
 
-def main_loop(instructions: list[Instruction]) -> LoopStats | None:
-    """The innermost loop holding MMA instructions (see the module docstring), or None."""
+def main_loop(instructions: list[Instruction], inner_trips: int | None = None) -> LoopStats | None:
+    """The innermost loop holding MMA instructions (see the module docstring), or None.
+
+    inner_trips: for kernels whose MMAs sit in short inner loops of known trip count (the CUDA
+    extension's head-dim loops, head_dim / 16 passes): take the outermost loop holding MMAs
+    instead, and count each instruction of an MMA loop nested in it inner_trips times per level
+    of nesting, so the metric describes one pass of the loop that streams the tiles."""
     ends: dict[int, int] = {}                 # loop start -> its last back edge
     for ins in instructions:
         target = branch_target(ins)
@@ -201,6 +209,15 @@ def main_loop(instructions: list[Instruction]) -> LoopStats | None:
         body = instructions[index[start]:index[end] + 1]
         if any(i.base in ("HMMA", "HGMMA") for i in body):
             loops.append((start, end, body))
+    if inner_trips is not None:
+        outermost = [(s, e, b) for s, e, b in loops
+                     if not any((s2, e2) != (s, e) and s2 <= s and e <= e2 for s2, e2, _ in loops)]
+        stats = []
+        for s, e, body in outermost:
+            nested = [(s2, e2) for s2, e2, _ in loops if (s2, e2) != (s, e) and s <= s2 and e2 <= e]
+            weights = [inner_trips ** sum(s2 <= i.address <= e2 for s2, e2 in nested) for i in body]
+            stats.append(_loop_stats(body, weights))
+        return max(stats, key=lambda st: (st.mma_units, -st.start)) if stats else None
     innermost = [(s, e, b) for s, e, b in loops
                  if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2, _ in loops)]
     if not innermost:
