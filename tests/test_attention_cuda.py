@@ -308,10 +308,10 @@ def as_dtype(case: Case, q, k, v, dtype):
     return qkv.select(-3, 0), qkv.select(-3, 1), qkv.select(-3, 2)
 
 
-def reference(q, k, v, dout, cu, dtype):
+def reference(q, k, v, dout, cu, dtype, scale=None):
     """out, dq, dk, dv and lse of the reference computed in `dtype`."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = attention_reference(*leaves, *cu, return_lse=True)
+    out, lse = attention_reference(*leaves, *cu, softmax_scale=scale, return_lse=True)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     return [out.detach(), *grads], lse.detach()
 
@@ -334,6 +334,23 @@ EMULATED_CASES = [
 
 
 EMULATOR_MODES = ("deferred", "immediate", "greedy")
+
+
+@pytest.mark.parametrize("case", [Case(heads=2, head_dim=64, batch=1, nq=70, nk=90),
+                                  Case(heads=1, head_dim=80, seg_q=(5, 40), seg_k=(33, 20))], ids=lambda c: c.id)
+def test_emulated_kernels_take_a_custom_softmax_scale(emulator, case):
+    """softmax_scale far from 1/sqrt(Dh), dense and packed, forward and backward (a kernel that
+    drops the scale in any product, or applies it twice, fails)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{case.id}-scale".encode()))
+    q64, k64, v64, dout64, cu = make_inputs(case, gen)
+    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64, scale=0.37)
+    same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, torch.float16, scale=0.37)
+    q, k, v = as_dtype(case, q64, k64, v64, torch.float16)
+    out, lse = run_emulated(emulator, "fwd", q, k, v, cu, scale=0.37)
+    dq, dk, dv, _ = run_emulated(emulator, "bwd", q, k, v, cu, scale=0.37, dout=dout64.half(), out=out, lse=lse)
+    for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), golden, same_dtype):
+        assert_close_to_golden(fast, gold, ref, atol=dtype_atol(torch.float16), name=name)
+    assert_close_to_golden(lse, golden_lse, same_lse.float(), atol=1e-5, name="lse", dtype=torch.float16)
 
 
 @pytest.mark.parametrize("mode", EMULATOR_MODES)
@@ -895,7 +912,7 @@ GPU_CASES = [
 ]
 
 
-def _gpu_case(case: Case, dtype, salt: str):
+def _gpu_case(case: Case, dtype, salt: str, scale=None):
     """Inputs on the GPU and the references of a GPU test: (q, k, v in dtype, dout float64, cu,
     max_q, max_k, golden, golden_lse, same_dtype, same_lse). Skips head dims this build lacks."""
     require_extension()
@@ -906,11 +923,27 @@ def _gpu_case(case: Case, dtype, salt: str):
     q64, k64, v64, dout64, cu = make_inputs(case, gen)
     q64, k64, v64, dout64 = (t.to(dev) for t in (q64, k64, v64, dout64))
     cu = tuple(c.to(dev) if c is not None else None for c in cu)
-    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64)
-    same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype)
+    golden, golden_lse = reference(q64, k64, v64, dout64, cu, torch.float64, scale)
+    same_dtype, same_lse = reference(q64, k64, v64, dout64, cu, dtype, scale)
     q, k, v = as_dtype(case, q64, k64, v64, dtype)
     max_q, max_k = (max(case.seg_q), max(case.seg_k)) if case.varlen else (case.nq, case.nk)
     return q, k, v, dout64, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("case", [Case(heads=2, head_dim=64, batch=2, nq=150, nk=200),
+                                  Case(heads=2, head_dim=64, seg_q=(5, 140), seg_k=(133, 20))], ids=lambda c: c.id)
+def test_gpu_custom_softmax_scale(case):
+    """A non-default softmax_scale, dense and packed, forward and backward, on hardware."""
+    dtype = torch.bfloat16
+    q, k, v, dout64, cu, max_q, max_k, golden, golden_lse, same_dtype, same_lse = _gpu_case(case, dtype, "-scale", 0.37)
+    out, lse = extension.attention_forward(q, k, v, *cu, max_q, max_k, 0.37)
+    dq, dk, dv = extension.attention_backward(dout64.to(dtype), q, k, v, out, lse, *cu, max_q, max_k, 0.37)
+    torch.cuda.synchronize()
+    for name, fast, gold, ref in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), golden, same_dtype):
+        assert_close_to_golden(fast.cpu(), gold.cpu(), ref.cpu(), atol=dtype_atol(dtype), name=name)
+    assert_close_to_golden(lse.cpu(), golden_lse.cpu(), same_lse.float().cpu(), atol=1e-5, name="lse", dtype=dtype)
 
 
 @pytest.mark.gpu
