@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
 
 import torch
+
+from tubevit_fast.info import package_version
 
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR", "benchmark_results")
 
@@ -29,7 +30,7 @@ def save(rows: list, threads: int, dispatch_rows: list[str] = ()) -> list[str]:
         record["ours_over_floor"] = row.ours / row.floor if row.floor and row.ours else None
         records.append(record)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "triton": _version("triton"), "python": platform.python_version(), "cpu_threads": threads,
+            "triton": package_version("triton"), "python": platform.python_version(), "cpu_threads": threads,
             "machine": platform.machine(), "cpu": _cpu_name(),
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     json_path = os.path.join(RESULTS_DIR, "summary.json")
@@ -40,13 +41,6 @@ def save(rows: list, threads: int, dispatch_rows: list[str] = ()) -> list[str]:
     if chart:
         paths.append(chart)
     return paths
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _cpu_name() -> str:

@@ -11,10 +11,35 @@ def _operands(m, k, n, dtype=torch.float32, seed=0):
             torch.randn(n, generator=g).to(dtype))
 
 
-def test_onednn_is_used_here():
+@pytest.fixture(autouse=True, params=["onednn", "mm"])
+def route(request, monkeypatch):
+    """Every test runs on both GEMMs, whichever this machine's CPU prefers."""
+    if request.param == "onednn" and not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(gemm, "cpu_gemm", lambda: request.param)
+    return request.param
+
+
+def test_onednn_is_available_and_chosen_by_vendor(monkeypatch):
     # The speed claims of the CPU path rest on this build having oneDNN's linear op.
     assert gemm.onednn_available() == (torch.backends.mkldnn.is_available()
                                        and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    monkeypatch.undo()  # the real choice, not the fixture's
+    gemm.cpu_gemm.cache_clear()
+    for vendor, expected in (("GenuineIntel", "mm"), ("AuthenticAMD", "onednn")):
+        monkeypatch.setattr(gemm, "_cpu_vendor", lambda: vendor)
+        gemm.cpu_gemm.cache_clear()
+        assert gemm.cpu_gemm() == (expected if gemm.onednn_available() else "mm")
+    gemm.cpu_gemm.cache_clear()
+
+
+def test_the_route_is_taken(route, monkeypatch):
+    called = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: called.append(1) or real(*a))
+    x, w, b = _operands(8, 12, 6)
+    gemm.linear(x, w, b)
+    assert bool(called) == (route == "onednn")
 
 
 @pytest.mark.parametrize("m,k,n", [(392, 1536, 768), (7, 54, 20), (1, 3, 1)])

@@ -17,7 +17,8 @@ import torch
 from tubevit_fast import extension
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -28,8 +29,8 @@ def collect() -> dict:
     gpus = [{"index": i, "name": torch.cuda.get_device_name(i),
              "capability": list(torch.cuda.get_device_capability(i))}
             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    info = {"tubevit_fast": _version("tubevit_fast"), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "triton": _version("triton"), "gpus": gpus}
+    info = {"tubevit_fast": package_version("tubevit_fast"), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "triton": package_version("triton"), "gpus": gpus}
     ext = {"available": extension.is_available(), "reason": extension.unavailable_reason(),
            "path": extension.library_path()}
     if ext["available"]:

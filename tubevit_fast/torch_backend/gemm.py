@@ -1,9 +1,11 @@
 """The CPU path's GEMM: x @ w.T (+ bias), on oneDNN where that is faster than torch.mm.
 
-For fp32 CPU tensors torch.mm calls MKL's sgemm, and on the AMD Zen 5 machine this project
-is measured on, MKL takes a code path that reaches about 205 GFLOP/s on 2 threads, while
-oneDNN's inner-product primitive (the one Inductor's CPU linear fusion calls,
-`mkldnn::_linear_pointwise`) reaches 430-470 GFLOP/s on the tube-embedding shapes. Precision
+For fp32 CPU tensors torch.mm calls MKL's sgemm. On an AMD Zen 5 (2 threads) MKL takes a code
+path that reaches about 205 GFLOP/s, while oneDNN's inner-product primitive (the one Inductor's
+CPU linear fusion calls, `mkldnn::_linear_pointwise`) reaches 430-470 GFLOP/s on the
+tube-embedding shapes; on an Intel Xeon (2 threads) MKL is the faster one: 190-215 GFLOP/s
+against oneDNN's 110-205 (its weight-gradient products are the slow ones). So `cpu_gemm`
+picks by CPU vendor: MKL (torch.mm) on Intel, oneDNN elsewhere. Precision
 follows torch's float32 matmul setting exactly as torch.mm does: at the default ("highest")
 it is plain fp32, its error against an fp64 product that of fp32 accumulation; with
 torch.set_float32_matmul_precision("medium") both may use bf16 arithmetic on CPUs that have
@@ -13,6 +15,7 @@ is a transposed view). Other dtypes and devices (and builds without oneDNN) use 
 from __future__ import annotations
 
 import functools
+import platform
 
 import torch
 
@@ -34,9 +37,25 @@ def onednn_available() -> bool:
     return torch.equal(y, x @ w.t())
 
 
+@functools.cache
+def cpu_gemm() -> str:
+    """"onednn" or "mm": the faster fp32 GEMM of this machine (module docstring)."""
+    if not onednn_available():
+        return "mm"
+    return "mm" if _cpu_vendor() == "GenuineIntel" else "onednn"
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        return "GenuineIntel" if "Intel" in platform.processor() else platform.processor()
+
+
 def _uses_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and w.dtype == x.dtype
-            and x.shape[0] > 0 and x.shape[1] > 0 and onednn_available())
+            and x.shape[0] > 0 and x.shape[1] > 0 and cpu_gemm() == "onednn")
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
