@@ -573,6 +573,9 @@ def test_main_loop_of_probe_kernels_is_one_k_step():
                     "--dtype", "fp16")
     assert proc.returncode == 0, proc.stderr
     rows = {(r["kernel"], r["config"], r["arch"]): r for r in json.loads(proc.stdout)}
+    # Progress on stderr, one line per kernel and dtype (the JSON on stdout stays clean).
+    assert {line.split()[1] for line in proc.stderr.splitlines() if line.startswith("audit: probe_")} == \
+        {kernel for kernel, _, _ in rows}
     units = {(t.kernel, t.config): P.loop_mma_units(t) for t in P.audit_targets("fp16")}
     for (kernel, config, arch), r in rows.items():
         if kernel == "probe_nodot_matmul":

@@ -331,10 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     _drop_interpreter(argv)
 
     t0 = time.perf_counter()
-    progress = None
-    if not args.json and sys.stderr.isatty():
-        def progress(row):
+    # A full audit compiles hundreds of kernels (minutes without a warm Triton cache): one progress
+    # line on stderr per kernel and dtype, and one per row on a terminal.
+    current = [None, 0]
+
+    def progress(row):
+        current[1] += 1
+        group = (row["kernel"], row["dtype"])
+        if sys.stderr.isatty():
             print(f"  audited {row['kernel']} {row['config']} {row['dtype']} {row['arch']}", file=sys.stderr)
+        elif group != current[0]:
+            current[0] = group
+            print(f"audit: {row['kernel']} {row['dtype']} ({current[1]} rows, {time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
     try:
         rows = audit(kernels=args.kernel, archs=args.arch or tuple(ARCHS), dtypes=args.dtype or DTYPES,
                      modules=args.module, progress=progress)
