@@ -27,5 +27,8 @@ def test_readme_modules_have_entry_points():
     for name in names:
         spec = importlib.util.find_spec(f"tubevit_fast.{name}")
         assert spec is not None, name
+        if spec.submodule_search_locations:  # a package: `python -m` runs its __main__.py
+            assert importlib.util.find_spec(f"tubevit_fast.{name}.__main__") is not None, name
+            continue
         with open(spec.origin) as f:
             assert 'if __name__ == "__main__":' in f.read(), name
