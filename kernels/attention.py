@@ -171,19 +171,21 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     q = _load_tile(Q, offs_m, stride_qm, seqlen_q, HEAD_DIM, BLOCK_D)
 
-    qk_scale = sm_scale * _LOG2E  # work in base 2: exp(x) = exp2(x log2 e)
+    qk_scale = sm_scale * _LOG2E  # work in base 2: exp(x) = exp2(x log2 e); > 0 (the launcher)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of S (base-2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running row sum of exp2(S - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + offs_n
         k = _load_tile(K, cols, stride_kn, seqlen_k, HEAD_DIM, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # The max is taken on the raw scores and scaled once per row (a positive scale keeps the
+        # order), so each score costs one FFMA, s * qk_scale - m, before its exp2.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where((cols < seqlen_k)[None, :], s, float("-inf"))
         # Any key of the segment lies in its first tile, so m_new is finite from the first
         # iteration on and exp2(-inf - -inf) never occurs.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_tile(V, cols, stride_vn, seqlen_k, HEAD_DIM, BLOCK_D)
@@ -280,11 +282,13 @@ def _attention_bwd_dkdv_kernel(
         row_ok = rows < seqlen_q
         q = _load_tile(Q, rows, stride_qm, seqlen_q, HEAD_DIM, BLOCK_D)
         do = _load_tile(DO, rows, stride_dom, seqlen_q, HEAD_DIM, BLOCK_D)
-        lse2 = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
+        # Queries past the segment get lse +inf: their P is exactly 0 with no mask on the tile
+        # (their q and dO rows read 0 as well, so they add nothing to dV or dK).
+        lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * _LOG2E
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
         # Transposed tiles (keys x queries) so both products accumulate into (BLOCK_N, D).
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.where(row_ok[None, :], tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -398,6 +402,14 @@ def attention_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float)
     varlen = cu_q is not None
     max_q, max_k = _seqlen_bucket(max_q, varlen), _seqlen_bucket(max_k, varlen)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    # The kernel wants a positive scale (it scales each row's max after taking it, and masks with
+    # -inf, which a zero scale would turn into NaN). Exact rewrites: s q.k = (-s) (-q).k, and a
+    # zero scale gives the scores of a zero q at scale 1. lse and out are unchanged, so the
+    # backward runs with the caller's q and scale.
+    if scale < 0:
+        q, scale = -q, -scale
+    elif scale == 0:
+        q, scale = torch.zeros_like(q), 1.0
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     batch, heads = _batch_heads(q, cu_q)

@@ -196,11 +196,36 @@ SCALE_CASES = [dense(2, 9, 12, 2, 64), varlen([3, 1, 6], [5, 2, 6], 2, 32)]
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("case", SCALE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("scale", [0.37, -0.37, 0.0])
 @pytest.mark.usefixtures("poison_empty")
-def test_custom_softmax_scale_forward_and_backward(backend, case):
+def test_custom_softmax_scale_forward_and_backward(backend, case, scale):
     """A scale far from 1/sqrt(Dh), dense and packed, through the custom ops' forward and backward
-    (a backend that drops the scale anywhere, or applies it twice, fails)."""
-    check_op_against_golden(backend, case, torch.float32, device_for(backend), softmax_scale=0.37)
+    (a backend that drops the scale anywhere, or applies it twice, fails). Negative and zero
+    scales too: a kernel that takes the row max before scaling must not assume a positive scale,
+    and one that masks with -inf must not compute -inf * 0."""
+    check_op_against_golden(backend, case, torch.float32, device_for(backend), softmax_scale=scale)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("case", SCALE_CASES, ids=lambda c: c.id)
+@pytest.mark.usefixtures("poison_empty")
+def test_large_negative_scale_does_not_overflow(backend, case):
+    """softmax_scale -6 on scores spread over tens of units: a forward that stabilises the softmax
+    with the row's largest raw score (its smallest scaled one) overflows fp32 in exp. q and k sit on
+    a 1/4 grid, so every score is exact and the scale amplifies no rounding. Forward only: at
+    |lse| of tens the backward's P, recomputed from the fp32 lse, is inherently less exact than
+    the reference's (about 1e-5 relative), for FlashAttention-style kernels generally."""
+    (q, k, v), _, cu = make_inputs(case, device_for(backend))
+    q, k = (q * 4).round() / 4, (k * 4).round() / 4
+    golden, golden_lse = attention_reference(q, k, v, *cu, softmax_scale=-6.0, return_lse=True)
+    same_dtype, same_dtype_lse = attention_reference(q.float(), k.float(), v.float(), *cu, softmax_scale=-6.0,
+                                                     return_lse=True)
+    max_q, max_k, scale = check_attention_inputs(q.float(), k.float(), v.float(), *cu, softmax_scale=-6.0)
+    out, lse = _attention_fwd_op(q.float(), k.float(), v.float(), *cu, max_q, max_k, scale, backend)
+    assert_close_to_golden(out, golden, same_dtype, atol=dtype_atol(torch.float32), name="out")
+    # lse is in the hundreds here: a few fp32 ulps of it exceed the usual absolute atol.
+    lse_atol = 4 * torch.finfo(torch.float32).eps * golden_lse.abs().max().item()
+    assert_close_to_golden(lse, golden_lse, same_dtype_lse, atol=lse_atol, name="lse")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

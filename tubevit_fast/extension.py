@@ -59,6 +59,8 @@ import subprocess
 
 import torch
 
+from tubevit_fast.ops.attention import lse_shape
+
 NAMESPACE = "tubevit_fast_C"
 ENV_BACKWARD = "TUBEVIT_FAST_CUDA_BACKWARD"
 ENV_WGMMA = "TUBEVIT_FAST_CUDA_WGMMA"
@@ -158,10 +160,6 @@ def _runs_sass(arch: str, major: int, minor: int) -> bool:
 
 # ---- fake kernels ---------------------------------------------------------------------------------
 
-def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple:
-    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-
-
 def _fake_checks(name: str, q, k, v, cu_q, cu_k) -> bool:
     torch._check(q.dtype in (torch.float16, torch.bfloat16),
                  lambda: f"{name}: {q.dtype} inputs are not supported by the CUDA kernels "
@@ -179,7 +177,7 @@ def _register_fakes() -> None:
     def _attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                             wgmma=False):
         varlen = _fake_checks("attention_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k)
-        return q.new_empty(q.shape), q.new_empty(_lse_shape(q, varlen), dtype=torch.float32)
+        return q.new_empty(q.shape), q.new_empty(lse_shape(q, varlen), dtype=torch.float32)
 
     @torch.library.register_fake(f"{NAMESPACE}::attention_bwd")
     def _attention_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
