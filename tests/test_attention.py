@@ -531,6 +531,14 @@ BAD_INPUTS = {
                              r"max_seqlen_q=3 is smaller than the longest segment \(4\)"),
     "max-seqlen-not-int": (lambda: _bad(varlen=True, max_seqlen_k=4.0), TypeError,
                            "max_seqlen_k must be an int"),
+    # Dense kernels take the sequence length from max_seqlen: a larger one read and wrote past it.
+    "dense-max-seqlen-not-the-length": (lambda: _bad(max_seqlen_q=8), ValueError,
+                                        "max_seqlen_q=8 for dense inputs of length 5"),
+    "dense-max-seqlen-k-not-the-length": (lambda: _bad(max_seqlen_k=9), ValueError,
+                                          "max_seqlen_k=9 for dense inputs of length 6"),
+    # The kernels read cu_seqlens as a plain array: a strided view gave them other values.
+    "cu-strided": (lambda: _bad(varlen=True, cu_seqlens_q=_i32(0, 9, 2, 9, 6)[::2]), ValueError,
+                   "cu_seqlens_q must be contiguous"),
     "scale-not-a-number": (lambda: _bad(softmax_scale="0.1"), TypeError, "softmax_scale must be a float"),
     "unknown-backend": (lambda: _bad(backend="fast"), ValueError, "unknown backend 'fast'"),
 }

@@ -75,6 +75,53 @@ def test_first_call_inside_torch_compile_fullgraph(always_check):
     torch.testing.assert_close(compiled, model(video))
 
 
+def test_first_packed_call_inside_torch_compile_fullgraph(always_check):
+    """Packed (varlen) attention compiled on its first call: the check, run at trace time where
+    cu_seqlens cannot be read, must pass and the fast backend run."""
+    torch._dynamo.reset()
+    q = torch.randn(9, 2, 16)
+    cu = cu_seqlens_from_lengths([4, 5])
+
+    def f(q):
+        return attention(q, q, q, cu, cu, max_seqlen_q=5, max_seqlen_k=5)
+
+    compiled = torch.compile(f, fullgraph=True)(q)
+    assert fast_verdicts() == {"attention": "torch"} and all(backends._verdicts.values())
+    torch.testing.assert_close(compiled, attention_reference(q, q, q, cu, cu))
+
+
+def test_packed_model_under_inference_mode(always_check):
+    """A list of clips (packed, cu_seqlens built inside inference_mode) in inference mode."""
+    model = small_model()
+    with torch.inference_mode():
+        logits = model([torch.randn(3, *SIZE), torch.randn(3, *SIZE[1:])])
+    assert logits.shape == (2, 3)
+    with torch.inference_mode():
+        cu = cu_seqlens_from_lengths([3, 4])
+    assert known_bounds(cu) == (0, 3, 7)
+
+
+def test_selfcheck_under_activation_checkpointing(always_check):
+    """The check's own backward must not run through the caller's checkpoint hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    q = torch.randn(1, 5, 2, 16, requires_grad=True)
+    out = checkpoint(lambda x: attention(x, x, x, backend="torch"), q, use_reentrant=False)
+    out.sum().backward()
+    assert fast_verdicts() == {"attention": "torch"} and all(backends._verdicts.values())
+
+
+def test_selfcheck_ignores_the_callers_default_device(always_check):
+    """Check inputs are made on the CPU and moved, whatever torch.set_default_device says."""
+    q = torch.randn(1, 5, 2, 16)
+    torch.set_default_device("meta")
+    try:
+        out = attention(q, q, q, backend="torch")
+    finally:
+        torch.set_default_device(None)
+    assert out.device.type == "cpu" and all(backends._verdicts.values())
+
+
 def test_selfcheck_leaves_the_callers_rng_alone(always_check):
     model = small_model()
     video = torch.randn(1, 3, *SIZE)
@@ -255,6 +302,10 @@ def test_packed_cu_seqlens_carry_their_host_bounds():
     assert known_bounds(torch.tensor([0, 3, 3, 7], dtype=torch.int32)) is None
     cu[1] = 5  # changed after it was built: the record no longer holds
     assert known_bounds(cu) is None
+    with pytest.raises(TypeError, match="must be integers"):
+        cu_seqlens_from_lengths([2.7, 3.9])  # int() would have truncated them
+    with pytest.raises(ValueError, match=r"got \[2, -1\]"):
+        cu_seqlens_from_lengths(n for n in (2, -1))  # a generator is read once
 
 
 def test_attention_trusts_recorded_bounds_and_rechecks_modified_ones(monkeypatch):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -197,17 +198,37 @@ def clean_context(device: torch.device):
         yield
 
 
-def passes_selfcheck(key: tuple, check: Callable[[], None], device: torch.device) -> bool:
-    """Run `check` once per key in a clean context and cache the verdict: it fails by raising
-    (AssertionError on a wrong answer, anything else if the kernel cannot run on this device)."""
-    if key not in _verdicts:
+def _run_isolated(check: Callable[[], None], device: torch.device) -> Exception | None:
+    """Run `check` in a clean context on a worker thread, whose autograd state starts fresh: the
+    caller's saved-tensor hooks (activation checkpointing, offloading) and dispatch modes are
+    thread-local and stay out of it. Returns what it raised, or None."""
+    failure: list[Exception] = []
+
+    def work():
         try:
-            with clean_context(device):
+            with contextlib.ExitStack() as stack:
+                if device.type == "cuda":
+                    stack.enter_context(torch.cuda.device(device))  # the thread starts on GPU 0
+                stack.enter_context(clean_context(device))
                 check()
-            _verdicts[key] = True
-        except Exception as err:  # noqa: BLE001 - any failure demotes the backend
+        except Exception as err:  # noqa: BLE001 - reported by the caller
+            failure.append(err)
+
+    thread = threading.Thread(target=work, name="tubevit_fast-selfcheck")
+    thread.start()
+    thread.join()
+    return failure[0] if failure else None
+
+
+def passes_selfcheck(key: tuple, check: Callable[[], None], device: torch.device) -> bool:
+    """Run `check` once per key, isolated from the caller (_run_isolated), and cache the verdict:
+    it fails by raising (AssertionError on a wrong answer, anything else if the kernel cannot run
+    on this device)."""
+    if key not in _verdicts:
+        err = _run_isolated(check, device)
+        if err is not None:  # any failure demotes the backend
             warnings.warn(f"tubevit_fast self-check failed for {key}: {err}", RuntimeWarning, stacklevel=4)
-            _verdicts[key] = False
+        _verdicts[key] = err is None
     return _verdicts[key]
 
 

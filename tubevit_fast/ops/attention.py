@@ -136,6 +136,9 @@ def _check_cu_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, q: torch.Tensor, k
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
         if cu.dim() != 1 or cu.numel() < 2:
             raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+        if not cu.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernels read it as a plain array); "
+                             f"pass {name}.contiguous()")
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_q.numel()} entries but cu_seqlens_k has {cu_k.numel()}: "
                          f"both must be batch + 1 long")
@@ -205,6 +208,12 @@ def check_attention_inputs(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"q has batch {q.shape[0]} but k/v have batch {k.shape[0]}")
         longest_q, longest_k = q.shape[1], k.shape[1]
+        # Dense kernels take the length from max_seqlen: anything but the shape's would read or
+        # write past the sequences.
+        for name, given, actual in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+            if given is not None and given != actual:
+                raise ValueError(f"{name}={given} for dense inputs of length {actual}: leave it None "
+                                 f"(it is for packed inputs)")
     max_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q)
     max_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k)
     if softmax_scale is None:
@@ -232,9 +241,13 @@ def _make_selfcheck(backend: str, device: torch.device, dtype: torch.dtype, head
             shapes, extra = [(57, 2, head_dim)] * 3, (cu, cu)
         else:
             shapes, extra = [(2, 37, 2, head_dim), (2, 45, 2, head_dim), (2, 45, 2, head_dim)], (None, None)
-        golden_inputs = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes]
-        dout = torch.randn(shapes[0], generator=gen, dtype=torch.float64).to(device)
+        # Made on the CPU whatever torch.set_default_device says, then moved.
+        golden_inputs = [torch.randn(s, generator=gen, dtype=torch.float64, device="cpu").to(device) for s in shapes]
+        dout = torch.randn(shapes[0], generator=gen, dtype=torch.float64, device="cpu").to(device)
+        # The longest segment is given: at trace time (torch.compile) cu_seqlens are not read.
+        longest = 37 if layout == "varlen" else None
         max_q, max_k, scale = check_attention_inputs(*(t.to(dtype) for t in golden_inputs), *extra,
+                                                     max_seqlen_q=longest, max_seqlen_k=longest,
                                                      softmax_scale=SELFCHECK_SCALE)
 
         def run(fn, precision):

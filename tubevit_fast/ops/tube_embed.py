@@ -93,7 +93,8 @@ def _make_selfcheck(backend: str, device: torch.device, dtype: torch.dtype, head
         gen = torch.Generator(device="cpu").manual_seed(0)
 
         def randn(*shape, scale=1.0):
-            return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device)
+            # On the CPU whatever torch.set_default_device says, then moved.
+            return (torch.randn(shape, generator=gen, dtype=torch.float64, device="cpu") * scale).to(device)
 
         inputs = [randn(2, channels, *size), *(randn(w, channels, *t.kernel, scale=0.05) for w, t in zip(widths, tubes)),
                   *(randn(w) for w in widths)]
