@@ -1,4 +1,7 @@
 """tubevit_fast: fused kernels for TubeViT (sparse video tubes, CVPR 2023)."""
+from tubevit_fast import _checkout
+
+_checkout.install(__path__[0])  # tubevit_fast.kernels from this checkout, never another clone's
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec
 from tubevit_fast.model import TubeViT, patch
 from tubevit_fast.ops.attention import attention
