@@ -227,17 +227,52 @@ def test_mixed_dtypes_are_accepted_under_autocast_only():
 
 # ---- what "auto" prefers -------------------------------------------------------------------------
 
+# Compute capabilities as torch.cuda.get_device_capability reports them.
+GPUS = {"A100": (8, 0), "H100": (9, 0), "H200": (9, 0), "unknown card (cc 12.0)": (12, 0)}
+
+
+def fake_gpus(monkeypatch, *capabilities):
+    """A machine whose cuda:i reports capabilities[i]: arch_name runs for real on top of it."""
+    def get_device_capability(device=None):
+        index = device if isinstance(device, int) else torch.device(device or "cuda").index
+        return capabilities[index or 0]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+
+
+@pytest.mark.parametrize("gpu", GPUS)
+def test_auto_on_each_gpu_uses_its_measured_rows(gpu, monkeypatch):
+    """The README's table, end to end from the GPU's compute capability: on an H100/H200 (sm_90)
+    "auto" runs the Triton tube embedding and tries Triton before the extension for Dh 128
+    attention; an A100 or a card nobody measured gets PyTorch's kernels first."""
+    fake_gpus(monkeypatch, GPUS[gpu])
+    monkeypatch.setenv(backends.ENV_SELFCHECK, "0")  # the check would need a real GPU
+    cuda = torch.device("cuda", 0)
+    hopper = GPUS[gpu] == (9, 0)
+    assert backends.pick("tube_embed", "auto", cuda, torch.bfloat16) == ("triton" if hopper else "torch")
+    assert backends.auto_order("attention", cuda, torch.bfloat16, 128, "dense") == \
+        (("torch", "triton", "cuda") if hopper else ("torch", "cuda", "triton"))
+    # Rows exist for bf16 only: fp16 is unmeasured on every GPU.
+    assert backends.pick("tube_embed", "auto", cuda, torch.float16) == "torch"
+
+
+def test_auto_reads_the_capability_of_the_tensors_gpu(monkeypatch):
+    """A machine with an A100 as cuda:0 and an H100 as cuda:1: each device gets its own rows."""
+    fake_gpus(monkeypatch, GPUS["A100"], GPUS["H100"])
+    monkeypatch.setenv(backends.ENV_SELFCHECK, "0")
+    picks = [backends.pick("tube_embed", "auto", torch.device("cuda", i), torch.bfloat16) for i in (0, 1)]
+    assert picks == ["torch", "triton"]
+
+
 def test_auto_order_follows_the_measured_table_and_defaults_to_torch(monkeypatch):
-    monkeypatch.setattr(backends, "arch_name", lambda device: "sm_90")
+    fake_gpus(monkeypatch, GPUS["H100"], GPUS["A100"])
     cuda = torch.device("cuda", 0)
     assert backends.auto_order("attention", cuda, torch.bfloat16, 64, "dense") == \
         backends.MEASURED_ORDER[("attention", "sm_90", "bf16", 64, "dense")]
-    assert backends.auto_order("tube_embed", cuda, torch.bfloat16)[0] == "triton"
     for unmeasured in [("attention", cuda, torch.float16, 64, "dense"), ("attention", cuda, torch.bfloat16, 64, "varlen"),
                        ("attention", cuda, torch.bfloat16, 48, "dense"), ("tube_embed", cuda, torch.float16)]:
         assert backends.auto_order(*unmeasured)[0] == "torch", unmeasured
-    monkeypatch.setattr(backends, "arch_name", lambda device: "sm_80")
-    assert backends.auto_order("attention", cuda, torch.bfloat16, 64, "dense")[0] == "torch"
+    assert backends.auto_order("attention", torch.device("cuda", 1), torch.bfloat16, 64, "dense")[0] == "torch"
     assert backends.auto_order("tube_embed", torch.device("cpu"), torch.float32) == ("torch",)
 
 
