@@ -156,6 +156,29 @@ def test_a_failing_check_demotes_auto_and_refuses_a_named_backend(always_check, 
         attention(q, q, q, backend="torch")
 
 
+@pytest.mark.parametrize("broken, broken_first", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-broken-checked-second", "bf16-broken-checked-first"])
+def test_selfcheck_verdicts_are_per_dtype(broken, broken_first, always_check, monkeypatch):
+    """A backend wrong in one dtype only: "auto" drops it for that dtype and keeps it for the
+    other, whichever dtype is checked first, and goes on doing so once the verdicts are cached."""
+    impl = ops_attention._impl("torch")
+    real_forward = impl.attention_forward
+
+    def forward(q, *args):
+        out, lse = real_forward(q, *args)
+        return (out + 0.25 if q.dtype == broken else out), lse
+
+    monkeypatch.setattr(impl, "attention_forward", forward)
+    fine = torch.bfloat16 if broken == torch.float32 else torch.float32
+    picks = {broken: [], fine: []}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for dtype in ([broken, fine] if broken_first else [fine, broken]) * 2:
+            picks[dtype].append(backends.pick("attention", "auto", torch.device("cpu"), dtype, 32, "dense"))
+    assert picks == {broken: ["reference", "reference"], fine: ["torch", "torch"]}
+    assert sum("self-check failed" in str(w.message) for w in caught) == 1  # checked once per dtype
+
+
 def test_selfcheck_catches_an_ignored_softmax_scale(monkeypatch):
     """The check runs at a non-default scale: a backend that drops softmax_scale fails it."""
     impl = ops_attention._impl("torch")
