@@ -40,6 +40,19 @@ def small_model(**kwargs) -> TubeViT:
     return TubeViT(num_classes=3, tubes=TUBES, dim=24, depth=1, heads=2, **kwargs)
 
 
+# Compute capabilities as torch.cuda.get_device_capability reports them.
+GPUS = {"A100": (8, 0), "H100": (9, 0), "H200": (9, 0), "unknown card (cc 12.0)": (12, 0)}
+
+
+def fake_gpus(monkeypatch, *capabilities):
+    """A machine whose cuda:i reports capabilities[i]: arch_name runs for real on top of it."""
+    def get_device_capability(device=None):
+        index = device if isinstance(device, int) else torch.device(device or "cuda").index
+        return capabilities[index or 0]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+
+
 def fast_verdicts() -> dict:
     """op -> backend of every passed self-check (the fast backends that ran)."""
     return {key[0]: key[1] for key, ok in backends._verdicts.items() if ok}
@@ -131,17 +144,76 @@ def test_selfcheck_leaves_the_callers_rng_alone(always_check):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_selfcheck_mode_from_the_environment(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    monkeypatch.delenv(backends.ENV_SELFCHECK, raising=False)
-    assert (backends.selfcheck_enabled(cpu), backends.selfcheck_enabled(cuda)) == (False, True)
-    monkeypatch.setenv(backends.ENV_SELFCHECK, "always")
-    assert (backends.selfcheck_enabled(cpu), backends.selfcheck_enabled(cuda)) == (True, True)
-    monkeypatch.setenv(backends.ENV_SELFCHECK, "0")
-    assert (backends.selfcheck_enabled(cpu), backends.selfcheck_enabled(cuda)) == (False, False)
+# Every value TUBEVIT_FAST_SELFCHECK accepts -> (checks on the CPU, checks on a GPU).
+SELFCHECK_VALUES = {None: (False, True), "": (False, True), "1": (False, True), "cuda": (False, True),
+                    "0": (False, False), "off": (False, False), "always": (True, True), " Always ": (True, True)}
+
+
+@pytest.mark.parametrize("value", SELFCHECK_VALUES, ids=repr)
+def test_selfcheck_variable_decides_where_the_check_runs(value, monkeypatch):
+    """Seen from what "auto" picks when every check fails: a check that ran demotes the fast
+    backends to the reference (on the CPU and on an H100, where Triton is first)."""
+    if value is None:
+        monkeypatch.delenv(backends.ENV_SELFCHECK, raising=False)
+    else:
+        monkeypatch.setenv(backends.ENV_SELFCHECK, value)
+    fake_gpus(monkeypatch, GPUS["H100"])
+
+    def wrong_answer(*hook_args):
+        def check():
+            raise AssertionError("output: error 0.5 over the allowance")
+        return check
+
+    monkeypatch.setitem(backends._OPS, "tube_embed", backends.OpHooks(backends._OPS["tube_embed"].unsupported,
+                                                                     wrong_answer))
+    on_cpu, on_gpu = SELFCHECK_VALUES[value]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        picks = [backends.pick("tube_embed", "auto", torch.device("cpu"), torch.float32),
+                 backends.pick("tube_embed", "auto", torch.device("cuda", 0), torch.bfloat16)]
+    assert picks == ["reference" if on_cpu else "torch", "reference" if on_gpu else "triton"]
+    assert any("self-check failed" in str(w.message) for w in caught) == (on_cpu or on_gpu)
+
+
+def test_a_bad_selfcheck_value_is_refused(monkeypatch):
     monkeypatch.setenv(backends.ENV_SELFCHECK, "sometimes")
     with pytest.raises(ValueError, match="TUBEVIT_FAST_SELFCHECK='sometimes'"):
-        backends.selfcheck_enabled(cpu)
+        backends.pick("tube_embed", "auto", torch.device("cpu"), torch.float32)
+
+
+# TUBEVIT_FAST_BACKEND -> what "auto" runs on the CPU: (tube_embed, attention). "cuda" names the
+# extension, which has attention only: the tube embedding stays on "auto".
+BACKEND_VALUES = {None: ("torch", "torch"), "": ("torch", "torch"), "auto": ("torch", "torch"),
+                  "reference": ("reference", "reference"), "torch": ("torch", "torch"),
+                  "triton": ("triton", "triton"), "cuda": ("torch", "backend 'cuda' needs CUDA tensors")}
+
+
+@pytest.mark.parametrize("value", BACKEND_VALUES, ids=repr)
+def test_backend_variable_overrides_auto(value, monkeypatch):
+    if value is None:
+        monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    else:
+        monkeypatch.setenv(backends.ENV_BACKEND, value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton on CPU tensors, on any machine
+    cpu = torch.device("cpu")
+    embed, attn = BACKEND_VALUES[value]
+    assert backends.pick("tube_embed", "auto", cpu, torch.float32) == embed
+    if attn in backends.BACKENDS:
+        assert backends.pick("attention", "auto", cpu, torch.float32, 32, "dense") == attn
+    else:
+        with pytest.raises(RuntimeError, match=attn):
+            backends.pick("attention", "auto", cpu, torch.float32, 32, "dense")
+
+
+@pytest.mark.parametrize("value", ["reference", "torch", "triton", "cuda"])
+def test_a_named_backend_beats_the_variable(value, monkeypatch):
+    """The variable overrides "auto" only: a backend the caller names runs whatever it says."""
+    monkeypatch.setenv(backends.ENV_BACKEND, value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    for named in ("reference", "torch", "triton"):
+        assert backends.pick("tube_embed", named, cpu, torch.float32) == named
+        assert backends.pick("attention", named, cpu, torch.float32, 32, "dense") == named
 
 
 def test_a_failing_check_demotes_auto_and_refuses_a_named_backend(always_check, monkeypatch):
@@ -249,19 +321,6 @@ def test_mixed_dtypes_are_accepted_under_autocast_only():
 
 
 # ---- what "auto" prefers -------------------------------------------------------------------------
-
-# Compute capabilities as torch.cuda.get_device_capability reports them.
-GPUS = {"A100": (8, 0), "H100": (9, 0), "H200": (9, 0), "unknown card (cc 12.0)": (12, 0)}
-
-
-def fake_gpus(monkeypatch, *capabilities):
-    """A machine whose cuda:i reports capabilities[i]: arch_name runs for real on top of it."""
-    def get_device_capability(device=None):
-        index = device if isinstance(device, int) else torch.device(device or "cuda").index
-        return capabilities[index or 0]
-
-    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
-
 
 @pytest.mark.parametrize("gpu", GPUS)
 def test_auto_on_each_gpu_uses_its_measured_rows(gpu, monkeypatch):
