@@ -1,6 +1,7 @@
-"""What "auto" picks and how the self-check behaves: the measured preference table, the self-check
-in every caller mode (no_grad, autocast, inference_mode, torch.compile), autocast rules of the
-custom ops, any head dim and float64, and the host syncs a packed batch avoids.
+"""What "auto" picks and how the self-check behaves: the measured preference table on each GPU, the
+self-check in every caller mode (no_grad, autocast, inference_mode, torch.compile) and per dtype,
+the environment variables, any head dim and float64, and the host syncs a packed batch avoids.
+(Autocast itself: tests/test_amp.py.)
 
 The self-check runs on CUDA by default; TUBEVIT_FAST_SELFCHECK=always makes every branch
 reachable on the CPU."""
@@ -263,61 +264,6 @@ def test_selfcheck_catches_an_ignored_softmax_scale(monkeypatch):
     check = ops_attention._make_selfcheck("torch", torch.device("cpu"), torch.float32, 32, "dense")
     with pytest.raises(AssertionError, match="out: error"):
         check()
-
-
-# ---- autocast --------------------------------------------------------------------------------
-
-def test_attention_under_cpu_autocast_matches_the_reference_under_autocast():
-    qkv = [torch.randn(2, 7, 2, 32, requires_grad=True) for _ in range(3)]
-    dout = torch.randn(2, 7, 2, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = attention(*qkv)
-        ref = attention_reference(*(t.to(torch.bfloat16) for t in qkv))
-    assert fast.dtype == ref.dtype == torch.bfloat16
-    golden = attention_reference(*(t.double() for t in qkv))
-    verdict = numerics.judge(fast, golden, ref, torch.bfloat16, reduction=32)
-    assert verdict.ok, verdict.describe("out")
-    grads = torch.autograd.grad(fast, qkv, dout.to(torch.bfloat16))
-    assert all(g.dtype == torch.float32 for g in grads)  # back through the casts to the fp32 leaves
-
-
-def test_tube_embed_under_cpu_autocast_matches_the_reference_under_autocast():
-    torch.manual_seed(0)
-    fast = TubeEmbed(TUBES, 3, 12)
-    ref = reference.TubeEmbed(TUBES, 3, 12)
-    ref.load_state_dict(fast.state_dict())
-    video = torch.randn(2, 3, *SIZE)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, expected = fast(video), ref(video)
-    assert out.dtype == expected.dtype == torch.bfloat16
-    golden = ref.double()(video.double())
-    verdict = numerics.judge(out, golden, expected, torch.bfloat16, reduction=3 * 2 * 3 * 3)
-    assert verdict.ok, verdict.describe("tokens")
-    out.float().sum().backward()
-    assert fast.weights[0].grad.dtype == torch.float32
-
-
-def test_custom_ops_cast_under_autocast_when_called_directly():
-    q = torch.randn(1, 5, 2, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, lse = torch.ops.tubevit_fast.attention_fwd(q, q, q, None, None, 5, 5, 0.25, "torch")
-    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    video = torch.randn(1, 3, *SIZE)
-    weights = [torch.randn(6, 3, *t.kernel) for t in TUBES]
-    biases = [torch.randn(6) for _ in TUBES]
-    from tubevit_fast.geometry import pack_tubes
-    with torch.autocast("cpu", dtype=torch.float16):
-        tokens = torch.ops.tubevit_fast.tube_embed(video, weights, biases, None, pack_tubes(TUBES), "torch")
-    assert tokens.dtype == torch.float16
-
-
-def test_mixed_dtypes_are_accepted_under_autocast_only():
-    embed = TubeEmbed(TUBES, 3, 12)
-    video = torch.randn(1, 3, *SIZE, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="does not match the layer's parameter dtype"):
-        embed(video)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert embed(video).dtype == torch.bfloat16
 
 
 # ---- what "auto" prefers -------------------------------------------------------------------------
