@@ -136,6 +136,29 @@ def test_encoder_is_the_ports(block):
         assert_close_to_golden(model.forward_features(tokens), golden, p.encode(tokens), name="encoder")
 
 
+# The MLP key spellings of a port checkpoint: torchvision's MLPBlock is an nn.Sequential (mlp.0,
+# mlp.3); before torchvision 0.14 it named its layers linear_1 and linear_2.
+MLP_SPELLINGS = {"mlp.0-mlp.3": ("mlp.0.", "mlp.3."), "linear_1-linear_2": ("mlp.linear_1.", "mlp.linear_2.")}
+
+
+@pytest.mark.parametrize("spelling", MLP_SPELLINGS)
+def test_each_mlp_key_spelling_loads_its_weights(spelling):
+    p = port()
+    fc1, fc2 = MLP_SPELLINGS[spelling]
+    state = {k.replace(".mlp.0.", "." + fc1).replace(".mlp.3.", "." + fc2): v for k, v in p.state_dict().items()}
+    model, report = load(state, backend="torch")
+    for i, block in enumerate(model.blocks):
+        layer = f"encoder.layers.encoder_layer_{i}."
+        for ours, theirs in ((block.mlp.fc1, fc1), (block.mlp.fc2, fc2)):
+            assert torch.equal(ours.weight, state[layer + theirs + "weight"]) and \
+                torch.equal(ours.bias, state[layer + theirs + "bias"]), (i, theirs)
+        assert report["loaded"][layer + fc2 + "bias"] == f"blocks.{i}.mlp.fc2.bias"
+    tokens = torch.randn(2, 28, DIM)
+    with torch.no_grad():
+        golden = port().double().encode(tokens.double())
+        assert_close_to_golden(model.forward_features(tokens), golden, p.encode(tokens), name="encoder")
+
+
 def test_report_and_warning():
     p = port()
     state = p.state_dict()
