@@ -1,6 +1,7 @@
 """tubevit_fast.train / predict: exact resume, learning, backend agreement, DDP on CPU, top-k."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,21 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(sa[k], sb[k]), k
     ckpt = torch.load(resumed["checkpoint"], weights_only=True)  # RNG states are tensors
     assert ckpt["step"] == 6 and {"model", "optimizer", "scheduler", "rng", "args", "model_config"} <= ckpt.keys()
+
+
+def test_resume_from_a_moved_run_writes_to_its_new_folder(tmp_path):
+    """A run folder moved and renamed after it stopped: --resume continues in the folder the
+    checkpoint lives in now, never the one it was written from."""
+    first = tmp_path / "runs" / "first"
+    _run(first, "--steps", 2, "--stop-after", 1, "--batch-size", 4, "--train-items", 8, "--warmup", 1)
+    moved = tmp_path / "archive" / "renamed"
+    moved.parent.mkdir()
+    os.rename(first, moved)
+    T.main(["--resume", str(moved / "last.pt"), "--no-progress", "--threads", "1"])
+    assert not first.exists()
+    assert torch.load(moved / "last.pt", weights_only=True)["step"] == 2
+    with open(moved / "log.jsonl") as f:
+        assert [r["step"] for r in map(json.loads, f) if "step" in r] == [1, 2]  # one log, both steps
 
 
 def test_backends_give_the_same_losses(tmp_path):
