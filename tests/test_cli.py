@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tubevit_fast import cli, data, predict, profile, train, viz
+from tubevit_fast.io import MediaError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim", "64", "--heads", "2", "--depth", "1", "--no-progress", "--threads", "1", "--val-items", "0",
@@ -106,6 +107,32 @@ def test_bad_backend_environment_variable(tmp_path, capsys, monkeypatch):
     assert status == cli.EXIT_ERROR and "TUBEVIT_FAST_BACKEND=triton: tube_embed: backend 'triton' runs on CUDA" \
         in err[0] and len(err) == 1
     assert not (tmp_path / "out").exists()
+
+
+class UndecodableClips(torch.utils.data.Dataset):
+    """A dataset whose clip cannot be decoded: the error a DataLoader worker meets."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise MediaError(f"clip_{index:04d}.mp4: cannot be decoded as a video (Invalid data found)")
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_in_one_line(capsys):
+    """The worker's error comes back with the worker's traceback in its message; the user sees
+    the dataset's own message."""
+    def main(argv):
+        loader = torch.utils.data.DataLoader(UndecodableClips(), num_workers=1)
+        return next(iter(loader))
+
+    with pytest.raises(MediaError) as caught:
+        main([])
+    assert "Original Traceback" in str(caught.value)  # the multi-line message workers re-raise
+    expected = "clip_0000.mp4: cannot be decoded as a video (Invalid data found)"
+    assert cli.one_line(caught.value) == expected
+    status, err = run_cli(main, [], capsys)
+    assert status == cli.EXIT_ERROR and err == [f"error: {expected}"]
 
 
 def test_entry_point_exits_with_one_line_and_no_traceback(tmp_path):
