@@ -145,7 +145,8 @@ MLP_SPELLINGS = {"mlp.0-mlp.3": ("mlp.0.", "mlp.3."), "linear_1-linear_2": ("mlp
 def test_each_mlp_key_spelling_loads_its_weights(spelling):
     p = port()
     fc1, fc2 = MLP_SPELLINGS[spelling]
-    state = {k.replace(".mlp.0.", "." + fc1).replace(".mlp.3.", "." + fc2): v for k, v in p.state_dict().items()}
+    state = {k.replace(".mlp.0.", "." + fc1).replace(".mlp.3.", "." + fc2): v
+             for k, v in p.state_dict().items()}
     model, report = load(state, backend="torch")
     for i, block in enumerate(model.blocks):
         layer = f"encoder.layers.encoder_layer_{i}."

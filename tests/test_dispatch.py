@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE
-from tubevit_fast import TubeEmbed, TubeSpec, TubeViT, backends, numerics
+from tubevit_fast import TubeEmbed, TubeSpec, TubeViT, backends
 from tubevit_fast.ops import attention as ops_attention
-from tubevit_fast.ops.attention import _attention_fwd_op, attention
+from tubevit_fast.ops.attention import attention
 from tubevit_fast.ops.tube_embed import tube_embed
 from tubevit_fast.packing import cu_seqlens_from_lengths, known_bounds
-from tubevit_fast.reference import model as reference
 from tubevit_fast.reference.attention import attention_reference
 
 TUBES = (TubeSpec((2, 3, 3), (2, 4, 4)), TubeSpec((1, 4, 4), (3, 4, 4), (0, 2, 0)))
@@ -147,7 +146,8 @@ def test_selfcheck_leaves_the_callers_rng_alone(always_check):
 
 # Every value TUBEVIT_FAST_SELFCHECK accepts -> (checks on the CPU, checks on a GPU).
 SELFCHECK_VALUES = {None: (False, True), "": (False, True), "1": (False, True), "cuda": (False, True),
-                    "0": (False, False), "off": (False, False), "always": (True, True), " Always ": (True, True)}
+                    "0": (False, False), "off": (False, False),
+                    "always": (True, True), " Always ": (True, True)}
 
 
 @pytest.mark.parametrize("value", SELFCHECK_VALUES, ids=repr)
@@ -300,7 +300,8 @@ def test_auto_order_follows_the_measured_table_and_defaults_to_torch(monkeypatch
     for unmeasured in [("attention", cuda, torch.float16, 64, "dense"), ("attention", cuda, torch.bfloat16, 64, "varlen"),
                        ("attention", cuda, torch.bfloat16, 48, "dense"), ("tube_embed", cuda, torch.float16)]:
         assert backends.auto_order(*unmeasured)[0] == "torch", unmeasured
-    assert backends.auto_order("attention", torch.device("cuda", 1), torch.bfloat16, 64, "dense")[0] == "torch"
+    a100 = torch.device("cuda", 1)
+    assert backends.auto_order("attention", a100, torch.bfloat16, 64, "dense")[0] == "torch"
     assert backends.auto_order("tube_embed", torch.device("cpu"), torch.float32) == ("torch",)
 
 

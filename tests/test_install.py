@@ -11,8 +11,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Prints where tubevit_fast.kernels and one of its kernel modules were found, and the copy's marker.
-SHOW_KERNELS = ("import importlib.util, tubevit_fast.kernels as k; "
-                "print(k.__file__); print(importlib.util.find_spec('tubevit_fast.kernels.attention').origin); "
+SHOW_KERNELS = ("import importlib.util, tubevit_fast.kernels as k; print(k.__file__); "
+                "print(importlib.util.find_spec('tubevit_fast.kernels.attention').origin); "
                 "print(getattr(k, 'MARKER', None))")
 
 
@@ -49,4 +49,5 @@ def test_an_installed_wheel_keeps_the_kernels_inside_its_package(tmp_path):
     (site / "kernels").mkdir()
     (site / "kernels" / "__init__.py").write_text("MARKER = 'another project'\n")
     kernels = site / "tubevit_fast" / "kernels"
-    assert import_kernels(site, cwd=tmp_path) == [str(kernels / "__init__.py"), str(kernels / "attention.py"), "wheel"]
+    assert import_kernels(site, cwd=tmp_path) == [str(kernels / "__init__.py"), str(kernels / "attention.py"),
+                                                  "wheel"]
