@@ -133,17 +133,6 @@ def test_norm_order():
     assert list(norm_order(w.numpy())) == sorted(range(5), key=lambda i: -norms[i])
 
 
-def test_compare_puts_both_kernel_sets_side_by_side(tmp_path):
-    trained, initial = _planted_2d(), _planted_2d(seed=2)
-    initial[[5, 9]] = initial[[9, 5]]  # the blob where the trained weights have their edge
-    path = draw_tube_kernels(1, TubeSpec((1, 8, 8), (8, 8, 8)), [("initial", initial), ("trained", trained)],
-                             str(tmp_path), 8)[0]
-    (row,) = _tiles(_pixels(path))
-    assert len(row) == 16  # 8 initial, then 8 trained, in the trained weights' order
-    _check_red_blob(_cells(row[0], 8, 8))
-    _check_edge(_cells(row[8], 8, 8))
-
-
 def test_sampling_shows_every_frame_some_tube_reads(tmp_path):
     tubes = [TubeSpec((2, 8, 8), (8, 8, 8)), TubeSpec((1, 8, 8), (8, 8, 8), (5, 0, 0))]
     T = 16
@@ -231,6 +220,25 @@ def test_cli_from_a_checkpoint_with_clips_and_compare_init(run, tmp_path):
         "tube1_kernels.gif", "tube1_kernels.png", "tube2_kernels.png"]
     assert [len(r) for r in _tiles(_pixels(tmp_path / "viz" / "tube1_kernels.png"))] == [2 * 8] * 8
     assert [len(r) for r in _tiles(_pixels(tmp_path / "viz" / "attention_00001.png"))] == [8, 8]
+
+
+def test_compare_puts_the_other_checkpoints_kernels_left_of_the_trained_ones(run, tmp_path):
+    from tubevit_fast.train import read_checkpoint
+
+    paths = {}
+    for name, seed in (("trained", 0), ("other", 2)):
+        ckpt, kernels = read_checkpoint(run), _planted_2d(dim=24, seed=seed)
+        if name == "other":
+            kernels[5], kernels[9] = kernels[9], 0.01 * kernels[5]  # the blob where the trained edge is, no edge
+        ckpt["model"]["tube_embed.weights.2"] = kernels
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save(ckpt, paths[name])
+    viz.main(["--checkpoint", str(paths["trained"]), "--compare", str(paths["other"]), "--out", str(tmp_path / "v"),
+              "--max-filters", "8"])
+    row = _tiles(_pixels(tmp_path / "v" / "tube2_kernels.png"))[0]
+    assert len(row) == 16  # 8 of the other checkpoint, then 8 trained, in the trained weights' order
+    _check_red_blob(_cells(row[0], 8, 8))
+    _check_edge(_cells(row[8], 8, 8))
 
 
 def test_compare_init_rebuilds_the_runs_initial_weights(run):
