@@ -173,14 +173,17 @@ def test_space_to_depth_bad_values():
 
 @pytest.mark.parametrize("tubes, size", [
     ((TubeSpec((3, 4, 2), (2, 3, 5), (1, 0, 2)),), (9, 11, 13)),  # overlaps itself in t and h
-    ((TubeSpec((2, 3, 3), (2, 2, 4), (0, 1, 0), space_to_depth=(2, 2)), TubeSpec((1, 4, 4), (3, 4, 4))), (7, 12, 20)),
-    ((TubeSpec((1, 2, 2), (1, 3, 3), space_to_depth=(0, 3)), TubeSpec((9, 9, 9), (1, 1, 1))), (8, 7, 7)),  # no fit
+    ((TubeSpec((2, 3, 3), (2, 2, 4), (0, 1, 0), space_to_depth=(2, 2)), TubeSpec((1, 4, 4), (3, 4, 4))),
+     (7, 12, 20)),
+    ((TubeSpec((1, 2, 2), (1, 3, 3), space_to_depth=(0, 3)), TubeSpec((9, 9, 9), (1, 1, 1))),
+     (8, 7, 7)),  # the second tube does not fit: no tokens
 ], ids=["overlapping", "space-to-depth-w+2d", "space-to-depth-t+empty"])
 def test_spread_to_pixels_sums_each_tokens_value_over_its_patch(tubes, size):
     values = np.random.default_rng(len(tubes)).standard_normal(num_tokens(tubes, size))
     golden, start = np.zeros(size), 0
     for tube in tubes:  # every sampler token, its merged output token by explicit index maths
-        (kt, kh, kw), (st_, sh, sw), (ot, oh, ow), (ft, fh, fw) = tube.kernel, tube.stride, tube.offset, tube.factors
+        (kt, kh, kw), (st_, sh, sw) = tube.kernel, tube.stride
+        (ot, oh, ow), (ft, fh, fw) = tube.offset, tube.factors
         n = [((L - o - k) // s + 1) // f * f if L >= o + k else 0
              for L, k, s, o, f in zip(size, tube.kernel, tube.stride, tube.offset, tube.factors)]
         for it in range(n[0]):

@@ -21,8 +21,8 @@ from tubevit_fast.viz.attention import attention_heat, draw_attention  # noqa: E
 from tubevit_fast.viz.kernels import draw_tube_kernels, norm_order  # noqa: E402
 from tubevit_fast.viz.sampling import draw_sampling  # noqa: E402
 
-TINY_RUN = ["--dim", "24", "--heads", "2", "--depth", "1", "--no-progress", "--threads", "1", "--val-items", "0",
-            "--train-items", "8", "--batch-size", "4", "--steps", "1"]
+TINY_RUN = ["--dim", "24", "--heads", "2", "--depth", "1", "--no-progress", "--threads", "1",
+            "--val-items", "0", "--train-items", "8", "--batch-size", "4", "--steps", "1"]
 
 
 def _pixels(path, frame: int = 0) -> np.ndarray:
@@ -114,7 +114,8 @@ def _check_moving_edge(cells, t):
 
 def test_3d_kernels_one_row_per_kernel_one_column_per_step_and_a_gif(tmp_path):
     kt = 4
-    written = draw_tube_kernels(0, TubeSpec((kt, 8, 8), (4, 8, 8)), [("trained", _moving_edge(kt))], str(tmp_path), 5)
+    tube = TubeSpec((kt, 8, 8), (4, 8, 8))
+    written = draw_tube_kernels(0, tube, [("trained", _moving_edge(kt))], str(tmp_path), max_filters=5)
     assert [os.path.basename(p) for p in written] == ["tube0_kernels.png", "tube0_kernels.gif"]
     rows = _tiles(_pixels(written[0]))
     assert [len(r) for r in rows] == [kt] * 5
@@ -177,10 +178,12 @@ def test_attention_probs_match_the_pooling_forward():
         pool.attention_probs(x[0])
 
 
-@pytest.mark.parametrize("token, frames, rows, cols", [(57, [0], (16, 24), (8, 16)),  # 2D tube 2: (0, 2, 1)
-                                                       (38, range(8), (12, 16), (20, 24))],  # tube 1: (0, 1, 2)
-                         ids=["2d-tube", "3d-tube"])
-def test_attention_heat_lies_on_the_attended_tokens_footprint(token, frames, rows, cols, tmp_path, monkeypatch):
+@pytest.mark.parametrize("token, frames, rows, cols", [
+    (57, [0], (16, 24), (8, 16)),  # SMALL_TUBES' 2D tube 2, grid index (0, 2, 1)
+    (38, range(8), (12, 16), (20, 24)),  # tube 1, grid index (0, 1, 2)
+], ids=["2d-tube", "3d-tube"])
+def test_attention_heat_lies_on_the_attended_tokens_footprint(token, frames, rows, cols, tmp_path,
+                                                              monkeypatch):
     torch.manual_seed(0)
     model = TubeViT(2, SMALL_TUBES, dim=24, depth=1, heads=2).eval()
     _planted_pool(model, token, monkeypatch)
@@ -191,7 +194,7 @@ def test_attention_heat_lies_on_the_attended_tokens_footprint(token, frames, row
     assert heat[footprint].min() > 0.99 and heat[~footprint].max() < 0.01
     display = np.random.default_rng(0).random((8, 32, 32, 3))
     path = draw_attention(display, heat, SMALL_TUBES, str(tmp_path / "a.png"), "clip", 2)
-    clip_row, heat_row = _tiles(_pixels(path))
+    _, heat_row = _tiles(_pixels(path))
     assert len(heat_row) == 8
     for t, tile in enumerate(heat_row):
         zoomed = tile[::tile.shape[0] // 32, ::tile.shape[1] // 32]
@@ -213,11 +216,11 @@ def test_cli_from_a_checkpoint_with_clips_and_compare_init(run, tmp_path):
     from tubevit_fast.data import SyntheticShapes
 
     clips = SyntheticShapes(2, seed=3, image_every=0).export(tmp_path / "clips", indices=[0, 1])
-    paths = viz.main(["--checkpoint", run, "--compare", "init", "--out", str(tmp_path / "viz"), "--video", clips[0],
-                      "--clip", *clips, "--max-filters", "8"])
+    paths = viz.main(["--checkpoint", run, "--compare", "init", "--out", str(tmp_path / "viz"),
+                      "--video", clips[0], "--clip", *clips, "--max-filters", "8"])
     assert sorted(os.path.basename(p) for p in paths) == [
-        "attention_00000.png", "attention_00001.png", "sampling.png", "tube0_kernels.gif", "tube0_kernels.png",
-        "tube1_kernels.gif", "tube1_kernels.png", "tube2_kernels.png"]
+        "attention_00000.png", "attention_00001.png", "sampling.png", "tube0_kernels.gif",
+        "tube0_kernels.png", "tube1_kernels.gif", "tube1_kernels.png", "tube2_kernels.png"]
     assert [len(r) for r in _tiles(_pixels(tmp_path / "viz" / "tube1_kernels.png"))] == [2 * 8] * 8
     assert [len(r) for r in _tiles(_pixels(tmp_path / "viz" / "attention_00001.png"))] == [8, 8]
 
@@ -229,12 +232,12 @@ def test_compare_puts_the_other_checkpoints_kernels_left_of_the_trained_ones(run
     for name, seed in (("trained", 0), ("other", 2)):
         ckpt, kernels = read_checkpoint(run), _planted_2d(dim=24, seed=seed)
         if name == "other":
-            kernels[5], kernels[9] = kernels[9], 0.01 * kernels[5]  # the blob where the trained edge is, no edge
+            kernels[5], kernels[9] = kernels[9], 0.01 * kernels[5]  # the blob where trained has the edge
         ckpt["model"]["tube_embed.weights.2"] = kernels
         paths[name] = tmp_path / f"{name}.pt"
         torch.save(ckpt, paths[name])
-    viz.main(["--checkpoint", str(paths["trained"]), "--compare", str(paths["other"]), "--out", str(tmp_path / "v"),
-              "--max-filters", "8"])
+    viz.main(["--checkpoint", str(paths["trained"]), "--compare", str(paths["other"]),
+              "--out", str(tmp_path / "v"), "--max-filters", "8"])
     row = _tiles(_pixels(tmp_path / "v" / "tube2_kernels.png"))[0]
     assert len(row) == 16  # 8 of the other checkpoint, then 8 trained, in the trained weights' order
     _check_red_blob(_cells(row[0], 8, 8))
@@ -266,14 +269,17 @@ def test_bad_inputs_are_one_line(case, run, tmp_path, capsys):
 
         ckpt = read_checkpoint(run)
         ckpt["model_config"] = {**ckpt["model_config"], "dim": 12}
-        ckpt["model"] = TubeViT(ckpt["model_config"]["num_classes"], SMALL_TUBES, dim=12, depth=1, heads=2).state_dict()
+        classes = ckpt["model_config"]["num_classes"]
+        ckpt["model"] = TubeViT(classes, SMALL_TUBES, dim=12, depth=1, heads=2).state_dict()
         torch.save(ckpt, other)
     argv, message = {
         "missing checkpoint": (["--checkpoint", tmp_path / "nope.pt"], "checkpoint not found"),
         "missing clip": (["--clip", tmp_path / "nope.mp4"], "no such video or image file"),
         "compare without checkpoint": (["--compare", "init"], "--compare needs --checkpoint"),
-        "compare with other kernels": (["--checkpoint", run, "--compare", other], "tube kernels are not those"),
-        "clips with one name": (["--clip", tmp_path / "a" / "x.mp4", tmp_path / "b" / "x.mp4"], "share a file name"),
+        "compare with other kernels": (["--checkpoint", run, "--compare", other],
+                                       "tube kernels are not those"),
+        "clips with one name": (["--clip", tmp_path / "a" / "x.mp4", tmp_path / "b" / "x.mp4"],
+                                "share a file name"),
     }[case]
     capsys.readouterr()
     status = cli.run(viz.main, [str(a) for a in [*argv, "--out", tmp_path / "out"]])

@@ -283,7 +283,8 @@ def spread_to_pixels(tubes: Sequence[TubeSpec], size: Sequence[int], values) -> 
     values = np.asarray(values, dtype=np.float64)
     starts = token_offsets(tubes, size)
     if values.shape != (starts[-1],):
-        raise ValueError(f"spread_to_pixels needs one value per token ({starts[-1]}), got shape {values.shape}")
+        raise ValueError(f"spread_to_pixels needs one value per token ({starts[-1]}), got shape "
+                         f"{values.shape}")
     total = np.zeros(size)
     for tube, start, stop in zip(tubes, starts, starts[1:]):
         if start == stop:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
@@ -76,14 +75,16 @@ def visualize(model, cfg: dict, out: str, video: str | None = None, max_filters:
                                  os.path.join(out, "sampling.png")))
     for path, clip in read.items():
         name = os.path.splitext(os.path.basename(path))[0]
-        written.append(draw_attention(_display_clip(clip, cfg["mean"], cfg["std"]), attention_heat(model, clip),
-                                      embed.op_tubes, os.path.join(out, f"attention_{name}.png"), name,
+        display = _display_clip(clip, cfg["mean"], cfg["std"])
+        picture = os.path.join(out, f"attention_{name}.png")
+        written.append(draw_attention(display, attention_heat(model, clip), embed.op_tubes, picture, name,
                                       model.attn_pool.num_heads))
     return written
 
 
 def _load_compare(source: str, ckpt: dict | None, model):
-    """(model, name) for --compare: "init" (the run's initial weights) or a checkpoint with the same kernels."""
+    """(model, name) for --compare: "init" (the run's initial weights) or a checkpoint with the same
+    kernel shapes."""
     from tubevit_fast.cli import UsageError
     from tubevit_fast.train import load_checkpoint
 
@@ -103,11 +104,13 @@ def main(argv=None) -> list[str]:
     from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
     from tubevit_fast.train import TUBE_SETS, build_model, check_input_size, load_checkpoint
 
-    p = argparse.ArgumentParser(prog="python -m tubevit_fast.viz", description="Pictures of a TubeViT's tubes.")
+    p = argparse.ArgumentParser(prog="python -m tubevit_fast.viz",
+                                description="Pictures of a TubeViT's tubes and of where it looks.")
     p.add_argument("--checkpoint", default=None, help="train.py checkpoint; default: a random initialisation")
     p.add_argument("--out", required=True, help="folder for the pictures")
     p.add_argument("--compare", default=None, metavar="CKPT",
-                   help="another checkpoint, or 'init' (the run's initial weights), drawn left of --checkpoint's kernels")
+                   help="another checkpoint, or 'init' (the run's initial weights), drawn left of "
+                        "--checkpoint's kernels")
     p.add_argument("--clip", nargs="+", default=[], metavar="FILE",
                    help="videos to draw where the pooling head looks on (one attention_NAME.png each)")
     p.add_argument("--video", default=None, help="clip for the sampling picture (default: a synthetic one)")
@@ -127,7 +130,8 @@ def main(argv=None) -> list[str]:
         raise UsageError(f"--out {args.out} exists and is not a folder")
     names = [os.path.splitext(os.path.basename(c))[0] for c in args.clip]
     if len(set(names)) < len(names):
-        raise UsageError(f"--clip: two clips share a file name ({names}); their pictures would overwrite each other")
+        raise UsageError(f"--clip: two clips share a file name ({names}); their pictures would overwrite "
+                         f"each other")
     ckpt = None
     if args.checkpoint:
         model, ckpt = load_checkpoint(args.checkpoint, backend="reference")

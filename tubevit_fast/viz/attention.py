@@ -29,7 +29,7 @@ def draw_attention(display: np.ndarray, heat: np.ndarray, tubes, path: str, name
     grey = display.mean(-1, keepdims=True) * 0.5  # at most half intensity, so the heat stands out
     overlay = (1 - unit[..., None]) * grey + unit[..., None] * heat_colours(unit) / 255.0
     rows = [[frame_tile(display[t]) for t in frames], [frame_tile(overlay[t]) for t in frames]]
-    title = (f"{name}: where the pooling head looks, the weight of its query on each token (mean over {heads} "
-             f"heads)\nsummed over the pixels each token reads; grey, red, yellow, white = from 0 up to the clip's "
-             f"hottest pixel ({heat.max():.3g})")
+    title = (f"{name}: where the pooling head looks, the weight of its query on each token (mean over "
+             f"{heads} heads)\nsummed over the pixels each token reads; grey, red, yellow, white = from 0 "
+             f"up to the clip's hottest pixel ({heat.max():.3g})")
     return save_png(sheet(rows, title, ["clip", "attention"], [f"frame {t}" for t in frames]), path)

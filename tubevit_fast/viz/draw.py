@@ -21,7 +21,7 @@ def _pil():
     return require("PIL.Image", "drawing the pictures")
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=1)
 def font():
     from PIL import ImageFont
 
@@ -33,8 +33,8 @@ def _text_size(text: str) -> tuple[int, int]:
         return 0, 0
     from PIL import Image, ImageDraw
 
-    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font())
-    return right, bottom
+    box = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((0, 0), text, font=font())
+    return box[2], box[3]  # right and bottom edges: the size from the origin
 
 
 def signed_colours(kernel: np.ndarray) -> np.ndarray:
@@ -69,9 +69,9 @@ def fit(frame: np.ndarray, target: int) -> np.ndarray:
     enlarged pixel by pixel, or shrunk by averaging factor x factor blocks (a thin read strip
     still shows, paler)."""
     h, w = frame.shape[:2]
-    shrink = max(h, w) // target
-    if shrink < 2:
+    if max(h, w) < 1.5 * target:
         return zoom(frame, zoom_for(h, w, target))
+    shrink = round(max(h, w) / target)
     h, w = h // shrink * shrink, w // shrink * shrink
     blocks = frame[:h, :w].reshape(h // shrink, shrink, w // shrink, shrink, 3).astype(np.float64)
     return np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8)

@@ -40,7 +40,13 @@ def _panel_grid(colours: list[np.ndarray], t: int, rows: int) -> list[list[np.nd
 
 def _side_by_side(panels: list[list[list]]) -> list[list]:
     """Join panels (each a list of rows) left to right, one empty column between them."""
-    return [sum(([None] * (p > 0) + panel[r] for p, panel in enumerate(panels)), []) for r in range(len(panels[0]))]
+    joined = []
+    for r in range(len(panels[0])):
+        row = list(panels[0][r])
+        for panel in panels[1:]:
+            row += [None, *panel[r]]
+        joined.append(row)
+    return joined
 
 
 def draw_tube_kernels(index: int, tube: TubeSpec, weights: Sequence[tuple[str, torch.Tensor]], out: str,
@@ -56,7 +62,9 @@ def draw_tube_kernels(index: int, tube: TubeSpec, weights: Sequence[tuple[str, t
     colours = [[np.stack([zoom(f, factor) for f in signed_colours(w[k])]) for k in order] for _, w in arrays]
     names = " | ".join(name for name, _ in arrays)
     what = f"tube {index}: kernel {tube.kernel} (t, h, w), {n} of {main.shape[0]} by norm"
-    legend = "grey = 0, each kernel on its own scale" + (f"; left to right: {names}" if len(arrays) > 1 else "")
+    legend = "grey = 0, each kernel on its own scale"
+    if len(arrays) > 1:
+        legend += f"; left to right: {names}"
     written = []
     if kt == 1:
         rows = -(-n // PER_ROW)
@@ -75,6 +83,7 @@ def draw_tube_kernels(index: int, tube: TubeSpec, weights: Sequence[tuple[str, t
     if kt > 1:
         rows = -(-n // PER_ROW)
         frames = [sheet(_side_by_side([_panel_grid(c, t, rows) for c in colours]),
-                        f"tube {index}: kernel {tube.kernel}, t = {t} of 0-{kt - 1}\n{legend}") for t in range(kt)]
+                        f"tube {index}: kernel {tube.kernel}, t = {t} of 0-{kt - 1}\n{legend}")
+                  for t in range(kt)]
         written.append(save_gif(frames, os.path.join(out, f"tube{index}_kernels.gif")))
     return written

@@ -38,7 +38,8 @@ def draw_sampling(clip: np.ndarray, tubes: Sequence[TubeSpec], path: str) -> str
         else:
             tint = TINTS[i % len(TINTS)]
             shown = np.where(mask[..., None], 0.45 * clip + 0.55 * tint, clip * 0.25)
-            labels.append(f"tube {i}\nk={tube.kernel}\ns={tube.stride}\no={tube.offset}\n{mask.mean():.1%} read")
+            labels.append(f"tube {i}\nk={tube.kernel}\ns={tube.stride}\no={tube.offset}\n"
+                          f"{mask.mean():.1%} read")
         rows.append([frame_tile(shown[t]) for t in frames])
     title = (f"pixels each tube reads (tinted) and skips (dark), on the {len(frames)} of {size[0]} frames "
              f"some tube reads; k, s, o = kernel, stride, offset (t, h, w)")
