@@ -22,14 +22,14 @@ PER_ROW = 8  # kernels per grid row (2D tube picture, GIF frames)
 TILE = 48  # target tile side in pixels
 
 
+def kernel_norms(weight: np.ndarray) -> np.ndarray:
+    """The L2 norm of each kernel of (n, C, kt, kh, kw) weights, float64."""
+    return np.sqrt((weight.reshape(weight.shape[0], -1).astype(np.float64) ** 2).sum(1))
+
+
 def norm_order(weight: np.ndarray) -> np.ndarray:
     """Kernel indices by decreasing L2 norm (ties keep their index order)."""
-    norms = np.sqrt((weight.reshape(weight.shape[0], -1).astype(np.float64) ** 2).sum(1))
-    return np.argsort(-norms, kind="stable")
-
-
-def _norm(kernel: np.ndarray) -> float:
-    return float(np.sqrt((kernel.astype(np.float64) ** 2).sum()))
+    return np.argsort(-kernel_norms(weight), kind="stable")
 
 
 def _panel_grid(colours: list[np.ndarray], t: int, rows: int) -> list[list[np.ndarray | None]]:
@@ -56,7 +56,7 @@ def draw_tube_kernels(index: int, tube: TubeSpec, weights: Sequence[tuple[str, t
     arrays = [(name, w.detach().float().cpu().numpy()) for name, w in weights]
     main = arrays[-1][1]
     n, kt, kh, kw = min(max_filters, main.shape[0]), *main.shape[2:]
-    order = norm_order(main)[:n]
+    order, grid_rows = norm_order(main)[:n], -(-n // PER_ROW)
     factor = zoom_for(kh, kw, TILE)
     # Each kernel on its own scale, over all its time steps (so a fade in time stays visible).
     colours = [[np.stack([zoom(f, factor) for f in signed_colours(w[k])]) for k in order] for _, w in arrays]
@@ -67,13 +67,13 @@ def draw_tube_kernels(index: int, tube: TubeSpec, weights: Sequence[tuple[str, t
         legend += f"; left to right: {names}"
     written = []
     if kt == 1:
-        rows = -(-n // PER_ROW)
-        tiles = _side_by_side([_panel_grid(c, 0, rows) for c in colours])
-        labels = [f"{r * PER_ROW + 1}-{min(n, (r + 1) * PER_ROW)}" for r in range(rows)]
+        tiles = _side_by_side([_panel_grid(c, 0, grid_rows) for c in colours])
+        labels = [f"{r * PER_ROW + 1}-{min(n, (r + 1) * PER_ROW)}" for r in range(grid_rows)]
         image = sheet(tiles, f"{what}, row-major\n{legend}", labels)
     else:
         tiles = _side_by_side([[list(kernel) for kernel in c] for c in colours])
-        labels = [f"#{k}  |w| " + " | ".join(f"{_norm(w[k]):.3g}" for _, w in arrays) for k in order]
+        norms = [kernel_norms(w) for _, w in arrays]
+        labels = [f"#{k}  |w| " + " | ".join(f"{panel[k]:.3g}" for panel in norms) for k in order]
         # Over a compared pair, each panel's first column also carries the panel's name.
         steps = [[f"{name}\nt=0" if len(arrays) > 1 else "t=0"] + [f"t={t}" for t in range(1, kt)]
                  for name, _ in arrays]
@@ -81,8 +81,7 @@ def draw_tube_kernels(index: int, tube: TubeSpec, weights: Sequence[tuple[str, t
                       _side_by_side([[s] for s in steps])[0])
     written.append(save_png(image, os.path.join(out, f"tube{index}_kernels.png")))
     if kt > 1:
-        rows = -(-n // PER_ROW)
-        frames = [sheet(_side_by_side([_panel_grid(c, t, rows) for c in colours]),
+        frames = [sheet(_side_by_side([_panel_grid(c, t, grid_rows) for c in colours]),
                         f"tube {index}: kernel {tube.kernel}, t = {t} of 0-{kt - 1}\n{legend}")
                   for t in range(kt)]
         written.append(save_gif(frames, os.path.join(out, f"tube{index}_kernels.gif")))
