@@ -270,7 +270,7 @@ def _cuda_build() -> dict:
 
 setup(
     packages=["tubevit_fast", "tubevit_fast.reference", "tubevit_fast.ops", "tubevit_fast.torch_backend", "tubevit_fast.kernels",
-              "tubevit_fast.audit"],
+              "tubevit_fast.audit", "tubevit_fast.viz"],
     # kernels/ is shipped inside the package: a top-level `kernels` module would clash
     # with an unrelated PyPI package of that name.
     package_dir={"tubevit_fast.kernels": "kernels"},

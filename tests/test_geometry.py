@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tubevit_fast.geometry import (PAPER_TUBES, TubeSpec, as_tubes, check_fits, image_tubes, num_tokens,
-                                   pack_tubes, pixel_fraction, read_mask, token_centres, token_offsets,
-                                   unpack_tubes)
+                                   pack_tubes, pixel_fraction, read_mask, spread_to_pixels, token_centres,
+                                   token_offsets, unpack_tubes)
 
 triples = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6))
 offsets = st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 4))
@@ -169,3 +169,31 @@ def test_space_to_depth_bad_values():
         TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=("w", 3)).width(32)
     assert not TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=("t", 2)).is_2d
     assert TubeSpec((1, 2, 2), (1, 2, 2), space_to_depth=("h", 2)).as_image_tube().space_to_depth == (1, 2)
+
+
+@pytest.mark.parametrize("tubes, size", [
+    ((TubeSpec((3, 4, 2), (2, 3, 5), (1, 0, 2)),), (9, 11, 13)),  # overlaps itself in t and h
+    ((TubeSpec((2, 3, 3), (2, 2, 4), (0, 1, 0), space_to_depth=(2, 2)), TubeSpec((1, 4, 4), (3, 4, 4))),
+     (7, 12, 20)),
+    ((TubeSpec((1, 2, 2), (1, 3, 3), space_to_depth=(0, 3)), TubeSpec((9, 9, 9), (1, 1, 1))),
+     (8, 7, 7)),  # the second tube does not fit: no tokens
+], ids=["overlapping", "space-to-depth-w+2d", "space-to-depth-t+empty"])
+def test_spread_to_pixels_sums_each_tokens_value_over_its_patch(tubes, size):
+    values = np.random.default_rng(len(tubes)).standard_normal(num_tokens(tubes, size))
+    golden, start = np.zeros(size), 0
+    for tube in tubes:  # every sampler token, its merged output token by explicit index maths
+        (kt, kh, kw), (st_, sh, sw) = tube.kernel, tube.stride
+        (ot, oh, ow), (ft, fh, fw) = tube.offset, tube.factors
+        n = [((L - o - k) // s + 1) // f * f if L >= o + k else 0
+             for L, k, s, o, f in zip(size, tube.kernel, tube.stride, tube.offset, tube.factors)]
+        for it in range(n[0]):
+            for ih in range(n[1]):
+                for iw in range(n[2]):
+                    token = ((it // ft) * (n[1] // fh) + ih // fh) * (n[2] // fw) + iw // fw
+                    golden[ot + it * st_:ot + it * st_ + kt, oh + ih * sh:oh + ih * sh + kh,
+                           ow + iw * sw:ow + iw * sw + kw] += values[start + token]
+        start += tube.num_tokens(size)
+    np.testing.assert_allclose(spread_to_pixels(tubes, size, values), golden, rtol=0, atol=1e-12)
+    assert ((spread_to_pixels(tubes, size, np.ones(len(values))) > 0) == read_mask(tubes, size)).all()
+    with pytest.raises(ValueError, match="one value per token"):
+        spread_to_pixels(tubes, size, values[1:])

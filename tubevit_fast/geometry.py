@@ -275,6 +275,36 @@ def read_mask(tubes: Sequence[TubeSpec], size: Sequence[int]) -> np.ndarray:
     return mask
 
 
+def spread_to_pixels(tubes: Sequence[TubeSpec], size: Sequence[int], values) -> np.ndarray:
+    """(T, H, W) float64: at each pixel, the sum of `values` (one per token, in sequence order)
+    over the tokens that read that pixel; a space-to-depth token reads its whole group's patches.
+    E.g. attention weights over the tokens drawn back onto the video."""
+    size, tubes = _size(size), as_tubes(tubes)
+    values = np.asarray(values, dtype=np.float64)
+    starts = token_offsets(tubes, size)
+    if values.shape != (starts[-1],):
+        raise ValueError(f"spread_to_pixels needs one value per token ({starts[-1]}), got shape "
+                         f"{values.shape}")
+    total = np.zeros(size)
+    for tube, start, stop in zip(tubes, starts, starts[1:]):
+        if start == stop:
+            continue
+        grid = tube.sampler_grid(size)
+        token, _ = tube.sampler_slots(size)
+        # Each sampler token's value at its patch's first pixel, then a box sum of the kernel's
+        # length along each axis (a difference of cumulative sums) spreads it over the patch.
+        spread = np.zeros(size)
+        firsts = [o + np.arange(n) * s for n, s, o in zip(grid, tube.stride, tube.offset)]
+        spread[np.ix_(*firsts)] = values[start:stop][token].reshape(grid)
+        for axis, k in enumerate(tube.kernel):
+            sums = np.moveaxis(np.cumsum(spread, axis=axis), axis, 0)
+            box = sums.copy()
+            box[k:] -= sums[:-k]
+            spread = np.moveaxis(box, 0, axis)
+        total += spread
+    return total
+
+
 def pixel_fraction(tubes: Sequence[TubeSpec], size: Sequence[int]) -> float:
     """Fraction of the video's pixels that any tube reads (the sparsity a gather exploits)."""
     return float(read_mask(tubes, size).mean())

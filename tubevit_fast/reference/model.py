@@ -279,6 +279,16 @@ class AttentionPoolLatent(nn.Module):
     def _attend(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
         return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k)
 
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, dim) tokens -> (B, heads, N): the learned query's softmax weights over the tokens,
+        formed explicitly for inspection (tubevit_fast.viz draws them); forward never builds them."""
+        if x.dim() != 3 or x.shape[-1] != self.q.in_features:
+            raise ValueError(f"attention_probs takes (B, N, {self.q.in_features}) tokens, got {tuple(x.shape)}")
+        H, Dh = self.num_heads, self.head_dim
+        q = self.q(self.latent).view(H, Dh)
+        k = self.kv(x).view(*x.shape[:2], 2, H, Dh)[:, :, 0]
+        return (torch.einsum("hd,bnhd->bhn", q, k) / math.sqrt(Dh)).softmax(-1)
+
 
 class TubeViT(nn.Module):
     """TubeViT: sparse tubes -> fixed position embedding -> global-attention ViT -> MAP head -> FC."""
