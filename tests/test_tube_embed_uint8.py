@@ -117,7 +117,7 @@ def _problem(draw, image: bool):
 
 
 @pytest.mark.parametrize("backend, dtype", BACKENDS, ids=BACKEND_IDS)
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_means_stds_and_geometries(backend, dtype, data):
