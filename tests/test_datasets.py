@@ -137,7 +137,10 @@ def test_joint_images_follow_the_videos():
 def test_damaged_file_skipped_with_one_warning_and_counted(folder, capfd):
     ann = load_annotations(folder)
     broken = str(folder / "run" / "broken.mp4")
-    data = TrainClips(FileMedia(ann), ClipSampling(4), seed=0)
+    with pytest.warns(UserWarning, match="broken.mp4"):                 # the clip index leaves it out
+        media = FileMedia.indexed(ann, progress=False, workers=0)
+    assert broken not in media.infos and len(media.infos) == 3
+    data = TrainClips(media, ClipSampling(4), seed=0)
     sampler = StepBatchSampler(len(data), len(data), seed=0, start=0, stop=2)   # every item in every batch
     batches = list(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_train))
     assert [(len(samples), len(labels), skipped) for samples, labels, skipped in batches] == [(4, 4, 1)] * 2
@@ -214,3 +217,13 @@ def test_step_sampler_bad_values():
         StepBatchSampler(3, 4)
     with pytest.raises(ValueError, match="image_ratio"):
         StepBatchSampler(8, 4, image_ratio=0.5)
+
+
+def test_data_cli_writes_a_list_file_dataset(tmp_path, capsys):
+    from tubevit_fast.data import main
+
+    paths = main(["--out", str(tmp_path / "demo"), "--items", "4", "--image-every", "4", "--list", "all.txt"])
+    ann = load_annotations(tmp_path / "demo" / "all.txt")
+    assert [p for p, _ in ann.samples] == [os.path.abspath(p) for p in paths]
+    assert [ann.classes[y] for _, y in ann.samples] == [os.path.basename(os.path.dirname(p)) for p in paths]
+    assert paths[3].endswith("00003.png") and capsys.readouterr().out.splitlines()[-1].endswith("all.txt")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tubevit_fast.app.sources import check_files, infer_format, load_annotations, merge_label_spaces
+from tubevit_fast.app.sources import check_files, infer_format, load_annotations, load_images, merge_label_spaces
 
 
 def touch(*paths):
@@ -186,3 +186,19 @@ def test_merge_label_spaces_shares_common_names(tmp_path):
     v, i = merge_label_spaces(videos, images)
     assert v.classes == i.classes == ["dog", "run", "cat"]
     assert [label for _, label in i.samples] == [0, 2] and v.samples == videos.samples
+
+
+def test_load_images_from_a_folder_or_a_list(tmp_path):
+    touch(tmp_path / "imgs/dog/a.jpg", tmp_path / "imgs/dog/clip.mp4", tmp_path / "imgs/cat/b.PNG")
+    ann = load_images(tmp_path / "imgs")
+    assert ann.classes == ["cat", "dog"]
+    assert ann.samples == [(str(tmp_path / "imgs/cat/b.PNG"), 0), (str(tmp_path / "imgs/dog/a.jpg"), 1)]
+    listed = load_images(write(tmp_path / "imgs.txt", "imgs/dog/a.jpg dog\n"))
+    assert listed.samples == [(str(tmp_path / "imgs/dog/a.jpg"), 0)]
+    with pytest.raises(ValueError, match=r"imgs2.txt: .*clip.mp4 is not an image"):
+        load_images(write(tmp_path / "imgs2.txt", "imgs/dog/a.jpg dog\nimgs/dog/clip.mp4 dog\n"))
+    with pytest.raises(ValueError, match="not the kinetics format"):
+        load_images(tmp_path / "imgs", format="kinetics")
+    touch(tmp_path / "imgs/fish/c.mp4")
+    with pytest.raises(ValueError, match=r"fish: empty class folder \(no .png .jpg .jpeg files\)"):
+        load_images(tmp_path / "imgs")

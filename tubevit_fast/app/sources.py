@@ -24,6 +24,9 @@ header names youtube_id -> kinetics, any other file -> list):
             with the brackets removed ("Holding [something] next to [something]"); files are
             root/{id}.webm (root default: the JSON's folder); classes ordered by labels.json's ids.
 
+Images for joint image + video training: `load_images(data)`, a folder (image files only) or a list;
+`merge_label_spaces(videos, images)` puts both in one label space.
+
 `classes` forces the label space (validation data must use the training classes): names not in it
 are an error. Every bad input is one ValueError line naming the file (and the line) at fault.
 """
@@ -97,6 +100,18 @@ def load_annotations(data, format: str | None = None, root=None, classes: Sequen
         ann = _ssv2(data, root, classes)
     if not ann.samples:
         raise ValueError(f"{data}: holds no items")
+    return ann
+
+
+def load_images(data, format: str | None = None, root=None) -> Annotations:
+    """The images of joint image + video training: a folder (image files only) or a list of images
+    (see the module docstring); a listed file that is not an image is an error."""
+    if format not in (None, "folder", "list"):
+        raise ValueError(f"images come from a folder or a list, not the {format} format")
+    ann = load_annotations(data, format, root, extensions=IMAGE_EXTENSIONS)
+    for path, _ in ann.samples:
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            raise ValueError(f"{os.fspath(data)}: {path} is not an image ({' '.join(IMAGE_EXTENSIONS)})")
     return ann
 
 

@@ -32,7 +32,8 @@ def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequ
     """Random resized crop to size x size (area fraction `scale`, aspect `ratio`), horizontal flip
     (`flip=False` for labels that name a direction, as SSv2's do), RandAugment (N ops of magnitude M)
     and random erasing with probability `reprob` (filled with `mean`, which normalises to 0), in
-    timm's order. Takes and returns uint8 Video / Image tv_tensors."""
+    timm's order. Takes and returns uint8 Video / Image tv_tensors. scale=(1, 1), ratio=(1, 1),
+    flip=False: no augmentation, the largest centred square resized to size."""
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must be 0 < min <= max <= 1, got {tuple(scale)}")
     if not (0 < ratio[0] <= ratio[1]):
