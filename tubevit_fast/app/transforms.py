@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from tubevit_fast.app.sampling import torch_seed
-from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD, normalize
+from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
 
 CROPS = (1, 3)
 
@@ -95,12 +95,14 @@ class MixupCutmix:
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.num_classes, self.smoothing, self.switch_prob, self.seed = num_classes, smoothing, switch_prob, seed
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {tuple(mean)}, {tuple(std)}")
         self.mean, self.std = tuple(mean), tuple(std)
         self.mixers = (v2.MixUp(alpha=mixup, num_classes=num_classes) if mixup > 0 else None,
                        v2.CutMix(alpha=cutmix, num_classes=num_classes) if cutmix > 0 else None)
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """Smoothed one-hot targets (B, num_classes), float32."""
+        """Smoothed one-hot targets (B, num_classes), float32, on the labels' device."""
         off = self.smoothing / self.num_classes
         one_hot = torch.nn.functional.one_hot(labels.long(), self.num_classes).float()
         return one_hot * (1 - self.smoothing) + off
@@ -115,6 +117,8 @@ class MixupCutmix:
         """(list of float normalised tensors in the input order, targets (B, num_classes)). `key`
         (e.g. the step): the draw comes from (seed, key) alone, so a resumed run mixes the same way."""
         labels = torch.as_tensor(labels, dtype=torch.long)
+        if samples:
+            labels = labels.to(samples[0].device)
         if len(samples) != len(labels):
             raise ValueError(f"{len(samples)} samples but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -125,6 +129,14 @@ class MixupCutmix:
             torch.manual_seed(torch_seed(self.seed, key))
             return self._mix(samples, labels)
 
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, ...) -> float32 (x / 255 - mean) / std, on x's device, in two passes."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        std = torch.tensor(self.std, dtype=torch.float64)
+        scale = (1 / (255 * std)).to(x.device, torch.float32).view(shape)
+        shift = (-torch.tensor(self.mean, dtype=torch.float64) / std).to(x.device, torch.float32).view(shape)
+        return x.float().mul_(scale).add_(shift)
+
     def _mix(self, samples, labels):
         out: list[torch.Tensor | None] = [None] * len(samples)
         targets = self.targets(labels)
@@ -132,8 +144,7 @@ class MixupCutmix:
             group = [i for i, s in enumerate(samples) if s.dim() == dim]
             if not group:
                 continue
-            x = torch.stack([samples[i] for i in group]).float().div_(255.0)
-            x = normalize(x, self.mean, self.std, channel_dim=1)
+            x = self._normalised(torch.stack([samples[i] for i in group]))
             mixer = self._mixer() if len(group) > 1 else None
             if mixer is not None:
                 if dim == 4:  # torchvision's videos are (B, T, C, H, W)
