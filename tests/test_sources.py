@@ -22,7 +22,8 @@ def write(path, text):
 # ---- folder ------------------------------------------------------------------------------------
 
 def test_folder_classes_sorted_and_labels(tmp_path):
-    touch(tmp_path / "zebra/b.mp4", tmp_path / "zebra/a.avi", tmp_path / "ant/c.png", tmp_path / "ant/notes.txt")
+    touch(tmp_path / "zebra/b.mp4", tmp_path / "zebra/a.avi", tmp_path / "ant/c.png", tmp_path / "ant/notes.txt",
+          tmp_path / "ant/._c.png", tmp_path / ".ipynb_checkpoints/x.mp4")
     ann = load_annotations(tmp_path)
     assert ann.classes == ["ant", "zebra"]
     assert ann.samples == [(str(tmp_path / "ant/c.png"), 0), (str(tmp_path / "zebra/a.avi"), 1),

@@ -7,15 +7,15 @@
 Formats (`format=`; inferred from `data` when None: a folder -> folder, *.json -> ssv2, a CSV whose
 header names youtube_id -> kinetics, any other file -> list):
   folder    data/class_name/<files>: one sub-folder per class, classes in sorted order; videos
-            (.mp4 .avi .mkv .mov .webm) and images (.png .jpg .jpeg). A class folder without such
-            files is an error naming it.
+            (.mp4 .avi .mkv .mov .webm) and images (.png .jpg .jpeg); hidden names (.ipynb_checkpoints,
+            macOS ._ files) are skipped. A class folder without such files is an error naming it.
   list      one item a line, `path label` or CSV `path,label`; paths relative to `root` (default:
-            the list file's folder). The label is a 0-based integer (mmaction2, VideoMAE lists) or a
-            class name; a line with a path only takes its class from the file's folder (UCF101's
-            testlist). Blank lines and lines starting with # are skipped. Integer labels are
-            named after their files' folder when each label has one folder (UCF101 layout), else
-            by the number. A training list (no `classes`) whose integer labels leave a class without
-            items is refused: a 1-based list (UCF101's trainlist) must be shifted to 0-based first.
+            the list file's folder; absolute paths are kept). The label is a 0-based integer
+            (mmaction2, VideoMAE lists) or a class name; a line with a path only takes its class from
+            the file's folder (UCF101's testlist). Blank lines and lines starting with # are skipped.
+            Integer labels are named after their files' folder when each label has one folder (the
+            UCF101 layout), else by the number. A training list (no `classes`) whose integer labels
+            leave a class without items is refused: shift a 1-based list (UCF101's trainlist) to 0.
   kinetics  the Kinetics CSV `label,youtube_id,time_start,time_end,split` (header first, any column
             order); the file of a row is root/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4 (root
             default: the CSV's folder); classes are the CSV's labels, sorted.
@@ -124,14 +124,14 @@ def _label_of(name: str, classes: list[str], where: str) -> int:
 
 
 def _folder(data: str, classes: list[str] | None, extensions: tuple[str, ...]) -> Annotations:
-    found = sorted(d.name for d in os.scandir(data) if d.is_dir())
+    found = sorted(d.name for d in os.scandir(data) if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise ValueError(f"{data}: has no class sub-folders (the folder format is data/class_name/<files>)")
     names = found if classes is None else classes
     samples = []
     for name in found:
         folder = os.path.join(data, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions))
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions) and not f.startswith("."))
         if not files:
             raise ValueError(f"{folder}: empty class folder (no {' '.join(extensions)} files)")
         label = _label_of(name, names, folder)
