@@ -58,7 +58,8 @@ def test_train_transform_flip_switch():
 
 def test_train_transform_bad_values():
     for kwargs, message in [(dict(scale=(0.5, 0.1)), "scale"), (dict(ratio=(0, 1)), "ratio"),
-                            (dict(reprob=2), "reprob"), (dict(randaug=(0, 9)), "randaug")]:
+                            (dict(reprob=2), "reprob"), (dict(randaug=(0, 9)), "randaug"),
+                            (dict(randaug=(2, 9, 1)), r"randaug is \(N ops, magnitude M\)")]:
         with pytest.raises(ValueError, match=message):
             train_transform(16, **kwargs)
 

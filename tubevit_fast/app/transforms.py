@@ -44,6 +44,8 @@ def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequ
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if randaug is not None:
+        if len(randaug) != 2:
+            raise ValueError(f"randaug is (N ops, magnitude M), got {tuple(randaug)}")
         ops, magnitude = randaug
         if ops < 1 or not 0 <= magnitude <= 30:
             raise ValueError(f"randaug needs N >= 1 ops and a magnitude M in 0..30, got {ops},{magnitude}")
