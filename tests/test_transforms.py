@@ -174,5 +174,7 @@ def test_mixup_bad_inputs():
         MixupCutmix(4, mixup=1.0)(samples, labels)
     with pytest.raises(ValueError, match="6 samples but 2 labels"):
         MixupCutmix(8)(samples, labels[:2])
+    with pytest.raises(ValueError, match=r"one shape per group .*\(3, 8, 8\), \(3, 9, 8\)"):
+        MixupCutmix(8)(samples[:2] + [rand_uint8(3, 9, 8)], labels[:3])
     with pytest.raises(ValueError, match="smoothing"):
         MixupCutmix(8, smoothing=1.0)

@@ -146,6 +146,9 @@ class MixupCutmix:
             group = [i for i, s in enumerate(samples) if s.dim() == dim]
             if not group:
                 continue
+            shapes = {tuple(samples[i].shape) for i in group}
+            if len(shapes) > 1:
+                raise ValueError(f"MixUp/CutMix need one shape per group (videos, images), got {sorted(shapes)}")
             x = self._normalised(torch.stack([samples[i] for i in group]))
             mixer = self._mixer() if len(group) > 1 else None
             if mixer is not None:
