@@ -227,3 +227,18 @@ def test_data_cli_writes_a_list_file_dataset(tmp_path, capsys):
     assert [p for p, _ in ann.samples] == [os.path.abspath(p) for p in paths]
     assert [ann.classes[y] for _, y in ann.samples] == [os.path.basename(os.path.dirname(p)) for p in paths]
     assert paths[3].endswith("00003.png") and capsys.readouterr().out.splitlines()[-1].endswith("all.txt")
+
+
+def test_an_undecodable_video_is_probed_once(folder, monkeypatch):
+    from tubevit_fast.app import decode
+
+    calls = []
+    probe = decode.probe
+    monkeypatch.setattr(decode, "probe", lambda path: calls.append(path) or probe(path))
+    media = FileMedia(load_annotations(folder))
+    broken = [p for p, _ in media.samples].index(str(folder / "run" / "broken.mp4"))
+    for _ in range(3):
+        with pytest.raises(MediaError, match="broken.mp4"):
+            media.num_frames(broken)
+    assert media.num_frames(0) == media.num_frames(0) == 20
+    assert len(calls) == 2

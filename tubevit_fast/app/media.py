@@ -48,12 +48,14 @@ def read_image(path: str, short_side: int | None = None) -> torch.Tensor:
 
 class FileMedia:
     """Annotated video and image files. `infos` (path -> decode.VideoInfo: the clip index) gives frame
-    counts and lets the decoder seek; a video not in it is probed when first read, and remembered."""
+    counts and lets the decoder seek; a video not in it is probed when first read, and remembered (so is
+    a probe's failure: a damaged file is decoded once per process, then fails at once)."""
 
     def __init__(self, annotations: Annotations, infos: Mapping[str, decode.VideoInfo] | None = None):
         self.samples = list(annotations.samples)
         self.classes = list(annotations.classes)
         self.infos = dict(infos or {})
+        self.undecodable: dict[str, MediaError] = {}
 
     @classmethod
     def indexed(cls, annotations: Annotations, cache_file=None, progress: bool = True,
@@ -81,8 +83,14 @@ class FileMedia:
         path = self.samples[index][0]
         if is_image_file(path):
             return 1
+        if path in self.undecodable:  # probed before, in this process: fail without decoding again
+            raise self.undecodable[path]
         if path not in self.infos:
-            self.infos[path] = decode.probe(path)
+            try:
+                self.infos[path] = decode.probe(path)
+            except MediaError as err:
+                self.undecodable[path] = err
+                raise
         return self.infos[path].num_frames
 
     def read(self, index: int, indices: Sequence[int], short_side: int | None = None) -> torch.Tensor:
