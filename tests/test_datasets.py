@@ -82,7 +82,7 @@ def test_train_item_is_bitwise_a_function_of_seed_epoch_index(folder):
     assert torch.equal(torch.get_rng_state(), state), "an item consumed the global torch generator"
     torch.manual_seed(999)
     second = [b[(i, e)] for i in range(len(b)) for e in range(3)]
-    for (x, y), (x2, y2) in zip(first, second):
+    for (x, y), (x2, y2) in zip(first, second, strict=True):
         assert x.dtype == torch.uint8 and torch.equal(x, x2) and y == y2
     videos = [x for x, _ in first if x.dim() == 4]
     assert videos[0].shape == (3, 4, 16, 16) and first[-1][0].shape == (3, 16, 16)   # the PNG
@@ -98,7 +98,8 @@ def test_train_items_are_the_same_in_loader_workers(folder):
                                              num_workers=workers)
         return [x for samples, _, _ in loader for x in samples]
 
-    assert all(torch.equal(x, y) for x, y in zip(run(0), run(2)))
+    in_process, in_workers = run(0), run(2)
+    assert len(in_process) == 6 and all(torch.equal(x, y) for x, y in zip(in_process, in_workers, strict=True))
 
 
 def test_train_clip_is_a_window_of_the_rendered_video():
@@ -171,7 +172,7 @@ def test_eval_views_against_hand_computed_clips_and_crops():
     image_views, _, _ = EvalViews(media, ClipSampling(3, stride=4), size=16, clips=2, crops=3)[2]
     image = media.videos[2][0].permute(2, 0, 1)                    # (C, 45, 16): top, centre, bottom
     assert image_views.shape == (3, 3, 16, 16)
-    for view, top in zip(image_views, (0, 14, 29)):
+    for view, top in zip(image_views, (0, 14, 29), strict=True):
         assert torch.equal(view, image[:, top:top + 16])
     batch = collate_eval([(views, label, index), (image_views, 0, 2)])
     assert batch[1].tolist() == [1, 0] and batch[2].tolist() == [1, 2] and batch[0][1] is image_views
