@@ -172,6 +172,14 @@ def test_check_files_lists_the_first_missing_and_counts_them(tmp_path):
     check_files(ann)
 
 
+@pytest.mark.parametrize("name", ["l.txt", "k.csv", "s.json"])
+def test_binary_annotation_file(tmp_path, name):
+    (tmp_path / name).write_bytes(bytes(range(128, 256)) * 4)
+    write(tmp_path / "labels.json", "{}")
+    with pytest.raises(ValueError, match=rf"{name}: not (a text file|valid JSON)"):
+        load_annotations(tmp_path / name)
+
+
 def test_bad_format_and_paths(tmp_path):
     with pytest.raises(ValueError, match="unknown data format 'csv'"):
         load_annotations(tmp_path, format="csv")

@@ -65,8 +65,11 @@ def infer_format(data) -> str:
     if data.lower().endswith(".json"):
         return "ssv2"
     if data.lower().endswith(".csv"):
-        with open(data, newline="") as f:
-            header = next(csv.reader(f), [])
+        try:
+            with open(data, newline="") as f:
+                header = next(csv.reader(f), [])
+        except UnicodeDecodeError:
+            raise ValueError(f"{data}: not a text file (a CSV annotation file is UTF-8 text)") from None
         if "youtube_id" in [h.strip() for h in header]:
             return "kinetics"
     return "list"
@@ -90,14 +93,17 @@ def load_annotations(data, format: str | None = None, root=None, classes: Sequen
         root = data if format == "folder" else os.path.dirname(os.path.abspath(data))
     root = os.path.abspath(os.fspath(root))
     classes = None if classes is None else list(classes)
-    if format == "folder":
-        ann = _folder(data, classes, tuple(e.lower() for e in extensions))
-    elif format == "list":
-        ann = _list(data, root, classes)
-    elif format == "kinetics":
-        ann = _kinetics(data, root, classes)
-    else:
-        ann = _ssv2(data, root, classes)
+    try:
+        if format == "folder":
+            ann = _folder(data, classes, tuple(e.lower() for e in extensions))
+        elif format == "list":
+            ann = _list(data, root, classes)
+        elif format == "kinetics":
+            ann = _kinetics(data, root, classes)
+        else:
+            ann = _ssv2(data, root, classes)
+    except UnicodeDecodeError:
+        raise ValueError(f"{data}: not a text file (a {format} annotation file is UTF-8 text)") from None
     if not ann.samples:
         raise ValueError(f"{data}: holds no items")
     return ann
