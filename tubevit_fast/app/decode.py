@@ -194,13 +194,14 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
     timestamps = info.timestamps() if info is not None else None
     kept: dict[int, np.ndarray] = {}
     out_hw = size
+    scaler_threads = decoder_threads() if threads is None else threads  # swscale's default: every core
 
     def keep(index: int, frame) -> None:
         nonlocal out_hw
         if out_hw is None:
             out_hw = _scaled_size(frame.height, frame.width, short_side)
         kept[index] = frame.to_ndarray(format="rgb24", height=out_hw[0], width=out_hw[1],
-                                       interpolation=INTERPOLATION)
+                                       interpolation=INTERPOLATION, threads=scaler_threads)
 
     try:
         complete = False
