@@ -20,7 +20,7 @@ import torch
 av = pytest.importorskip("av")
 
 from _video_clips import write_clip  # noqa: E402
-from tubevit_fast.app.decode import VideoInfo, decoder_threads, probe, read_frames  # noqa: E402
+from tubevit_fast.app.decode import SEEK_GAP, VideoInfo, decoder_threads, probe, read_frames, window_runs  # noqa: E402
 from tubevit_fast.io import MediaError  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -144,6 +144,22 @@ def test_bad_input_one_clear_error(clips, tmp_path):
         read_frames(path, [0], decoder="opencv")
     with pytest.raises(ValueError, match="the pyav decoder runs on the CPU only"):
         read_frames(path, [0], device="cuda")
+
+
+def test_window_runs_seek_only_past_unwanted_gops():
+    keyframes = [0, 12, 24, 36, 48]
+    # a dense window: one run from the keyframe before it
+    assert window_runs(keyframes, range(14, 40, 2)) == [(12, list(range(14, 40, 2)))]
+    # sparse and unordered, with repeats: a seek wherever a keyframe lies past the previous frame
+    assert window_runs(keyframes, [50, 3, 3, 13, 26, 27, 37]) == [(0, [3]), (12, [13]), (24, [26, 27]),
+                                                                  (36, [37]), (48, [50])]
+    # fewer than SEEK_GAP frames to skip: decoding on is cheaper than a seek
+    assert SEEK_GAP == 4
+    assert window_runs(keyframes, [8, 13]) == [(0, [8, 13])]
+    assert window_runs(keyframes, [7, 13]) == [(0, [7]), (12, [13])]
+    # no keyframe before a frame (or no keyframes at all): from the file's start
+    assert window_runs([9], [2, 3, 10]) == [(0, [2, 3]), (9, [10])]
+    assert window_runs([], [4, 19]) == [(0, [4, 19])]
 
 
 def test_decoder_threads_fit_the_cores():

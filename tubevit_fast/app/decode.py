@@ -12,7 +12,8 @@ missing file.
 How a request is decoded (PyAV, the default):
 - With `info` (from `probe` or the clip index, tubevit_fast.app.clip_index), the decoder seeks to
   the last keyframe at or before the first wanted frame, decodes forward and stops after the last
-  wanted frame. Decoded frames are matched to indices by their timestamps (the index holds every
+  wanted frame; where a later wanted frame has a keyframe of its own past the previous wanted
+  frame, it seeks again (`window_runs`: sparse requests on short GOPs). Decoded frames are matched to indices by their timestamps (the index holds every
   frame's), so B-frame reordering, variable frame rates and leading pictures cannot shift them.
   Unwanted frames that no other frame references (non-reference B-frames) are skipped by the
   decoder (AVCodecContext.skip_frame, set per packet): they cannot change any other frame.
@@ -27,6 +28,7 @@ same frames; `device="cuda"` there decodes with NVDEC (pending: not yet run on a
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -192,19 +194,21 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
     timestamps = info.timestamps() if info is not None else None
     kept: dict[int, np.ndarray] = {}
     out_hw = size
+    scaler_threads = decoder_threads() if threads is None else threads  # swscale's default: every core
 
     def keep(index: int, frame) -> None:
         nonlocal out_hw
         if out_hw is None:
             out_hw = _scaled_size(frame.height, frame.width, short_side)
         kept[index] = frame.to_ndarray(format="rgb24", height=out_hw[0], width=out_hw[1],
-                                       interpolation=INTERPOLATION)
+                                       interpolation=INTERPOLATION, threads=scaler_threads)
 
     try:
+        complete = False
         if timestamps is not None:
             with _Opened(path, threads) as (container, stream):
-                _decode_window(container, stream, info, timestamps, wanted, keep)
-        if last not in kept:  # no timestamps, or the seek landed past the first wanted frame
+                complete = _decode_window(container, stream, info, timestamps, wanted, keep)
+        if not complete:  # no timestamps, or the seek landed past the first wanted frame
             kept.clear()
             with _Opened(path, threads) as (container, stream):
                 count = 0
@@ -234,35 +238,62 @@ class _Opened:
         self.container.close()
 
 
-def _decode_window(container, stream, info: VideoInfo, timestamps: list[int], wanted: set[int], keep) -> None:
-    """Seek to the keyframe at or before the first wanted frame, decode to the last one, keep the
-    wanted frames by their timestamps. Stops early, the last frame unkept, when the seek landed
-    after the first wanted frame."""
-    first, last = min(wanted), max(wanted)
+# A seek must skip at least this many frames: it flushes the decoder and repositions the demuxer,
+# which cost about as much as decoding a few small frames (measured on 340x256 H.264, GOP 12).
+SEEK_GAP = 4
+
+
+def window_runs(keyframes: Sequence[int], indices: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """How a request is decoded: [(start frame, wanted frames), ...], each run decoded from its start
+    (a keyframe, or 0: the file's start) through its last wanted frame. A new run (a seek) begins
+    where the keyframe before the next wanted frame lies at least SEEK_GAP frames past the previous
+    wanted frame: decoding on would only decode frames nobody asked for (sparse requests on short
+    GOPs)."""
+    runs: list[tuple[int, list[int]]] = []
+    for index in sorted(set(indices)):
+        at = bisect.bisect_right(keyframes, index)
+        start = keyframes[at - 1] if at else 0
+        if runs and start - runs[-1][1][-1] - 1 < SEEK_GAP:
+            runs[-1][1].append(index)
+        else:
+            runs.append((start, [index]))
+    return runs
+
+
+def _decode_window(container, stream, info: VideoInfo, timestamps: list[int], wanted: set[int], keep) -> bool:
+    """Decode each of window_runs' runs: seek to its keyframe, decode to its last wanted frame, keep
+    the wanted frames by their timestamps. False when a seek landed after the run's first wanted
+    frame (the caller then decodes from the file's start)."""
     index_of = {p: i for i, p in enumerate(timestamps)}
     wanted_pts = {timestamps[i] for i in wanted}
-    start = max((k for k, i in enumerate(info.keyframes) if i <= first), default=None)
-    if start is not None and info.keyframes[start] > 0:
-        container.seek(info.seek_ts[start], backward=True, stream=stream)
-    context, skipping, landed = stream.codec_context, False, False
-    for packet in container.demux(stream):
-        # Unwanted frames are skipped when nothing references them; wanted ones always decode.
-        skip = packet.pts is not None and packet.pts not in wanted_pts
-        if skip != skipping:
-            context.skip_frame = "NONREF" if skip else "DEFAULT"
-            skipping = skip
-        for frame in packet.decode():
-            index = index_of.get(frame.pts)
-            if index is None:
-                continue
-            if not landed:
-                if index > first:
-                    return
-                landed = True
-            if index in wanted:
-                keep(index, frame)
-            if index >= last:
-                return
+    seek_ts = dict(zip(info.keyframes, info.seek_ts))
+    context, skipping = stream.codec_context, False
+    for number, (start, run) in enumerate(window_runs(info.keyframes, wanted)):
+        if number > 0 or start > 0:
+            container.seek(seek_ts[start], backward=True, stream=stream)
+        first, last, landed, done = run[0], run[-1], False, False
+        for packet in container.demux(stream):
+            # Unwanted frames are skipped when nothing references them; wanted ones always decode.
+            skip = packet.pts is not None and packet.pts not in wanted_pts
+            if skip != skipping:
+                context.skip_frame = "NONREF" if skip else "DEFAULT"
+                skipping = skip
+            for frame in packet.decode():
+                index = index_of.get(frame.pts)
+                if index is None:
+                    continue
+                if not landed:
+                    if index > first:
+                        return False
+                    landed = True
+                if index in wanted:
+                    keep(index, frame)
+                done = index >= last
+            if done:
+                break
+        else:
+            return False  # the file ended before the run's last frame
+    return True
 
 
 def _frame_mappings(info: VideoInfo) -> str:
