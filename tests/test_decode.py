@@ -20,6 +20,7 @@ import torch
 av = pytest.importorskip("av")
 
 from _video_clips import write_clip  # noqa: E402
+from tubevit_fast.app import decode  # noqa: E402
 from tubevit_fast.app.decode import SEEK_GAP, VideoInfo, decoder_threads, probe, read_frames, window_runs  # noqa: E402
 from tubevit_fast.io import MediaError  # noqa: E402
 
@@ -116,6 +117,28 @@ def test_scaled_window_equals_scaled_full_decode(clips, name):
         assert np.array_equal(got.numpy(), _full_decode(path, hw)[indices])
     got = read_frames(path, indices, info=info, size=(24, 40))
     assert np.array_equal(got.numpy(), _full_decode(path, (24, 40))[indices])
+
+
+def test_a_seek_landing_late_falls_back_to_decoding_from_the_start(clips, monkeypatch):
+    """A demuxer that lands past the keyframe asked for (one comparing decoding times, say): the
+    window is decoded again from the file's start, and the frames are still the right ones."""
+    path, full = clips["h264-gop12-bf3"]
+    info = probe(path)
+    step = info.pts_step
+
+    class LateSeeks:
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def seek(self, offset, **kwargs):
+            return self.container.seek(offset + 13 * step, **kwargs)  # past the next keyframe
+
+    monkeypatch.setattr(decode._Opened, "__enter__", lambda self: (LateSeeks(self.container), self.stream))
+    for indices in ([30, 32, 34], [14, 50], [5, 40]):
+        assert np.array_equal(read_frames(path, indices, info=info).numpy(), full[indices]), indices
 
 
 def test_bad_input_one_clear_error(clips, tmp_path):
@@ -230,7 +253,7 @@ def test_4k_window_stays_under_1gb(tmp_path):
 
 
 def test_video_info_round_trips():
-    info = VideoInfo(5, 29.97, 48, 64, keyframes=(0, 3), seek_ts=(-2, 7), pts=(0, 3, 5, 9, 11))
+    info = VideoInfo(5, 29.97, 48, 64, keyframes=(0, 3), pts=(0, 3, 5, 9, 11))
     assert VideoInfo.from_dict(info.to_dict()) == info
     assert info.timestamps() == [0, 3, 5, 9, 11]
     regular = VideoInfo(4, 30.0, 48, 64, pts_start=-2, pts_step=512)

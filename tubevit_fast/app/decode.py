@@ -57,7 +57,6 @@ class VideoInfo:
     height: int
     width: int
     keyframes: tuple[int, ...] = ()   # frame indices where decoding can start
-    seek_ts: tuple[int, ...] = ()     # per keyframe: the timestamp that seeks to it (its packet's dts)
     pts_start: int = 0
     pts_step: int = 0
     pts: tuple[int, ...] = ()
@@ -123,12 +122,12 @@ def probe(path, threads: int | None = None) -> VideoInfo:
     frame rate, size, every frame's timestamp and the keyframes a seek can land on."""
     path = os.fspath(path)
     av, container, stream = _open(path, threads)
-    frame_pts, key_packets, height, width = [], {}, 0, 0
+    frame_pts, key_pts, height, width = [], set(), 0, 0
     try:
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         for packet in container.demux(stream):
-            if packet.is_keyframe and packet.pts is not None:
-                key_packets[packet.pts] = packet.dts if packet.dts is not None else packet.pts
+            if packet.is_keyframe:
+                key_pts.add(packet.pts)
             for frame in packet.decode():
                 frame_pts.append(frame.pts)
                 height, width = frame.height, frame.width
@@ -142,12 +141,11 @@ def probe(path, threads: int | None = None) -> VideoInfo:
     usable = None not in frame_pts and all(a < b for a, b in zip(frame_pts, frame_pts[1:]))
     if not usable:
         return VideoInfo(count, fps, height, width)
-    keyframes = [(i, key_packets[p]) for i, p in enumerate(frame_pts) if p in key_packets]
     steps = {b - a for a, b in zip(frame_pts, frame_pts[1:])}
-    keys = dict(keyframes=tuple(i for i, _ in keyframes), seek_ts=tuple(ts for _, ts in keyframes))
+    keyframes = tuple(i for i, p in enumerate(frame_pts) if p in key_pts)
     if len(steps) > 1:
-        return VideoInfo(count, fps, height, width, **keys, pts=tuple(frame_pts))
-    return VideoInfo(count, fps, height, width, **keys, pts_start=frame_pts[0], pts_step=steps.pop() if steps else 1)
+        return VideoInfo(count, fps, height, width, keyframes, pts=tuple(frame_pts))
+    return VideoInfo(count, fps, height, width, keyframes, pts_start=frame_pts[0], pts_step=steps.pop() if steps else 1)
 
 
 def _scaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
@@ -266,11 +264,13 @@ def _decode_window(container, stream, info: VideoInfo, timestamps: list[int], wa
     frame (the caller then decodes from the file's start)."""
     index_of = {p: i for i, p in enumerate(timestamps)}
     wanted_pts = {timestamps[i] for i in wanted}
-    seek_ts = dict(zip(info.keyframes, info.seek_ts))
     context, skipping = stream.codec_context, False
     for number, (start, run) in enumerate(window_runs(info.keyframes, wanted)):
         if number > 0 or start > 0:
-            container.seek(seek_ts[start], backward=True, stream=stream)
+            # FFmpeg's MP4 and Matroska demuxers seek by presentation time: to the last keyframe at
+            # or before it. One that compares decoding times instead may land a keyframe later
+            # (found below: the run's first frame is not decoded) or earlier (only slower).
+            container.seek(timestamps[start], backward=True, stream=stream)
         first, last, landed, done = run[0], run[-1], False, False
         for packet in container.demux(stream):
             # Unwanted frames are skipped when nothing references them; wanted ones always decode.
