@@ -91,11 +91,20 @@ def _requests(num_frames: int, keyframes, rng) -> list[list[int]]:
     return requests
 
 
+def _no_fallback(monkeypatch):
+    """Windowed reads must not quietly fall back to decoding from the file's start."""
+    def fail(*args):
+        raise AssertionError("fell back to decoding from the start")
+    monkeypatch.setattr(decode, "_decode_from_start", fail)
+
+
 @pytest.mark.parametrize("name", list(CLIPS))
-def test_window_equals_full_decode(clips, name):
+def test_window_equals_full_decode(clips, name, monkeypatch):
     path, full = clips[name]
     info = probe(path)
     assert info.num_frames == len(full) == FRAMES
+    if info.timestamps() is not None:
+        _no_fallback(monkeypatch)
     seed = int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     for indices in _requests(info.num_frames, info.keyframes, rng):
@@ -103,14 +112,16 @@ def test_window_equals_full_decode(clips, name):
         assert got.dtype == torch.uint8 and got.shape == (len(indices), *full.shape[1:])
         assert np.array_equal(got.numpy(), full[indices]), f"seed {seed}, frames {indices}"
     # without the index: decoded from the start
+    monkeypatch.undo()
     indices = [int(i) for i in rng.integers(0, FRAMES, 5)]
     assert np.array_equal(read_frames(path, indices).numpy(), full[indices]), f"seed {seed}, frames {indices}"
 
 
 @pytest.mark.parametrize("name", ["h264-gop12-bf3", "h264-vfr-bf2"])
-def test_scaled_window_equals_scaled_full_decode(clips, name):
+def test_scaled_window_equals_scaled_full_decode(clips, name, monkeypatch):
     path, _ = clips[name]
     info = probe(path)
+    _no_fallback(monkeypatch)
     indices = [41, 5, 23, 24, 59]
     for short_side, hw in ((32, (32, 43)), (96, (96, 128))):  # 48x64 -> 32x42.67 rounds to 43
         got = read_frames(path, indices, short_side, info=info)
@@ -185,12 +196,23 @@ def test_window_runs_seek_only_past_unwanted_gops():
     assert window_runs([], [4, 19]) == [(0, [4, 19])]
 
 
+class _WorkerThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return decoder_threads(cores=8)
+
+
 def test_decoder_threads_fit_the_cores():
     assert decoder_threads(4, cores=16) == 4
     assert decoder_threads(5, cores=16) == 3     # 5 x 3 <= 16
     assert decoder_threads(32, cores=16) == 1    # never 0
     assert decoder_threads(cores=6) == 6         # the main process alone
     assert decoder_threads(0, cores=6) == 6      # num_workers=0: the main process loads
+    # inside a DataLoader worker: shared with the other workers
+    loader = torch.utils.data.DataLoader(_WorkerThreads(), num_workers=2, batch_size=None)
+    assert list(loader) == [4, 4]
 
 
 def _torchcodec():

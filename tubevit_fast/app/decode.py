@@ -206,21 +206,28 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
         if timestamps is not None:
             with _Opened(path, threads) as (container, stream):
                 complete = _decode_window(container, stream, info, timestamps, wanted, keep)
-        if not complete:  # no timestamps, or the seek landed past the first wanted frame
+        if not complete:  # no timestamps, or a seek landed past the frame it was for
             kept.clear()
-            with _Opened(path, threads) as (container, stream):
-                count = 0
-                for frame in container.decode(stream):
-                    if count in wanted:
-                        keep(count, frame)
-                    count += 1
-                    if count > last:
-                        break
+            count = _decode_from_start(path, threads, wanted, keep)
             if last not in kept:
                 raise MediaError(f"{path}: has {count} frames, frame {last} was asked for")
     except av.FFmpegError as err:
         raise _decode_error(path, err) from err
     return torch.from_numpy(np.stack([kept[i] for i in indices]))
+
+
+def _decode_from_start(path: str, threads: int | None, wanted: set[int], keep) -> int:
+    """Decode from the file's start, counting frames, through the last wanted one; returns the
+    frames decoded."""
+    count, last = 0, max(wanted)
+    with _Opened(path, threads) as (container, stream):
+        for frame in container.decode(stream):
+            if count in wanted:
+                keep(count, frame)
+            count += 1
+            if count > last:
+                break
+    return count
 
 
 class _Opened:
