@@ -17,19 +17,22 @@ Decoders:
   torchcodec  the same call with decoder="torchcodec" (the same resize, done by FFmpeg's filter)
 All three run with one thread (threads=1, torch.set_num_threads(1)): a DataLoader worker's setting.
 
-Floor (measured before optimising, this machine, 2-core Xeon shared with other jobs, one thread):
-FFmpeg's full decode without any conversion runs at about 1900 frames/s on the 340x256 clips and
-about 900 frames/s on the 640x360 ones (4K: about 40 frames/s). A 32x2 request must decode at
-least every frame from the keyframe at or before its first frame to its last frame: on GOP 250
-(keyframes at 0 and 250) a random window start s in [0, 237] needs s + 63 frames, 181 on average
-(~0.1 s at 340x256); on GOP 12 at most 11 + 63 = 74, 68.5 on average (~0.036 s at 340x256); the
-"8u" request needs the whole clip, 300 frames. Skipping the unwanted non-reference B-frames (about
-half of the frames with x264's B-pyramid) puts the decoder below this floor: the summary's /floor
-column can read below 1. The floor row of each case is that frame count / the clip's measured
-decode-only frames/s.
+Floor (measured before optimising; 2-core Xeon shared with other jobs, one thread, +-30% between
+runs). FFmpeg's decode of the whole clip without any conversion: 340x256 about 2500-3700 frames/s
+(GOP 250) and 5900 (GOP 12); 640x360 about 1400-1500 (GOP 250) and 750-780 (GOP 12); 4K about 200.
+The fewest frames a request must decode (keyframe at or before each run's first wanted frame
+through its last, decode.window_runs; averaged over every window start):
+  32x2, GOP 250 (keyframes 0 and 250): a start s in [0, 237] needs s + 63 frames: 181.5
+  32x2, GOP 12: 68.5          8u, GOP 250: 276 (0-243, then 250-281)          8u, GOP 12: 52
+  4K 16x2 (60 frames, one keyframe): 45.5
+so the floor of a 32x2 request on 340x256 GOP 250 is about 60 ms, 12 ms on GOP 12. The floor row
+of each case is that frame count / the clip's decode-only frames/s measured in the run. Skipping
+the unwanted non-reference B-frames (about half of x264's frames) takes the decoder below it:
+the /floor column can read below 1; above 1 it is mostly the RGB conversion of the wanted frames.
 
-Reported (extra_info and the summary): medians of the three decoders timed interleaved (a new
-random window every call, the same sequence for each), clips/s, the peak RSS of one call above the
+Reported (extra_info and the summary): medians of the three decoders timed interleaved (every
+round a new random window, one from each slice of the possible starts, the same for each decoder),
+clips/s, the peak RSS of one call above the
 RSS before it (VmHWM after resetting it through /proc/self/clear_refs, freed heap returned first),
 the bytes per clip handed to the model (uint8 against float32), the training-step clips/s of a
 small TubeViT on the same device and how many such workers keep one step fed.
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import math
 import os
 import time
@@ -157,26 +161,24 @@ def read_new(path: str, indices: list[int], info, decoder: str) -> torch.Tensor:
     return frames[:, top:top + SIZE, left:left + SIZE].permute(3, 0, 1, 2).contiguous()
 
 
-def _request_maker(request: str, num_frames: int, seed: int):
-    """A function returning the next request's indices (a new random window each call)."""
-    rng = np.random.default_rng(seed)
+def _request_maker(request: str, num_frames: int, seed: int, windows: int = ROUNDS):
+    """A function returning the next request's indices. 32x2: `windows` random windows, one from
+    each of `windows` equal slices of the possible starts (their mean cost is the average
+    window's, even with a handful of rounds), taken in turn."""
     if request == "8u":
         return lambda: [int((i + 0.5) * num_frames / 8) for i in range(8)]
     count = 32 if num_frames >= 63 else 16
     span = (count - 1) * 2 + 1
-
-    def window():
-        start = int(rng.integers(0, num_frames - span + 1))
-        return list(range(start, start + span, 2))
-
-    return window
+    starts = (np.arange(windows) + np.random.default_rng(seed).random(windows)) * (num_frames - span + 1) / windows
+    requests = itertools.cycle([list(range(int(start), int(start) + span, 2)) for start in starts])
+    return lambda: next(requests)
 
 
 def _floor_frames(request: str, info) -> float:
     """The fewest frames a request must decode, on average over its windows: from the keyframe at
     or before each run's first wanted frame through its last (decode.window_runs, which seeks past
     unwanted GOPs)."""
-    window = _request_maker(request, info.num_frames, seed=0)()
+    window = _request_maker(request, info.num_frames, seed=0, windows=1)()
     windows = [window]
     if request == "32x2":  # every start the random window can take
         span = window[-1] - window[0]
@@ -233,7 +235,7 @@ def test_read_clip(benchmark, bench, clips, clip, request_):
                (lambda idx, d=d: read_new(path, idx, info, d)) for d in decoders}
     # One untimed call each on the same request: its peak RSS, and the check that the decoders
     # return the same frames (a broken decoder cannot look fast).
-    check_request = _request_maker(request_, info.num_frames, seed=1)()
+    check_request = _request_maker(request_, info.num_frames, seed=1, windows=1)()
     peaks, outputs = {}, {}
     for decoder, read in readers.items():
         peaks[decoder], outputs[decoder] = peak_rss_bytes(lambda read=read: read(check_request))
@@ -244,17 +246,19 @@ def test_read_clip(benchmark, bench, clips, clip, request_):
     for decoder in decoders[1:]:
         assert (outputs[decoder].float() / 255 - (before * std + mean)).abs().mean() < 0.05, decoder
 
-    # Timed: a new random window every call, the same sequence of windows for every decoder.
-    fns = {}
-    for decoder, read in readers.items():
-        next_request = _request_maker(request_, info.num_frames, seed=0)
-        fns[decoder] = lambda read=read, next_request=next_request: read(next_request())
+    # Timed: every round a new window, the same one for every decoder (the warmup call takes one
+    # too: rounds + 1 windows, each used once in the rounds).
     rounds = 1 if clip.startswith("3840") else ROUNDS
+
+    def timed(read):
+        next_request = _request_maker(request_, info.num_frames, seed=0, windows=rounds + 1)
+        return lambda: read(next_request())
+
     benchmark.group = f"data read {request_}"
     benchmark.extra_info.update(op="read_clip", clip=clip, request=request_, frames=len(check_request),
                                 keyframes=list(info.keyframes), threads=1)
-    benchmark.pedantic(fns["pyav"], rounds=2 * rounds + 1, warmup_rounds=0, iterations=1)
-    mixed = bench.interleaved(fns, torch.device("cpu"), rounds=rounds)
+    benchmark.pedantic(timed(readers["pyav"]), rounds=2 * (rounds + 1), warmup_rounds=0, iterations=1)
+    mixed = bench.interleaved({d: timed(read) for d, read in readers.items()}, torch.device("cpu"), rounds=rounds)
     decode_fps = info.num_frames / _decode_only_seconds(path)
     floor_frames = _floor_frames(request_, info)
     clip_bytes = {"uint8": ours.nbytes, "float32": before.nbytes}

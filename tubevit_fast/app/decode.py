@@ -190,16 +190,24 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
     av = require("av", "reading videos")
     wanted, last = set(indices), max(indices)
     timestamps = info.timestamps() if info is not None else None
-    kept: dict[int, np.ndarray] = {}
-    out_hw = size
+    positions: dict[int, list[int]] = {}  # frame -> where it goes in the output (repeats allowed)
+    for position, index in enumerate(indices):
+        positions.setdefault(index, []).append(position)
+    out: torch.Tensor | None = None       # allocated once the decoded size is known
+    kept: set[int] = set()
     scaler_threads = decoder_threads() if threads is None else threads  # swscale's default: every core
 
     def keep(index: int, frame) -> None:
-        nonlocal out_hw
-        if out_hw is None:
-            out_hw = _scaled_size(frame.height, frame.width, short_side)
-        kept[index] = frame.to_ndarray(format="rgb24", height=out_hw[0], width=out_hw[1],
-                                       interpolation=INTERPOLATION, threads=scaler_threads)
+        nonlocal out
+        if out is None:
+            height, width = size or _scaled_size(frame.height, frame.width, short_side)
+            out = torch.empty((len(indices), height, width, 3), dtype=torch.uint8)
+        first, *repeats = positions[index]
+        out[first] = torch.from_numpy(frame.to_ndarray(format="rgb24", height=out.shape[1], width=out.shape[2],
+                                                       interpolation=INTERPOLATION, threads=scaler_threads))
+        for position in repeats:
+            out[position] = out[first]
+        kept.add(index)
 
     try:
         complete = False
@@ -213,7 +221,7 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
                 raise MediaError(f"{path}: has {count} frames, frame {last} was asked for")
     except av.FFmpegError as err:
         raise _decode_error(path, err) from err
-    return torch.from_numpy(np.stack([kept[i] for i in indices]))
+    return out
 
 
 def _decode_from_start(path: str, threads: int | None, wanted: set[int], keep) -> int:
