@@ -86,7 +86,8 @@ def _panning_frames(num_frames: int, height: int, width: int, seed: int = 0):
     """A coarse random texture (8x8 blocks at 340x256, proportionally larger above) panning."""
     rng = np.random.default_rng(seed)
     block = max(8, min(height, width) // 32)
-    coarse = rng.integers(0, 256, ((height + num_frames) // block + 2, (width + 2 * num_frames) // block + 2, 3))
+    rows, cols = (height + num_frames) // block + 2, (width + 2 * num_frames) // block + 2
+    coarse = rng.integers(0, 256, (rows, cols, 3))
     texture = np.kron(coarse, np.ones((block, block, 1))).astype(np.uint8)
     for t in range(num_frames):
         yield texture[t:t + height, 2 * t:2 * t + width]
@@ -99,7 +100,8 @@ def clips(tmp_path_factory):
     for name, (height, width, frames, gop) in CLIPS.items():
         big = height > 1000  # 4K: libx264 "ultrafast" (no B-frames), 4x quicker to write
         paths[name] = write_video(folder / f"{name}.mp4", _panning_frames(frames, height, width), fps=30,
-                                  quality=30 if big else 23, pix_fmt="yuv420p", gop=gop, bframes=None if big else 3)
+                                  quality=30 if big else 23, pix_fmt="yuv420p", gop=gop,
+                                  bframes=None if big else 3)
     index = build_clip_index(paths.values(), progress=False)
     return {name: (path, index[os.path.abspath(path)]) for name, path in paths.items()}
 
@@ -169,7 +171,8 @@ def _request_maker(request: str, num_frames: int, seed: int, windows: int = ROUN
         return lambda: [int((i + 0.5) * num_frames / 8) for i in range(8)]
     count = 32 if num_frames >= 63 else 16
     span = (count - 1) * 2 + 1
-    starts = (np.arange(windows) + np.random.default_rng(seed).random(windows)) * (num_frames - span + 1) / windows
+    slices = np.arange(windows) + np.random.default_rng(seed).random(windows)
+    starts = slices * (num_frames - span + 1) / windows
     requests = itertools.cycle([list(range(int(start), int(start) + span, 2)) for start in starts])
     return lambda: next(requests)
 
@@ -258,7 +261,8 @@ def test_read_clip(benchmark, bench, clips, clip, request_):
     benchmark.extra_info.update(op="read_clip", clip=clip, request=request_, frames=len(check_request),
                                 keyframes=list(info.keyframes), threads=1)
     benchmark.pedantic(timed(readers["pyav"]), rounds=2 * (rounds + 1), warmup_rounds=0, iterations=1)
-    mixed = bench.interleaved({d: timed(read) for d, read in readers.items()}, torch.device("cpu"), rounds=rounds)
+    mixed = bench.interleaved({d: timed(read) for d, read in readers.items()}, torch.device("cpu"),
+                              rounds=rounds)
     decode_fps = info.num_frames / _decode_only_seconds(path)
     floor_frames = _floor_frames(request_, info)
     clip_bytes = {"uint8": ours.nbytes, "float32": before.nbytes}
@@ -272,7 +276,8 @@ def test_read_clip(benchmark, bench, clips, clip, request_):
              f"{clip_bytes['float32'] / clip_bytes['uint8']:.0f}x fewer bytes (uint8)")
     if "torchcodec" in mixed:
         benchmark.extra_info["speedup_vs_torchcodec_interleaved"] = mixed["torchcodec"] / mixed["pyav"]
-        notes += f"; torchcodec {1 / mixed['torchcodec']:.1f} clips/s ({mixed['torchcodec'] / mixed['pyav']:.2f}x)"
+        notes += (f"; torchcodec {1 / mixed['torchcodec']:.1f} clips/s "
+                  f"({mixed['torchcodec'] / mixed['pyav']:.2f}x)")
     bench.add_row(f"read {clip} {request_}", "cpu", "uint8", mixed["pyav"], mixed["before"],
                   "read_video before issue 21 (full decode, float resize)", floor=floor_frames / decode_fps,
                   notes=notes, peak=peaks["pyav"], baseline_peak=peaks["before"],
@@ -317,5 +322,6 @@ def test_training_step_against_the_loader(benchmark, bench, step_threads):
                                     (f"{c} {r}", v) for (c, r), v in _LOADER.items()), workers_needed=workers)
     needed = ", ".join(f"{k}: {v}" for k, v in workers.items() if k.endswith("32x2"))
     bench.add_row(f"train step B={STEP_BATCH} small TubeViT", device.type, "float32", median, None, "-",
-                  notes=f"{step_rate:.1f} clips/s; workers (one thread) to feed it, 32x2 requests: {needed or '-'}")
+                  notes=f"{step_rate:.1f} clips/s; workers (one thread) to feed it, 32x2 requests: "
+                        f"{needed or '-'}")
 

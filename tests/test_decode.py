@@ -21,7 +21,8 @@ av = pytest.importorskip("av")
 
 from _video_clips import write_clip  # noqa: E402
 from tubevit_fast.app import decode  # noqa: E402
-from tubevit_fast.app.decode import SEEK_GAP, VideoInfo, decoder_threads, probe, read_frames, window_runs  # noqa: E402
+from tubevit_fast.app.decode import (SEEK_GAP, VideoInfo, decoder_threads, probe, read_frames,  # noqa: E402
+                                     window_runs)
 from tubevit_fast.io import MediaError  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")

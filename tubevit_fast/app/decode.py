@@ -13,8 +13,9 @@ How a request is decoded (PyAV, the default):
 - With `info` (from `probe` or the clip index, tubevit_fast.app.clip_index), the decoder seeks to
   the last keyframe at or before the first wanted frame, decodes forward and stops after the last
   wanted frame; where a later wanted frame has a keyframe of its own past the previous wanted
-  frame, it seeks again (`window_runs`: sparse requests on short GOPs). Decoded frames are matched to indices by their timestamps (the index holds every
-  frame's), so B-frame reordering, variable frame rates and leading pictures cannot shift them.
+  frame, it seeks again (`window_runs`: sparse requests on short GOPs). Decoded frames are
+  matched to indices by their timestamps (the index holds every frame's), so B-frame reordering,
+  variable frame rates and leading pictures cannot shift them.
   Unwanted frames that no other frame references (non-reference B-frames) are skipped by the
   decoder (AVCodecContext.skip_frame, set per packet): they cannot change any other frame.
 - Without `info`, the file is decoded from its start (still stopping after the last wanted frame).
@@ -34,7 +35,6 @@ import json
 import os
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from tubevit_fast.io import MediaError, _first_line, require
@@ -145,7 +145,8 @@ def probe(path, threads: int | None = None) -> VideoInfo:
     keyframes = tuple(i for i, p in enumerate(frame_pts) if p in key_pts)
     if len(steps) > 1:
         return VideoInfo(count, fps, height, width, keyframes, pts=tuple(frame_pts))
-    return VideoInfo(count, fps, height, width, keyframes, pts_start=frame_pts[0], pts_step=steps.pop() if steps else 1)
+    return VideoInfo(count, fps, height, width, keyframes, pts_start=frame_pts[0],
+                     pts_step=steps.pop() if steps else 1)
 
 
 def _scaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
@@ -203,8 +204,9 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
             height, width = size or _scaled_size(frame.height, frame.width, short_side)
             out = torch.empty((len(indices), height, width, 3), dtype=torch.uint8)
         first, *repeats = positions[index]
-        out[first] = torch.from_numpy(frame.to_ndarray(format="rgb24", height=out.shape[1], width=out.shape[2],
-                                                       interpolation=INTERPOLATION, threads=scaler_threads))
+        rgb = frame.to_ndarray(format="rgb24", height=out.shape[1], width=out.shape[2],
+                               interpolation=INTERPOLATION, threads=scaler_threads)
+        out[first] = torch.from_numpy(rgb)
         for position in repeats:
             out[position] = out[first]
         kept.add(index)
