@@ -71,7 +71,7 @@ CLIPS = {  # name: (height, width, frames, gop)
 REQUESTS = ("32x2", "8u")
 DECODERS = ("before", "pyav", "torchcodec")
 ROUNDS = 4  # interleaved rounds (each: one call of every decoder); the 4K clip gets 1
-STEP_BATCH, STEP_ROUNDS = 2, 3
+STEP_BATCH, STEP_ROUNDS = 2, 5
 
 
 def _has_torchcodec() -> bool:
@@ -311,7 +311,7 @@ def test_training_step_against_the_loader(benchmark, bench, step_threads):
             bench.synchronize(device)
 
         benchmark.group = "data training step"
-        benchmark.pedantic(step, rounds=STEP_ROUNDS, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(step, rounds=STEP_ROUNDS, warmup_rounds=2, iterations=1)
         median = bench.median_of(benchmark) or bench.median_seconds(step, device, rounds=STEP_ROUNDS)
     finally:
         torch.set_num_threads(1)
