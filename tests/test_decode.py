@@ -2,7 +2,7 @@
 
 Each clip is written here (tests/_video_clips.py: a panning texture, every frame different) with a
 chosen structure: GOP sizes, B-frames, a variable frame rate, MKV and MPEG-4 Part 2, an AVI whose
-header claims 1000 frames. The reference is a plain PyAV loop over every frame of the file
+header claims 1000 frames, a raw H.264 stream (no timestamps). The reference is a plain PyAV loop over every frame of the file
 (`_full_decode`), converted (and scaled) by the same FFmpeg call, so frames must match bit for bit.
 """
 from __future__ import annotations
@@ -54,6 +54,7 @@ CLIPS = {
     "h264-mkv-bf3": lambda p: write_clip(p + ".mkv", FRAMES, gop=16, bframes=3),
     "mpeg4-bf2": lambda p: write_clip(p + ".mp4", FRAMES, codec="mpeg4", gop=10, bframes=2),
     "avi-header-lies": lambda p: _lying_avi(p + ".avi"),
+    "raw-h264-no-timestamps": lambda p: write_clip(p + ".h264", FRAMES, gop=12, bframes=2),
 }
 
 
@@ -104,7 +105,9 @@ def test_window_equals_full_decode(clips, name, monkeypatch):
     path, full = clips[name]
     info = probe(path)
     assert info.num_frames == len(full) == FRAMES
-    if info.timestamps() is not None:
+    if name == "raw-h264-no-timestamps":  # nothing to seek by: decoded from the start
+        assert info.timestamps() is None and info.keyframes == ()
+    else:
         _no_fallback(monkeypatch)
     seed = int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
