@@ -2,7 +2,7 @@
 
 Each clip is written here (tests/_video_clips.py: a panning texture, every frame different) with a
 chosen structure: GOP sizes, B-frames, a variable frame rate, MKV and MPEG-4 Part 2, an AVI whose
-header claims 1000 frames. The reference is a plain PyAV loop over every frame of the file
+header claims 1000 frames, a raw H.264 stream (no timestamps). The reference is a plain PyAV loop over every frame of the file
 (`_full_decode`), converted (and scaled) by the same FFmpeg call, so frames must match bit for bit.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ import torch
 av = pytest.importorskip("av")
 
 from _video_clips import write_clip  # noqa: E402
-from tubevit_fast.app.decode import SEEK_GAP, VideoInfo, decoder_threads, probe, read_frames, window_runs  # noqa: E402
+from tubevit_fast.app import decode  # noqa: E402
+from tubevit_fast.app.decode import (SEEK_GAP, VideoInfo, decoder_threads, probe, read_frames,  # noqa: E402
+                                     window_runs)
 from tubevit_fast.io import MediaError  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -52,6 +54,7 @@ CLIPS = {
     "h264-mkv-bf3": lambda p: write_clip(p + ".mkv", FRAMES, gop=16, bframes=3),
     "mpeg4-bf2": lambda p: write_clip(p + ".mp4", FRAMES, codec="mpeg4", gop=10, bframes=2),
     "avi-header-lies": lambda p: _lying_avi(p + ".avi"),
+    "raw-h264-no-timestamps": lambda p: write_clip(p + ".h264", FRAMES, gop=12, bframes=2),
 }
 
 
@@ -90,11 +93,22 @@ def _requests(num_frames: int, keyframes, rng) -> list[list[int]]:
     return requests
 
 
+def _no_fallback(monkeypatch):
+    """Windowed reads must not quietly fall back to decoding from the file's start."""
+    def fail(*args):
+        raise AssertionError("fell back to decoding from the start")
+    monkeypatch.setattr(decode, "_decode_from_start", fail)
+
+
 @pytest.mark.parametrize("name", list(CLIPS))
-def test_window_equals_full_decode(clips, name):
+def test_window_equals_full_decode(clips, name, monkeypatch):
     path, full = clips[name]
     info = probe(path)
     assert info.num_frames == len(full) == FRAMES
+    if name == "raw-h264-no-timestamps":  # nothing to seek by: decoded from the start
+        assert info.timestamps() is None and info.keyframes == ()
+    else:
+        _no_fallback(monkeypatch)
     seed = int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     for indices in _requests(info.num_frames, info.keyframes, rng):
@@ -102,20 +116,44 @@ def test_window_equals_full_decode(clips, name):
         assert got.dtype == torch.uint8 and got.shape == (len(indices), *full.shape[1:])
         assert np.array_equal(got.numpy(), full[indices]), f"seed {seed}, frames {indices}"
     # without the index: decoded from the start
+    monkeypatch.undo()
     indices = [int(i) for i in rng.integers(0, FRAMES, 5)]
     assert np.array_equal(read_frames(path, indices).numpy(), full[indices]), f"seed {seed}, frames {indices}"
 
 
 @pytest.mark.parametrize("name", ["h264-gop12-bf3", "h264-vfr-bf2"])
-def test_scaled_window_equals_scaled_full_decode(clips, name):
+def test_scaled_window_equals_scaled_full_decode(clips, name, monkeypatch):
     path, _ = clips[name]
     info = probe(path)
+    _no_fallback(monkeypatch)
     indices = [41, 5, 23, 24, 59]
     for short_side, hw in ((32, (32, 43)), (96, (96, 128))):  # 48x64 -> 32x42.67 rounds to 43
         got = read_frames(path, indices, short_side, info=info)
         assert np.array_equal(got.numpy(), _full_decode(path, hw)[indices])
     got = read_frames(path, indices, info=info, size=(24, 40))
     assert np.array_equal(got.numpy(), _full_decode(path, (24, 40))[indices])
+
+
+def test_a_seek_landing_late_falls_back_to_decoding_from_the_start(clips, monkeypatch):
+    """A demuxer that lands past the keyframe asked for (one comparing decoding times, say): the
+    window is decoded again from the file's start, and the frames are still the right ones."""
+    path, full = clips["h264-gop12-bf3"]
+    info = probe(path)
+    step = info.pts_step
+
+    class LateSeeks:
+        def __init__(self, container):
+            self.container = container
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def seek(self, offset, **kwargs):
+            return self.container.seek(offset + 13 * step, **kwargs)  # past the next keyframe
+
+    monkeypatch.setattr(decode._Opened, "__enter__", lambda self: (LateSeeks(self.container), self.stream))
+    for indices in ([30, 32, 34], [14, 50], [5, 40]):
+        assert np.array_equal(read_frames(path, indices, info=info).numpy(), full[indices]), indices
 
 
 def test_bad_input_one_clear_error(clips, tmp_path):
@@ -162,12 +200,23 @@ def test_window_runs_seek_only_past_unwanted_gops():
     assert window_runs([], [4, 19]) == [(0, [4, 19])]
 
 
+class _WorkerThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return decoder_threads(cores=8)
+
+
 def test_decoder_threads_fit_the_cores():
     assert decoder_threads(4, cores=16) == 4
     assert decoder_threads(5, cores=16) == 3     # 5 x 3 <= 16
     assert decoder_threads(32, cores=16) == 1    # never 0
     assert decoder_threads(cores=6) == 6         # the main process alone
     assert decoder_threads(0, cores=6) == 6      # num_workers=0: the main process loads
+    # inside a DataLoader worker: shared with the other workers
+    loader = torch.utils.data.DataLoader(_WorkerThreads(), num_workers=2, batch_size=None)
+    assert list(loader) == [4, 4]
 
 
 def _torchcodec():
@@ -230,7 +279,7 @@ def test_4k_window_stays_under_1gb(tmp_path):
 
 
 def test_video_info_round_trips():
-    info = VideoInfo(5, 29.97, 48, 64, keyframes=(0, 3), seek_ts=(-2, 7), pts=(0, 3, 5, 9, 11))
+    info = VideoInfo(5, 29.97, 48, 64, keyframes=(0, 3), pts=(0, 3, 5, 9, 11))
     assert VideoInfo.from_dict(info.to_dict()) == info
     assert info.timestamps() == [0, 3, 5, 9, 11]
     regular = VideoInfo(4, 30.0, 48, 64, pts_start=-2, pts_step=512)

@@ -205,8 +205,10 @@ def write_video(path, frames, fps: int = 10, codec: str | None = None, quality: 
     path = os.fspath(path)
     with av.open(path, mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
-        options = {"crf": str(quality), "preset": "superfast" if bframes else "ultrafast"} if codec == "libx264" \
-            else {"qscale": str(quality)}
+        if codec == "libx264":
+            options = {"crf": str(quality), "preset": "superfast" if bframes else "ultrafast"}
+        else:
+            options = {"qscale": str(quality)}
         if gop is not None:
             options["g"] = str(gop)
         if bframes is not None:
@@ -220,7 +222,8 @@ def write_video(path, frames, fps: int = 10, codec: str | None = None, quality: 
         for i, array in enumerate(frames):
             array = np.asarray(array)
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-                raise ValueError(f"frames must be uint8 (T, H, W, 3), got a frame of {array.dtype} {array.shape}")
+                raise ValueError(f"frames must be uint8 (T, H, W, 3), got a frame of "
+                                 f"{array.dtype} {array.shape}")
             if i == 0:
                 stream.width, stream.height = array.shape[1], array.shape[0]
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")

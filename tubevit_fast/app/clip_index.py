@@ -50,7 +50,8 @@ def _load_cache(cache_file: str | None) -> dict:
 
 def _save_cache(cache_file: str, entries: dict) -> None:
     data = {"version": CACHE_VERSION,
-            "videos": {path: {"stamp": list(stamp), "info": info.to_dict()} for path, (stamp, info) in entries.items()}}
+            "videos": {path: {"stamp": list(stamp), "info": info.to_dict()}
+                       for path, (stamp, info) in entries.items()}}
     tmp = f"{cache_file}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, separators=(",", ":"))

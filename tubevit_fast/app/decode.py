@@ -13,8 +13,9 @@ How a request is decoded (PyAV, the default):
 - With `info` (from `probe` or the clip index, tubevit_fast.app.clip_index), the decoder seeks to
   the last keyframe at or before the first wanted frame, decodes forward and stops after the last
   wanted frame; where a later wanted frame has a keyframe of its own past the previous wanted
-  frame, it seeks again (`window_runs`: sparse requests on short GOPs). Decoded frames are matched to indices by their timestamps (the index holds every
-  frame's), so B-frame reordering, variable frame rates and leading pictures cannot shift them.
+  frame, it seeks again (`window_runs`: sparse requests on short GOPs). Decoded frames are
+  matched to indices by their timestamps (the index holds every frame's), so B-frame reordering,
+  variable frame rates and leading pictures cannot shift them.
   Unwanted frames that no other frame references (non-reference B-frames) are skipped by the
   decoder (AVCodecContext.skip_frame, set per packet): they cannot change any other frame.
 - Without `info`, the file is decoded from its start (still stopping after the last wanted frame).
@@ -34,7 +35,6 @@ import json
 import os
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from tubevit_fast.io import MediaError, _first_line, require
@@ -57,7 +57,6 @@ class VideoInfo:
     height: int
     width: int
     keyframes: tuple[int, ...] = ()   # frame indices where decoding can start
-    seek_ts: tuple[int, ...] = ()     # per keyframe: the timestamp that seeks to it (its packet's dts)
     pts_start: int = 0
     pts_step: int = 0
     pts: tuple[int, ...] = ()
@@ -123,12 +122,12 @@ def probe(path, threads: int | None = None) -> VideoInfo:
     frame rate, size, every frame's timestamp and the keyframes a seek can land on."""
     path = os.fspath(path)
     av, container, stream = _open(path, threads)
-    frame_pts, key_packets, height, width = [], {}, 0, 0
+    frame_pts, key_pts, height, width = [], set(), 0, 0
     try:
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         for packet in container.demux(stream):
-            if packet.is_keyframe and packet.pts is not None:
-                key_packets[packet.pts] = packet.dts if packet.dts is not None else packet.pts
+            if packet.is_keyframe:
+                key_pts.add(packet.pts)
             for frame in packet.decode():
                 frame_pts.append(frame.pts)
                 height, width = frame.height, frame.width
@@ -142,12 +141,12 @@ def probe(path, threads: int | None = None) -> VideoInfo:
     usable = None not in frame_pts and all(a < b for a, b in zip(frame_pts, frame_pts[1:]))
     if not usable:
         return VideoInfo(count, fps, height, width)
-    keyframes = [(i, key_packets[p]) for i, p in enumerate(frame_pts) if p in key_packets]
     steps = {b - a for a, b in zip(frame_pts, frame_pts[1:])}
-    keys = dict(keyframes=tuple(i for i, _ in keyframes), seek_ts=tuple(ts for _, ts in keyframes))
+    keyframes = tuple(i for i, p in enumerate(frame_pts) if p in key_pts)
     if len(steps) > 1:
-        return VideoInfo(count, fps, height, width, **keys, pts=tuple(frame_pts))
-    return VideoInfo(count, fps, height, width, **keys, pts_start=frame_pts[0], pts_step=steps.pop() if steps else 1)
+        return VideoInfo(count, fps, height, width, keyframes, pts=tuple(frame_pts))
+    return VideoInfo(count, fps, height, width, keyframes, pts_start=frame_pts[0],
+                     pts_step=steps.pop() if steps else 1)
 
 
 def _scaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
@@ -192,37 +191,53 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
     av = require("av", "reading videos")
     wanted, last = set(indices), max(indices)
     timestamps = info.timestamps() if info is not None else None
-    kept: dict[int, np.ndarray] = {}
-    out_hw = size
+    positions: dict[int, list[int]] = {}  # frame -> where it goes in the output (repeats allowed)
+    for position, index in enumerate(indices):
+        positions.setdefault(index, []).append(position)
+    out: torch.Tensor | None = None       # allocated once the decoded size is known
+    kept: set[int] = set()
     scaler_threads = decoder_threads() if threads is None else threads  # swscale's default: every core
 
     def keep(index: int, frame) -> None:
-        nonlocal out_hw
-        if out_hw is None:
-            out_hw = _scaled_size(frame.height, frame.width, short_side)
-        kept[index] = frame.to_ndarray(format="rgb24", height=out_hw[0], width=out_hw[1],
-                                       interpolation=INTERPOLATION, threads=scaler_threads)
+        nonlocal out
+        if out is None:
+            height, width = size or _scaled_size(frame.height, frame.width, short_side)
+            out = torch.empty((len(indices), height, width, 3), dtype=torch.uint8)
+        first, *repeats = positions[index]
+        rgb = frame.to_ndarray(format="rgb24", height=out.shape[1], width=out.shape[2],
+                               interpolation=INTERPOLATION, threads=scaler_threads)
+        out[first] = torch.from_numpy(rgb)
+        for position in repeats:
+            out[position] = out[first]
+        kept.add(index)
 
     try:
         complete = False
         if timestamps is not None:
             with _Opened(path, threads) as (container, stream):
                 complete = _decode_window(container, stream, info, timestamps, wanted, keep)
-        if not complete:  # no timestamps, or the seek landed past the first wanted frame
+        if not complete:  # no timestamps, or a seek landed past the frame it was for
             kept.clear()
-            with _Opened(path, threads) as (container, stream):
-                count = 0
-                for frame in container.decode(stream):
-                    if count in wanted:
-                        keep(count, frame)
-                    count += 1
-                    if count > last:
-                        break
+            count = _decode_from_start(path, threads, wanted, keep)
             if last not in kept:
                 raise MediaError(f"{path}: has {count} frames, frame {last} was asked for")
     except av.FFmpegError as err:
         raise _decode_error(path, err) from err
-    return torch.from_numpy(np.stack([kept[i] for i in indices]))
+    return out
+
+
+def _decode_from_start(path: str, threads: int | None, wanted: set[int], keep) -> int:
+    """Decode from the file's start, counting frames, through the last wanted one; returns the
+    frames decoded."""
+    count, last = 0, max(wanted)
+    with _Opened(path, threads) as (container, stream):
+        for frame in container.decode(stream):
+            if count in wanted:
+                keep(count, frame)
+            count += 1
+            if count > last:
+                break
+    return count
 
 
 class _Opened:
@@ -266,11 +281,13 @@ def _decode_window(container, stream, info: VideoInfo, timestamps: list[int], wa
     frame (the caller then decodes from the file's start)."""
     index_of = {p: i for i, p in enumerate(timestamps)}
     wanted_pts = {timestamps[i] for i in wanted}
-    seek_ts = dict(zip(info.keyframes, info.seek_ts))
     context, skipping = stream.codec_context, False
     for number, (start, run) in enumerate(window_runs(info.keyframes, wanted)):
         if number > 0 or start > 0:
-            container.seek(seek_ts[start], backward=True, stream=stream)
+            # FFmpeg's MP4 and Matroska demuxers seek by presentation time: to the last keyframe at
+            # or before it. One that compares decoding times instead may land a keyframe later
+            # (found below: the run's first frame is not decoded) or earlier (only slower).
+            container.seek(timestamps[start], backward=True, stream=stream)
         first, last, landed, done = run[0], run[-1], False, False
         for packet in container.demux(stream):
             # Unwanted frames are skipped when nothing references them; wanted ones always decode.
