@@ -91,7 +91,8 @@ def test_predict_prints_top_k(tmp_path, capsys):
     capsys.readouterr()
     results = predict.main([*paths, "--checkpoint", run["checkpoint"], "--top-k", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 6 and lines[0].startswith(paths[0]) and " 1. " in lines[0]
+    assert len(lines) == 7 and lines[0].startswith(paths[0]) and " 1. " in lines[0]
+    assert lines[-1].startswith("accuracy: top-1 ")  # the folders name the classes
     for _, ranked in results:
         probs = [p for _, p in ranked]
         assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)

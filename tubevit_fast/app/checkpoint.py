@@ -16,7 +16,7 @@ import torch
 
 from tubevit_fast.cli import UsageError, one_line
 from tubevit_fast.data import SMALL_TUBES
-from tubevit_fast.geometry import PAPER_TUBES
+from tubevit_fast.geometry import PAPER_TUBES, check_fits
 
 TUBE_SETS = {"small": SMALL_TUBES, "paper": PAPER_TUBES}
 BACKEND_CHOICES = ("auto", "reference", "torch", "triton")
@@ -28,12 +28,23 @@ REQUIRED = ("model", "model_config", "step", "args")
 
 
 def build_model(cfg: dict, backend: str = "auto", **kwargs) -> torch.nn.Module:
-    """TubeViT from a checkpoint's model config (MODEL_KEYS). backend "reference" gives the
-    eager reference model; the others the fast one (same state_dict either way). kwargs go to
+    """TubeViT from a checkpoint's model config (MODEL_KEYS, and what --init adds: qkv_bias,
+    interpolated_from, or gate_layer + source_dim for the scaled model). backend "reference" gives
+    the eager reference model; the others the fast one (same state_dict either way). kwargs go to
     the model (e.g. drop_path)."""
-    kwargs = dict(num_classes=cfg["num_classes"], tubes=TUBE_SETS[cfg["tubes"]], dim=cfg["dim"],
-                  depth=cfg["depth"], heads=cfg["heads"], mlp_ratio=cfg.get("mlp_ratio", 4.0),
+    tubes = TUBE_SETS[cfg["tubes"]]
+    kwargs = dict(num_classes=cfg["num_classes"], tubes=tubes, dim=cfg["dim"], depth=cfg["depth"],
+                  heads=cfg["heads"], mlp_ratio=cfg.get("mlp_ratio", 4.0), qkv_bias=cfg.get("qkv_bias", True),
                   pixel_mean=cfg.get("mean"), pixel_std=cfg.get("std"), **kwargs)
+    if cfg.get("interpolated_from"):
+        kwargs["interpolated_from"] = tuple(cfg["interpolated_from"])
+    if cfg.get("gate_layer"):
+        from tubevit_fast.convert import GatedTubeViT, ProjectedTubeEmbed
+
+        model = GatedTubeViT(**kwargs, gate_layer=cfg["gate_layer"], backend=backend)
+        projected = [i for i, t in enumerate(tubes) if not t.is_2d]
+        model.tube_embed = ProjectedTubeEmbed(tubes, 3, cfg["dim"], cfg["source_dim"], projected, backend=backend)
+        return model
     if backend == "reference":
         from tubevit_fast.reference.model import TubeViT as ReferenceTubeViT
 
@@ -41,6 +52,14 @@ def build_model(cfg: dict, backend: str = "auto", **kwargs) -> torch.nn.Module:
     from tubevit_fast.model import TubeViT
 
     return TubeViT(**kwargs, backend=backend)
+
+
+def check_input_size(tubes: str, frames: int, size: int) -> None:
+    """UsageError when a --frames x --size x --size clip is too small for a tube of the set."""
+    try:
+        check_fits(TUBE_SETS[tubes], (frames, size, size))
+    except ValueError as err:
+        raise UsageError(f"--frames {frames} --size {size}: {one_line(err)}") from None
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
