@@ -357,7 +357,10 @@ def train(args, ckpt: dict | None = None, notes=()) -> dict:
                                num_images=data.num_images, image_ratio=args.image_ratio if data.num_images else 0.0)
     loader = torch.utils.data.DataLoader(data.train, batch_sampler=sampler, collate_fn=collate_train,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         worker_init_fn=runs.ignore_sigint if args.workers else None)
+                                         worker_init_fn=runs.ignore_sigint if args.workers else None,
+                                         # Its own generator: drawing the workers' base seed must not move
+                                         # the global one that drop-path draws from (resume would differ).
+                                         generator=torch.Generator().manual_seed(args.seed))
     log = None
     log_path = os.path.join(args.out, runs.LOG)
     if is_main:
