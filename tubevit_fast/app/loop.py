@@ -254,7 +254,7 @@ def train_step(net, samples: list, labels: torch.Tensor, *, accum_steps: int = 1
         with sync:
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = forward(samples[a:b])
-            logits = logits.float()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
             if targets is None:
                 per_sample = F.cross_entropy(logits, labels[a:b], label_smoothing=smoothing, reduction="none")
             else:
