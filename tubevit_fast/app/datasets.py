@@ -60,6 +60,8 @@ class TrainClips(torch.utils.data.Dataset):
     def __init__(self, media, sampling: ClipSampling, transform: Callable | None = None, seed: int = 0,
                  short_side: int | None = None, bad_files: str = "skip", images=None):
         _check_bad_files(bad_files)
+        if short_side is not None and short_side < 1:
+            raise ValueError(f"short_side must be >= 1 or None, got {short_side}")
         self.media, self.images, self.sampling, self.transform = media, images, sampling, transform
         self.seed, self.short_side, self.bad_files = seed, short_side, bad_files
 
