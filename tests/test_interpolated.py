@@ -39,7 +39,8 @@ def test_parameters_and_state_dict():
     embed = make(backend="torch")
     assert embed.base_weight.shape == (DIM, 3, *BASE)
     assert not hasattr(embed, "weights")
-    assert set(embed.state_dict()) == {"base_weight"} | {f"biases.{i}" for i in range(len(TUBES))}
+    assert set(embed.state_dict()) == ({"base_weight", "pixel_mean", "pixel_std"}
+                                       | {f"biases.{i}" for i in range(len(TUBES))})
     assert sum(p.numel() for p in embed.parameters()) == DIM * 3 * 27 + len(TUBES) * DIM
     kernels = embed.tube_kernels()
     assert [tuple(k.shape[2:]) for k in kernels] == [t.kernel for t in TUBES]

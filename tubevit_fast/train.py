@@ -30,7 +30,6 @@ needed for steps whose batch on some rank holds only images (the 3D tubes then g
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,21 +44,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tubevit_fast.app.checkpoint import (  # noqa: F401 - re-exported for predict/viz until they import app
+    BACKEND_CHOICES, CHECKPOINT, MODEL_KEYS, TUBE_SETS, build_model, load_checkpoint, read_checkpoint, state_hash)
+from tubevit_fast.app.sampling import ClipSampling
 from tubevit_fast.cli import UsageError, check_positive, one_line, resolve_backends, resolve_device, run
-from tubevit_fast.data import SMALL_TUBES, StepBatchSampler, SyntheticShapes, VideoFolder, collate
-from tubevit_fast.geometry import PAPER_TUBES, check_fits
+from tubevit_fast.data import StepBatchSampler, SyntheticShapes, VideoFolder, collate
+from tubevit_fast.geometry import check_fits
 from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
 
-TUBE_SETS = {"small": SMALL_TUBES, "paper": PAPER_TUBES}
-BACKEND_CHOICES = ("auto", "reference", "torch", "triton")
-# Model fields of the args that a checkpoint carries so predict/viz can rebuild the model.
-MODEL_KEYS = ("num_classes", "classes", "tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size",
-              "mean", "std")
 # Options a resumed run cannot change (the model's shape and the input size it was trained on).
 FIXED_ON_RESUME = ("tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size")
 # Options that belong to one invocation: never taken from a checkpoint.
 PER_RUN = ("resume", "device", "no_progress", "threads", "workers", "stop_after")
-CHECKPOINT = "last.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,66 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
-
-
-# ---- model, checkpoints -------------------------------------------------------------------------
-
-def build_model(cfg: dict, backend: str = "auto") -> torch.nn.Module:
-    """TubeViT from a checkpoint's model config (MODEL_KEYS). backend "reference" gives the
-    eager reference model; the others the fast one (same state_dict either way)."""
-    kwargs = dict(num_classes=cfg["num_classes"], tubes=TUBE_SETS[cfg["tubes"]], dim=cfg["dim"],
-                  depth=cfg["depth"], heads=cfg["heads"], mlp_ratio=cfg.get("mlp_ratio", 4.0))
-    if backend == "reference":
-        from tubevit_fast.reference.model import TubeViT as ReferenceTubeViT
-
-        return ReferenceTubeViT(**kwargs)
-    from tubevit_fast.model import TubeViT
-
-    return TubeViT(**kwargs, backend=backend)
-
-
-def read_checkpoint(path, map_location="cpu") -> dict:
-    """A train.py checkpoint as a dict, loaded with torch.load(weights_only=True): tensors and
-    plain Python values only, so a file cannot run code. UsageError (a ValueError) for a missing
-    file or one that is not such a checkpoint."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt file, not a torch file, or pickled objects
-        message = str(err)
-        if "Unsupported global" in message:
-            raise UsageError(f"{path}: holds pickled Python objects, not only tensors (a checkpoint of an older "
-                             f"tubevit_fast, or not one of ours); if you trust the file, load it with "
-                             f"torch.load(path, weights_only=False)") from None
-        if "WeightsUnpickler error:" in message:  # torch.load's long explanation: keep its reason only
-            tail = message.split("WeightsUnpickler error:", 1)[1]
-            message = next((line.strip() for line in tail.splitlines() if line.strip()), "unreadable")
-        raise UsageError(f"{path}: not a PyTorch checkpoint file ({one_line(RuntimeError(message))})") from None
-    needed = {"model", "model_config", "step", "args"}
-    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
-        hint = (" (daniel-code/TubeViT weights load with tubevit_fast.convert.from_tubevit_port)"
-                if isinstance(ckpt, dict) and any("sparse_tubes_tokenizer" in str(k) for k in ckpt) else "")
-        raise UsageError(f"{path}: not a tubevit_fast.train checkpoint (needs {sorted(needed)}){hint}")
-    return ckpt
-
-
-def load_checkpoint(path, backend: str = "auto", map_location="cpu"):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint (see read_checkpoint)."""
-    ckpt = read_checkpoint(path, map_location)
-    model = build_model(ckpt["model_config"], backend)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
-
-
-def state_hash(model: torch.nn.Module) -> str:
-    """sha256 of every state_dict tensor's bytes, in order."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---- schedule, RNG -----------------------------------------------------------------------------
@@ -493,7 +429,8 @@ def train(args, ckpt: dict | None = None, notes=()) -> dict:
         if is_main:
             payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "scheduler": scheduler.state_dict(), "step": step, "rng": states,
-                       "args": vars(args), "model_config": model_config}
+                       "args": vars(args), "model_config": model_config,
+                       "sampling": ClipSampling(args.frames, args.stride or 1).to_dict()}
             torch.save(payload, path + ".tmp")
             os.replace(path + ".tmp", path)
         return path

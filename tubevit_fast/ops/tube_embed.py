@@ -5,6 +5,9 @@ Backends: "reference" (Conv3d per tube), "torch" (tubevit_fast.torch_backend.tub
 custom op with a fake kernel and registered autograd, so torch.compile traces through
 them without a graph break. (Not triton_op: its fake path runs the kernel on meta tensors.)
 The reference and torch backends take float64 too; Triton runs float32/float16/bfloat16.
+The video may be uint8 pixels: every backend then reads the pixels as they are (no
+normalisation here: TubeEmbed folds it into the weights) and computes and returns in the
+weights' dtype; only floating-point videos take (and get) a gradient.
 Under torch.autocast the video, weights and biases are cast to the autocast dtype
 (tubevit_fast.amp), as Conv3d's are; the fixed position embedding stays float32.
 """
@@ -17,6 +20,7 @@ import torch
 
 from tubevit_fast import amp, backends, numerics
 from tubevit_fast.geometry import TubeSpec, as_tubes, num_tokens, pack_tubes, unpack_tubes
+from tubevit_fast.pixels import compute_dtype
 from tubevit_fast.reference.tube_embed import tube_embed_reference
 
 _IMPL_MODULES = {"torch": "tubevit_fast.torch_backend.tube_embed", "triton": "tubevit_fast.kernels.tube_embed"}
@@ -36,7 +40,8 @@ def _tube_embed_op(video: torch.Tensor, weights: list[torch.Tensor], biases: lis
 def _(video, weights, biases, pos, tubes, backend):
     tubes = unpack_tubes(tubes)
     n = num_tokens(tubes, video.shape[2:])
-    return video.new_empty(video.shape[0], n, tubes[0].token_dim(weights[0].shape[0]))
+    return video.new_empty(video.shape[0], n, tubes[0].token_dim(weights[0].shape[0]),
+                           dtype=compute_dtype(video, weights[0]))
 
 
 @torch.library.custom_op("tubevit_fast::tube_embed_backward", mutates_args=())
@@ -84,8 +89,9 @@ def _unsupported(backend: str, dtype: torch.dtype, head_dim, layout, details: tu
 def _make_selfcheck(backend: str, device: torch.device, dtype: torch.dtype, head_dim, layout, details: tuple):
     """A check that runs `backend` forward and backward (dX, dW, db) on a small random input
     against the float64 reference, by tubevit_fast.numerics' rule (backends.register_op's hook).
-    details: (in_channels, each tube's width, pack_tubes(tubes))."""
-    channels, widths, packed = details
+    details: (in_channels, each tube's width, pack_tubes(tubes), whether the video is uint8
+    pixels: then the fast op reads them as uint8, and no video gradient is checked)."""
+    channels, widths, packed, pixels = details
     tubes = unpack_tubes(packed)
 
     def check():
@@ -96,22 +102,28 @@ def _make_selfcheck(backend: str, device: torch.device, dtype: torch.dtype, head
             # On the CPU whatever torch.set_default_device says, then moved.
             return (torch.randn(shape, generator=gen, dtype=torch.float64, device="cpu") * scale).to(device)
 
-        inputs = [randn(2, channels, *size), *(randn(w, channels, *t.kernel, scale=0.05) for w, t in zip(widths, tubes)),
+        video = (torch.randint(0, 256, (2, channels, *size), generator=gen).to(device, torch.float64) if pixels
+                 else randn(2, channels, *size))
+        weight_scale = 0.05 / 255 if pixels else 0.05
+        inputs = [video, *(randn(w, channels, *t.kernel, scale=weight_scale) for w, t in zip(widths, tubes)),
                   *(randn(w) for w in widths)]
         n = len(tubes)
         dout = randn(2, num_tokens(tubes, size), tubes[0].token_dim(widths[0]))
 
-        def run(fn, precision):
+        def run(fn, precision, video_dtype=None):
             leaves = [t.to(precision).requires_grad_() for t in inputs]
+            if pixels:  # the same integer values: as uint8 for the fast op, without a gradient
+                leaves[0] = inputs[0].to(video_dtype or precision)
             out = fn(leaves[0], leaves[1:1 + n], leaves[1 + n:])
-            return [out, *torch.autograd.grad(out, leaves, dout.to(precision))]
+            wrt = leaves[1:] if pixels else leaves
+            return [out, *torch.autograd.grad(out, wrt, dout.to(precision))]
 
-        fast = run(lambda v, ws, bs: _tube_embed_op(v, ws, bs, None, packed, backend), dtype)
+        fast = run(lambda v, ws, bs: _tube_embed_op(v, ws, bs, None, packed, backend), dtype, torch.uint8)
         same_dtype = run(lambda v, ws, bs: tube_embed_reference(v, ws, bs, tubes), dtype)
         golden = run(lambda v, ws, bs: tube_embed_reference(v, ws, bs, tubes), torch.float64)
         # Longest reduction: a patch (forward), a token's channels (dX), all tokens (dW, db).
         reduction = max(max(t.patch_size(channels) for t in tubes), max(widths), dout.shape[0] * dout.shape[1])
-        names = ["output", "grad video"] + [f"grad weight {i}" for i in range(n)] + [f"grad bias {i}" for i in range(n)]
+        names = ["output"] + ([] if pixels else ["grad video"]) + [f"grad weight {i}" for i in range(n)] + [f"grad bias {i}" for i in range(n)]
         for name, a, r, g in zip(names, fast, same_dtype, golden):
             verdict = numerics.judge(a, g, r, dtype, reduction)
             assert verdict.ok, verdict.describe(name)
@@ -125,14 +137,20 @@ def tube_embed(video: torch.Tensor, weights: Sequence[torch.Tensor], biases: Seq
                tubes: Sequence[TubeSpec], pos: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """All tubes' tokens of a (B, C, T, H, W) video, concatenated, + bias + pos: (B, N, dim).
 
+    The video is floating-point (already normalised) or uint8 pixels, taken as they are: the
+    weights must then include the normalisation (TubeEmbed folds it in) and set the dtype.
     Inputs are assumed checked by the caller (TubeEmbed does it). `pos` is a constant
     (the fixed embedding): no gradient flows to it.
     """
     tubes = as_tubes(tubes)
     video, weights, biases = amp.autocast_inputs(video.device.type, video, list(weights), list(biases))
+    pixels = video.dtype == torch.uint8
+    if not (video.is_floating_point() or pixels) or not weights[0].is_floating_point():
+        raise TypeError(f"tube_embed takes a floating-point or uint8 video and floating-point weights, got "
+                        f"{video.dtype} and {weights[0].dtype}")
     packed = pack_tubes(tubes)
-    details = (video.shape[1], tuple(w.shape[0] for w in weights), tuple(packed))
-    chosen = backends.pick("tube_embed", backend, video.device, video.dtype, details=details)
+    details = (video.shape[1], tuple(w.shape[0] for w in weights), tuple(packed), pixels)
+    chosen = backends.pick("tube_embed", backend, video.device, compute_dtype(video, weights[0]), details=details)
     if chosen == "reference":
         return tube_embed_reference(video, weights, biases, tubes, pos)
     return _tube_embed_op(video, weights, biases, pos, packed, chosen)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tubevit_fast.checks import check_positive_int, check_tube_input
 from tubevit_fast.geometry import PAPER_TUBES, TubeSpec, as_tubes, check_fits, image_tubes, num_tokens
 from tubevit_fast.packing import cu_seqlens_from_lengths
+from tubevit_fast.pixels import check_pixel_stats, default_pixel_stats, normalize_pixels
 from tubevit_fast.posembed import tube_position_embedding
 from tubevit_fast.reference.attention import attention_reference
 from tubevit_fast.reference.tube_embed import tube_embed_reference
@@ -31,6 +32,15 @@ PRESETS = {
 
 class TubeEmbed(nn.Module):
     """Sparse tube tokenizer: (B, C, T, H, W) -> (B, N, dim); (B, C, H, W) images use the 2D tubes.
+
+    Inputs: a floating-point video or image is taken as already normalised; a uint8 one (pixels
+    0..255) is normalised inside the layer, (x / 255 - pixel_mean) / pixel_std per channel. Here,
+    in the reference, by exactly that pass over the video before the Conv3d; the fast layer
+    (tubevit_fast.modules.TubeEmbed) folds it into the tube kernels instead (tubevit_fast.pixels).
+    pixel_mean, pixel_std: one value per channel (default: ImageNet's for 3 channels, 0.5 and
+        0.5 otherwise), kept as float32 buffers of the same names in the state_dict. A
+        state_dict saved without them (older checkpoints) loads, strict or not, and leaves the
+        layer's own values in place.
 
     interpolated_from: None (default) gives every tube its own kernel, `weights[i]`
         (dim, in_channels, kt, kh, kw). A size (bt, bh, bw), e.g. (8, 8, 8), switches on the
@@ -57,10 +67,17 @@ class TubeEmbed(nn.Module):
 
     def __init__(self, tubes: Sequence[TubeSpec] = PAPER_TUBES, in_channels: int = 3, dim: int = 768,
                  pos_embed: bool = True, interpolated_from: Sequence[int] | None = None,
-                 space_to_depth: Sequence | None = None):
+                 space_to_depth: Sequence | None = None, pixel_mean: Sequence[float] | None = None,
+                 pixel_std: Sequence[float] | None = None):
         super().__init__()
         self.tubes = as_tubes(tubes)
         self.in_channels = check_positive_int("in_channels", in_channels)
+        default_mean, default_std = default_pixel_stats(in_channels)
+        self.register_buffer("pixel_mean", check_pixel_stats(
+            "pixel_mean", default_mean if pixel_mean is None else pixel_mean, in_channels, positive=False))
+        self.register_buffer("pixel_std", check_pixel_stats(
+            "pixel_std", default_std if pixel_std is None else pixel_std, in_channels, positive=True))
+        self.register_load_state_dict_pre_hook(_keep_missing_pixel_stats)
         self.dim = check_positive_int("dim", dim, minimum=6)
         self.pos_embed = bool(pos_embed)
         self.interpolated_from = _check_base_size(interpolated_from)
@@ -136,10 +153,19 @@ class TubeEmbed(nn.Module):
         size = tuple(video.shape[2:])
         check_fits(tubes, size)
         pos = tube_position_embedding(tubes, size, self.dim, video.device) if self.pos_embed else None
-        return self._embed(video, self.tube_kernels(index), self.tube_biases(index), tubes, pos)
+        weights, biases = self.tube_kernels(index), self.tube_biases(index)
+        if video.dtype == torch.uint8:
+            return self._embed_pixels(video, weights, biases, tubes, pos)
+        return self._embed(video, weights, biases, tubes, pos)
 
     def _embed(self, video, weights, biases, tubes, pos) -> torch.Tensor:
         return tube_embed_reference(video, weights, biases, tubes, pos)
+
+    def _embed_pixels(self, video, weights, biases, tubes, pos) -> torch.Tensor:
+        """A uint8 video: the ground truth converts and normalises all of it, in the parameters'
+        dtype, then embeds the result."""
+        video = normalize_pixels(video, self.pixel_mean, self.pixel_std, weights[0].dtype)
+        return self._embed(video, weights, biases, tubes, pos)
 
     def extra_repr(self) -> str:
         text = (f"tubes={len(self.tubes)}, in_channels={self.in_channels}, dim={self.dim}, "
@@ -149,6 +175,13 @@ class TubeEmbed(nn.Module):
         if self.space_to_depth is not None:
             text += f", space_to_depth={self.space_to_depth}"
         return text
+
+
+def _keep_missing_pixel_stats(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint saved before pixel_mean/pixel_std existed keeps the
+    layer's own values (so a strict load passes); one that has them loads them as usual."""
+    for name in ("pixel_mean", "pixel_std"):
+        state_dict.setdefault(prefix + name, getattr(module, name).detach().clone())
 
 
 def _check_space_to_depth(entries, tubes: Sequence[TubeSpec], dim: int):
@@ -226,19 +259,44 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
+def drop_path(x: torch.Tensor, p: float, training: bool, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Stochastic depth on a residual branch (timm's semantics): in training, each sample's branch
+    is zeroed with probability p and otherwise scaled by 1 / (1 - p); an identity in eval or at
+    p = 0. Samples are the rows of a (B, N, dim) batch, or the cu_seqlens segments of packed
+    (total, dim) tokens (all of a sample's tokens share its draw)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    batch = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    mask = x.new_empty(batch).bernoulli_(keep)
+    if keep > 0:
+        mask.div_(keep)
+    if cu_seqlens is not None:
+        mask = mask.repeat_interleave((cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=x.shape[0])
+    return x * mask.view(-1, *(1,) * (x.dim() - 1))
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-6):
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `drop_path`: the stochastic-depth rate of both residual branches
+    (no parameters, so the state_dict is the same with or without it)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-6,
+                 drop_path: float = 0.0):
         super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
 
     def forward(self, x, cu_seqlens=None, max_seqlen=None):
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen), self.drop_path, self.training, cu_seqlens)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, cu_seqlens)
+
+    def extra_repr(self) -> str:
+        return f"drop_path={self.drop_path}" if self.drop_path else ""
 
 
 class AttentionPoolLatent(nn.Module):
@@ -286,16 +344,24 @@ class TubeViT(nn.Module):
     def __init__(self, num_classes: int = 400, tubes: Sequence[TubeSpec] = PAPER_TUBES, in_channels: int = 3,
                  dim: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  pos_embed: bool = True, interpolated_from: Sequence[int] | None = None,
-                 space_to_depth: Sequence | None = None):
-        """interpolated_from, space_to_depth: passed to TubeEmbed (paper options; see TubeEmbed)."""
+                 space_to_depth: Sequence | None = None, pixel_mean: Sequence[float] | None = None,
+                 pixel_std: Sequence[float] | None = None, drop_path: float = 0.0):
+        """interpolated_from, space_to_depth: passed to TubeEmbed (paper options; see TubeEmbed).
+        pixel_mean, pixel_std: the normalisation of uint8 inputs (see TubeEmbed).
+        drop_path: stochastic depth, rising linearly from 0 in the first block to this rate in the
+        last (timm's schedule; a one-block model has none)."""
         super().__init__()
         check_positive_int("num_classes", num_classes)
         check_positive_int("depth", depth)
         check_positive_int("heads", heads)
         self.num_classes, self.dim = num_classes, dim
         self.tube_embed = TubeEmbed(tubes, in_channels, dim, pos_embed, interpolated_from=interpolated_from,
-                                    space_to_depth=space_to_depth)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+                                    space_to_depth=space_to_depth, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # torch.linspace(0, p, depth)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias, drop_path=r) for r in rates])
+        self.grad_checkpointing = False
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn_pool = AttentionPoolLatent(dim, heads, mlp_ratio, qkv_bias)
         self.head = nn.Linear(dim, num_classes)
@@ -311,13 +377,27 @@ class TubeViT(nn.Module):
                          max_seqlen: int | None = None) -> torch.Tensor:
         """Encoder on (B, N, dim) tokens or packed (total, dim) ones; ends with the final norm."""
         for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen)
+            x = self.run_block(block, x, cu_seqlens, max_seqlen)
         return self.norm(x)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block: in training, each block keeps only its input and
+        recomputes its activations in the backward pass (less memory, one more forward of the
+        encoder). The random state is replayed, so drop-path draws the same mask twice."""
+        self.grad_checkpointing = bool(enable)
+
+    def run_block(self, block: nn.Module, x, cu_seqlens=None, max_seqlen=None):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, x, cu_seqlens, max_seqlen, use_reentrant=False)
+        return block(x, cu_seqlens, max_seqlen)
+
     def pack(self, samples: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Tokenize a list of images (C, H, W) and videos (C, T, H, W) of any sizes into one packed
-        sequence: (total, dim) tokens, int32 cu_seqlens (len(samples) + 1) and the longest length.
-        Samples of the same shape are embedded together as one batch."""
+        """Tokenize a list of images (C, H, W) and videos (C, T, H, W) of any sizes, uint8 or float
+        (see TubeEmbed), into one packed sequence: (total, dim) tokens, int32 cu_seqlens
+        (len(samples) + 1) and the longest length. Samples of the same shape and dtype are
+        embedded together as one batch."""
         if not isinstance(samples, (list, tuple)) or not samples:
             raise ValueError("a packed batch is a non-empty list of (C, H, W) images and (C, T, H, W) videos")
         groups: dict[tuple, list[int]] = {}
@@ -325,7 +405,8 @@ class TubeViT(nn.Module):
             if not isinstance(sample, torch.Tensor) or sample.dim() not in (3, 4):
                 shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
                 raise ValueError(f"sample {i} must be a (C, H, W) image or a (C, T, H, W) video, got {shape}")
-            groups.setdefault(tuple(sample.shape), []).append(i)
+            # By dtype too: stacking uint8 pixels with float samples would promote them unnormalised.
+            groups.setdefault((tuple(sample.shape), sample.dtype), []).append(i)
         tokens: list[torch.Tensor | None] = [None] * len(samples)
         for index in groups.values():
             embedded = self.tube_embed(torch.stack([samples[i] for i in index]))

@@ -17,7 +17,10 @@ from tubevit_fast.geometry import TubeSpec
 
 def tube_embed_reference(video: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
                          tubes: Sequence[TubeSpec], pos: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, C, T, H, W) video -> (B, N, dim) tokens, tube by tube, row-major inside a tube."""
+    """(B, C, T, H, W) video -> (B, N, dim) tokens, tube by tube, row-major inside a tube. A uint8
+    video is converted whole to the weights' dtype (no normalisation: see tubevit_fast.pixels)."""
+    if video.dtype == torch.uint8:
+        video = video.to(weights[0].dtype)
     tokens = []
     for tube, weight, bias in zip(tubes, weights, biases):
         ot, oh, ow = tube.offset

@@ -24,6 +24,10 @@ Backward recomputes A_i (a cheap gather) instead of saving it:
          windows do not overlap, and adds each slice into a strided view of the gradient:
          exact, deterministic, and without full-size intermediates.
 
+uint8 pixels: the gather moves the uint8 pixels (a quarter of fp32's bytes; 4 pixels per
+int32 element where alignment allows), and only the gathered patches are converted to the
+weights' dtype, never the whole video. The video takes no gradient then.
+
 Inputs are validated by tubevit_fast.ops.tube_embed; `pos` is a (N, dim) float32 constant.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from tubevit_fast.geometry import TubeSpec, token_offsets
+from tubevit_fast.pixels import compute_dtype
 from tubevit_fast.torch_backend.gemm import linear
 
 # Wide element types by size in bytes, widest first: moving several neighbouring pixels of a
@@ -154,18 +159,18 @@ def _bias_plus_pos(bias: torch.Tensor, merge: int, pos: torch.Tensor | None, sta
 
 def tube_embed_forward(video: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
                        pos: torch.Tensor | None, tubes: Sequence[TubeSpec], route: str | None = None) -> torch.Tensor:
-    """(B, C, T, H, W) video -> (B, N, dim) tokens (+ bias + pos), dtype of the video. `route`:
-    the gather (`patches`), by default the device's."""
+    """(B, C, T, H, W) video -> (B, N, dim) tokens (+ bias + pos), dtype of the video (of the
+    weights for uint8 pixels). `route`: the gather (`patches`), by default the device's."""
     route = _check_route(route, video.device)
     B = video.shape[0]
     dim = tubes[0].token_dim(weights[0].shape[0])
-    dtype = video.dtype
+    dtype = compute_dtype(video, weights[0])
     wide = torch.promote_types(dtype, torch.float32)
     starts = token_offsets(tubes, video.shape[2:])
     out = torch.empty(B, starts[-1], dim, dtype=dtype, device=video.device)
     for i, tube in enumerate(tubes):
         start, end = starts[i], starts[i + 1]
-        a = patches(video, tube, route)
+        a = patches(video, tube, route).to(dtype)
         # One GEMM over all B * N_s sampler tokens; the bias rides in it except for fp16/bf16,
         # which add bias + pos in fp32 below (the tokens are rounded once more, as in the
         # reference: conv, then + pos). Space-to-depth: the projections of a group's tokens are
@@ -218,7 +223,7 @@ def tube_embed_backward(grad_out: torch.Tensor, video: torch.Tensor, weights: Se
     `route`: the gather of the recomputed patches (`patches`), by default the device's."""
     route = _check_route(route, video.device)
     B = video.shape[0]
-    dtype = video.dtype
+    dtype = compute_dtype(video, weights[0])
     starts = token_offsets(tubes, video.shape[2:])
     acc_dtype = torch.promote_types(dtype, torch.float32)
     grad_video = None
@@ -228,7 +233,7 @@ def tube_embed_backward(grad_out: torch.Tensor, video: torch.Tensor, weights: Se
     grad_weights, grad_biases = [], []
     for i, tube in enumerate(tubes):
         start, end = starts[i], starts[i + 1]
-        a = patches(video, tube, route)
+        a = patches(video, tube, route).to(dtype)
         a = a.reshape(-1, a.shape[-1])
         width = weights[i].shape[0]
         # dY_i as one (B * N_s, dim / f) matrix, a row per sampler token (space-to-depth: the
