@@ -147,6 +147,32 @@ def test_ranks_merge_into_one_score_per_video():
         meters[0].merge(meters[1])
 
 
+def _evaluate_on_rank(rank, world, init_file, weight, bias, clips, labels, out_file):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = evaluate(ChannelMeanModel(weight, bias), FakeViews(clips, labels), batch_size=2, device="cpu")
+        if rank == 0:
+            torch.save({"indices": result.indices, "scores": result.scores}, out_file)
+        else:
+            assert result is None
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_of_a_process_group_gather_every_video_once_on_rank_0(tmp_path):
+    rng = np.random.default_rng()
+    weight, bias = rng.normal(size=(4, 3)) / 40, rng.normal(size=4)
+    clips = [torch.from_numpy(rng.integers(0, 256, size=(2, 3, 2, 4, 4), dtype=np.uint8)) for _ in range(5)]
+    labels = rng.integers(0, 4, size=5).tolist()
+    # fork: the ranks start in a blink (spawn re-imports torch); they run no CUDA and no big CPU ops.
+    torch.multiprocessing.start_processes(_evaluate_on_rank, args=(2, tmp_path / "init", weight, bias, clips, labels,
+                                                         tmp_path / "result.pt"), nprocs=2, start_method="fork")
+    gathered = torch.load(tmp_path / "result.pt", weights_only=False)
+    alone = evaluate(ChannelMeanModel(weight, bias), FakeViews(clips, labels), batch_size=2, device="cpu")
+    assert gathered["indices"].tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(gathered["scores"], alone.scores, rtol=1e-6)
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 CLASSES = ["move_right", "move_left", "move_down", "move_up", "image_square", "image_disk", "image_triangle"]
