@@ -67,14 +67,14 @@ def make_data(args, classes: list[str] | None = None) -> Data:
     except ValueError as err:
         raise _data_error("augmentation", err) from None
     from tubevit_fast.app.media import FileMedia
-    from tubevit_fast.app.sources import check_files, load_annotations, merge_label_spaces
+    from tubevit_fast.app.sources import check_files, load_annotations, load_images, merge_label_spaces
 
     try:
         videos = load_annotations(args.data, args.format, args.root, classes=None if args.image_data else classes)
         check_files(videos, "--data")
         images = None
         if args.image_data:
-            images = load_annotations(args.image_data)
+            images = load_images(args.image_data)
             check_files(images, "--image-data")
             videos, images = merge_label_spaces(videos, images)
             if classes is not None and videos.classes != classes:
