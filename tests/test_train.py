@@ -1,6 +1,7 @@
 """tubevit_fast.train / predict: exact resume, learning, backend agreement, DDP on CPU, top-k."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -224,3 +225,14 @@ def test_bf16_precision_on_cpu(tmp_path):
     out = _run(tmp_path, "--steps", 2, "--batch-size", 4, "--train-items", 8, "--precision", "bf16")
     ckpt = torch.load(out["checkpoint"], weights_only=True)
     assert ckpt["args"]["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in out["history"])
+
+
+def test_eval_every_logs_validation_of_the_weights_and_the_ema(tmp_path):
+    out = T.main([*TINY[:-2], "--val-items", "8", "--out", str(tmp_path), "--steps", "3", "--batch-size", "4",
+                  "--train-items", "8", "--eval-every", "2", "--ema", "0.5"])
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [("val_top1" in r, "ema_val_top1" in r) for r in records[:3]] == [(False, False), (True, True),
+                                                                              (False, False)]
+    summary = records[-1]["summary"]
+    assert summary["val_top1"] == out["val_acc"] and 0 <= summary["ema_val_top5"] <= 1
+    assert summary["val_top1"] <= summary["val_top5"]
