@@ -143,3 +143,15 @@ def test_new_flag_mistakes_fail_before_any_output(tmp_path, clips, capsys, argv,
     err = _one_line_error([*TINY, *argv, "--out", tmp_path / "out"], capsys)
     assert message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_joint_training_with_image_data(tmp_path, clips):
+    images = SyntheticShapes(6, size=32, seed=4, image_every=1).export(tmp_path / "images")  # still shapes
+    assert all(p.endswith(".png") for p in images)
+    out = train.main(["--data", str(clips / "train.txt"), "--image-data", str(tmp_path / "images"), "--image-ratio",
+                      "0.5", "--frames", "8", "--size", "32", "--steps", "2", "--batch-size", "4", "--dim", "64",
+                      "--heads", "2", "--depth", "1", "--no-progress", "--threads", "1", "--out", str(tmp_path / "run")])
+    assert [(r["videos"], r["images"]) for r in out["history"]] == [(2, 2), (2, 2)]
+    classes = torch.load(out["checkpoint"], weights_only=True)["model_config"]["classes"]
+    assert sorted(classes[:4]) == ["move_down", "move_left", "move_right", "move_up"]  # the list's, then the images'
+    assert sorted(classes[4:]) == sorted({os.path.basename(os.path.dirname(p)) for p in images})

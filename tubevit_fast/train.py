@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=FORMATS, default=None, help="annotation format; default: inferred from "
                                                                   "the path")
     d.add_argument("--root", default=None, help="folder the annotation's paths are relative to (default: its own)")
+    d.add_argument("--val-root", default=None, help="the same for --val-data (default: --root)")
     d.add_argument("--image-data", default=None, help="images for joint training: a class folder root or a list")
     d.add_argument("--image-ratio", type=float, default=0.25, help="fraction of each batch taken from --image-data")
     d.add_argument("--train-items", type=int, default=1024, help="synthetic training items")
