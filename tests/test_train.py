@@ -23,7 +23,9 @@ def _run(tmp, *extra):
 
 
 def test_lr_schedule():
-    f = [T.lr_factor(s, 4, 20, 0.01) for s in range(20)]
+    from tubevit_fast.app.optim import lr_factor
+
+    f = [lr_factor(s, 4, 20, 0.01) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(f[3:], f[4:]))
     assert f[-1] > 0.01

@@ -45,10 +45,8 @@ import sys
 from tubevit_fast.app import runs
 # Re-exported for predict / viz / evaluate and older code, until they import tubevit_fast.app.
 from tubevit_fast.app.checkpoint import (  # noqa: F401
-    BACKEND_CHOICES, CHECKPOINT, MODEL_KEYS, TUBE_SETS, build_model, check_input_size, load_checkpoint, read_checkpoint,
-    state_hash)
+    BACKEND_CHOICES, TUBE_SETS, build_model, check_input_size, load_checkpoint, read_checkpoint, state_hash)
 from tubevit_fast.app.loop import train
-from tubevit_fast.app.optim import lr_factor  # noqa: F401
 from tubevit_fast.app.runs import setup_distributed  # noqa: F401
 from tubevit_fast.cli import UsageError, run
 

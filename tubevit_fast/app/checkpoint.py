@@ -1,8 +1,12 @@
 """Checkpoints of tubevit_fast.train: what they hold, how a model is rebuilt from one.
 
 A checkpoint is a dict saved with torch.save and read with torch.load(weights_only=True):
-    model         the model's state_dict (ema: the EMA weights' state_dict, when --ema was on)
-    model_config  what build_model needs (MODEL_KEYS): the shape, the classes, the input size
+    model         the model's state_dict
+    ema           the EMA weights' state_dict (only with --ema)
+    frozen        names of the parameters that do not train (--scale-from)
+    model_config  what build_model needs: num_classes, classes, tubes, dim, depth, heads, mlp_ratio,
+                  frames, size, mean, std (and qkv_bias, interpolated_from, gate_layer + source_dim
+                  for models made by --init / --scale-from)
     sampling      ClipSampling.to_dict(): how clips were sampled (evaluate and predict default to it)
     args          the train command's options (vars(args)); --resume takes its defaults from them
     step, optimizer, scheduler, rng: what resuming needs
@@ -20,16 +24,12 @@ from tubevit_fast.geometry import PAPER_TUBES, check_fits
 
 TUBE_SETS = {"small": SMALL_TUBES, "paper": PAPER_TUBES}
 BACKEND_CHOICES = ("auto", "reference", "torch", "triton")
-# Model fields of the args that a checkpoint carries so predict/viz/evaluate can rebuild the model.
-MODEL_KEYS = ("num_classes", "classes", "tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size",
-              "mean", "std")
 CHECKPOINT = "last.pt"
 REQUIRED = ("model", "model_config", "step", "args")
 
 
 def build_model(cfg: dict, backend: str = "auto", **kwargs) -> torch.nn.Module:
-    """TubeViT from a checkpoint's model config (MODEL_KEYS, and what --init adds: qkv_bias,
-    interpolated_from, or gate_layer + source_dim for the scaled model). backend "reference" gives
+    """TubeViT from a checkpoint's model config (see the module docstring). backend "reference" gives
     the eager reference model; the others the fast one (same state_dict either way). kwargs go to
     the model (e.g. drop_path)."""
     tubes = TUBE_SETS[cfg["tubes"]]
