@@ -243,3 +243,14 @@ def test_an_undecodable_video_is_probed_once(folder, monkeypatch):
             media.num_frames(broken)
     assert media.num_frames(0) == media.num_frames(0) == 20
     assert len(calls) == 2
+
+
+def test_datasets_pickle_for_spawned_workers(folder):
+    import pickle
+
+    media = media_without_broken(folder)
+    train = TrainClips(media, ClipSampling(4, stride=2), train_transform(16, randaug=(2, 9), reprob=0.5), seed=3)
+    views = EvalViews(media, ClipSampling(4, stride=2), size=16, clips=2, crops=3)
+    for data, key in [(train, (1, 2)), (views, 1)]:
+        copy = pickle.loads(pickle.dumps(data))
+        assert torch.equal(copy[key][0], data[key][0])

@@ -88,7 +88,7 @@ class TrainClips(torch.utils.data.Dataset):
             return None
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch_seed(rng.integers(2 ** 62)))
+                torch.manual_seed(int(rng.integers(2 ** 63)))  # the item's draw, whatever the worker
                 x = self.transform(x)
         x = x.as_subclass(torch.Tensor)
         return (x if image else x.transpose(0, 1)).contiguous(), media.label(i)

@@ -13,6 +13,7 @@ it per item (datasets.TrainClips), so an item's augmentation is a function of (s
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -58,22 +59,23 @@ def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequ
 def eval_views(size: int, crops: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """uint8 (T, C, H, W) clip or (C, H, W) image -> `crops` uint8 views of size x size: the short side
     resized to `size` (bilinear, antialiased), then the centre crop, or 3 crops along the long side at
-    offsets 0, (L - size) // 2 and L - size (left/centre/right, or top/centre/bottom for portrait)."""
+    offsets 0, (L - size) // 2 and L - size (left/centre/right, or top/centre/bottom for portrait).
+    A partial function, so datasets holding it pickle (DataLoader workers under spawn)."""
     if crops not in CROPS:
         raise ValueError(f"crops must be one of {CROPS}, got {crops}")
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
+    return functools.partial(_views, size=size, crops=crops)
 
-    def views(x: torch.Tensor) -> list[torch.Tensor]:
-        x = TF.resize(x, size, antialias=True)  # an int: the shorter side becomes `size`
-        h, w = x.shape[-2:]
-        long_side = max(h, w)
-        offsets = [(long_side - size) // 2] if crops == 1 else [0, (long_side - size) // 2, long_side - size]
-        if w >= h:
-            return [x[..., :size, o:o + size] for o in offsets]
-        return [x[..., o:o + size, :size] for o in offsets]
 
-    return views
+def _views(x: torch.Tensor, size: int, crops: int) -> list[torch.Tensor]:
+    x = TF.resize(x, size, antialias=True)  # an int: the shorter side becomes `size`
+    h, w = x.shape[-2:]
+    long_side = max(h, w)
+    offsets = [(long_side - size) // 2] if crops == 1 else [0, (long_side - size) // 2, long_side - size]
+    if w >= h:
+        return [x[..., :size, o:o + size] for o in offsets]
+    return [x[..., o:o + size, :size] for o in offsets]
 
 
 class MixupCutmix:
