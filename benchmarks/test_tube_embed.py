@@ -36,7 +36,12 @@ Ratios (extra_info of the torch and triton cases, and the summary table), all fr
                         read, untimed): the floor's warm rounds keep patches and weights in cache,
                         which a call inside a model does not find
 
+uint8 pixels (test_tube_embed_pixels, issue 21): TubeEmbed's forward from a uint8 clip (the
+normalisation folded into the projection) against today's float input plus its normalisation
+pass, interleaved; CPU fp32 B=2, and on CUDA bf16 B=32 and fp32 B=2 (see the section below).
+
     pytest benchmarks/test_tube_embed.py --benchmark-only
+    pytest benchmarks/test_tube_embed.py --benchmark-only -k pixels    # the uint8 rows alone
 """
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ def _problem(draw, image: bool):
 
 
 @pytest.mark.parametrize("backend, dtype", BACKENDS, ids=BACKEND_IDS)
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_means_stds_and_geometries(backend, dtype, data):
@@ -335,6 +335,8 @@ def test_gpu_uint8_triton_equals_reference(dtype):
     layer = TubeEmbed(PAPER_TUBES, 3, 64, backend="triton")
     layer.load_state_dict(base.state_dict())
     fast = _forward_backward(layer.to("cuda", dtype), x.cuda(), grad.cuda())
-    for f, g, s in zip(fast, golden, same):
+    patch = max(t.patch_size(3) for t in PAPER_TUBES)
+    for i, (f, g, s) in enumerate(zip(fast, golden, same)):
         atol = dtype_atol(dtype, max(1.0, g.abs().max().item()))
-        assert_close_to_golden(f.cpu(), g, s, atol=atol, reduction=2 * n, dtype=dtype)
+        assert_close_to_golden(f.cpu(), g, s, atol=atol, reduction=patch if i == 0 else 2 * n, dtype=dtype,
+                               name="output" if i == 0 else f"grad {i - 1}")
