@@ -12,7 +12,7 @@
   ``ln`` -> ``norm``. A timm LayerScale (``ls1``/``ls2``, e.g. DeiT-3 or DINOv2) is folded into
   ``attn.proj`` / ``mlp.fc2`` (gamma scales their rows and bias): the same function (up to float
   rounding) with TubeViT's parameter set unchanged. Dropout / drop-path settings are not carried
-  over (TubeViT has none). LayerNorm eps and the GELU variant are copied. A timm ViT whose
+  over (set TubeViT's drop_path= yourself). LayerNorm eps and the GELU variant are copied. A timm ViT whose
   ``norm`` is an Identity but that has an ``fc_norm`` (global-average-pool models) gives its
   ``fc_norm`` to TubeViT's final norm, the closest equivalent.
 - the 2D patch projection (timm's ``patch_embed.proj``, torchvision's ``conv_proj``, a Conv2d)
@@ -270,12 +270,81 @@ def _read_torchvision_encoder(state: Mapping[str, torch.Tensor], prefix: str, de
     return _Encoder(heads, blocks, _Norm(get("ln.weight"), get("ln.bias"), final_eps))
 
 
-def _read_image_vit(vit) -> _ImageViT:
+# Both libraries' ViTs use LayerNorm eps 1e-6; a state_dict does not record it.
+_VIT_EPS = 1e-6
+_TIMM_BLOCK_KEYS = {"norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                    "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                    "mlp.fc2.weight", "mlp.fc2.bias", "ls2.gamma"}
+
+
+def _default_heads(dim: int, heads: int | None) -> int:
+    if heads is not None:
+        return heads
+    if dim % 64:
+        raise ValueError(f"width {dim} is not a multiple of 64: pass heads= (a state_dict does not record it)")
+    return dim // 64  # the head width of ViT-Ti/S/B/L
+
+
+def _read_timm_state_dict(state: Mapping[str, torch.Tensor], heads: int | None) -> _ImageViT:
+    depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    for key in state:
+        m = re.match(r"blocks\.(\d+)\.(.*)", key)
+        if m and m.group(2) not in _TIMM_BLOCK_KEYS:
+            raise ValueError(f"the state_dict has {key!r}: not part of a plain timm ViT block (qk-norm, "
+                             f"scale-norm or GLU MLPs do not map onto TubeViT)")
+    for key in ("norm_pre.weight", "patch_embed.norm.weight"):
+        if key in state:
+            raise ValueError(f"the state_dict has {key!r}: TubeViT has no norm there")
+
+    def linear(prefix: str, scale: str | None = None) -> _Linear:
+        weight, bias = state[prefix + ".weight"], state.get(prefix + ".bias")
+        gamma = state.get(scale) if scale else None
+        if gamma is not None:  # LayerScale folded in, as _linear does for a module
+            weight, bias = weight * gamma[:, None], (torch.zeros_like(gamma) if bias is None else bias) * gamma
+        return _Linear(weight, bias)
+
+    def norm(prefix: str) -> _Norm:
+        return _Norm(state[prefix + ".weight"], state.get(prefix + ".bias"), _VIT_EPS)
+
+    try:
+        blocks = [_Block(norm(f"blocks.{i}.norm1"), linear(f"blocks.{i}.attn.qkv"),
+                         linear(f"blocks.{i}.attn.proj", f"blocks.{i}.ls1.gamma"), norm(f"blocks.{i}.norm2"),
+                         linear(f"blocks.{i}.mlp.fc1"), linear(f"blocks.{i}.mlp.fc2", f"blocks.{i}.ls2.gamma"), "none")
+                  for i in range(depth)]
+    except KeyError as err:
+        raise ValueError(f"the state_dict has no {err.args[0]!r} (timm's ViT layout expected)") from None
+    final = "norm" if "norm.weight" in state else "fc_norm" if "fc_norm.weight" in state else None
+    patch = state["patch_embed.proj.weight"]
+    encoder = _Encoder(_default_heads(patch.shape[0], heads), blocks, norm(final) if final else None)
+    return _ImageViT(patch, state.get("patch_embed.proj.bias"), encoder)
+
+
+def _read_state_dict_vit(state: Mapping[str, torch.Tensor], heads: int | None) -> _ImageViT:
+    """An image ViT's state_dict, timm's layout (patch_embed.proj, blocks.i) or torchvision's
+    (conv_proj, encoder.layers.encoder_layer_i); the shape is read from the tensors, the heads
+    are `heads` (default width / 64)."""
+    state = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if "patch_embed.proj.weight" in state:
+        return _read_timm_state_dict(state, heads)
+    if "conv_proj.weight" in state:
+        depth = len({m.group(1) for k in state if (m := re.match(r"encoder\.layers\.encoder_layer_(\d+)\.", k))})
+        patch = state["conv_proj.weight"]
+        encoder = _read_torchvision_encoder(state, "encoder.", depth, _default_heads(patch.shape[0], heads),
+                                            [(_VIT_EPS, _VIT_EPS)] * depth, _VIT_EPS)
+        return _ImageViT(patch, state.get("conv_proj.bias"), encoder)
+    raise ValueError(f"not an image ViT state_dict: neither timm's patch_embed.proj.weight nor torchvision's "
+                     f"conv_proj.weight (found {len(state)} keys, e.g. {sorted(state)[:3]})")
+
+
+def _read_image_vit(vit, heads: int | None = None) -> _ImageViT:
+    if isinstance(vit, Mapping):
+        return _read_state_dict_vit(vit, heads)
     if _class_of(vit, "timm.models.vision_transformer", "VisionTransformer"):
         return _read_timm_vit(vit)
     if _class_of(vit, "torchvision.models.vision_transformer", "VisionTransformer"):
         return _read_torchvision_vit(vit)
-    raise TypeError(f"from_image_vit takes a timm or torchvision VisionTransformer, got {type(vit).__name__}")
+    raise TypeError(f"from_image_vit takes a timm or torchvision VisionTransformer or its state_dict, "
+                    f"got {type(vit).__name__}")
 
 
 def _encoder_config(encoder: _Encoder, dim: int) -> dict:
@@ -333,13 +402,18 @@ def _check_tube_list(tubes, num_classes, caller: str) -> tuple[TubeSpec, ...]:
     return as_tubes(tubes)
 
 
-def from_image_vit(vit: nn.Module, tubes: Sequence[TubeSpec] = PAPER_TUBES, num_classes: int = 400,
-                   backend: str = "auto", interpolated_from: Sequence[int] | None = None) -> TubeViT:
+def from_image_vit(vit: nn.Module | Mapping[str, torch.Tensor], tubes: Sequence[TubeSpec] = PAPER_TUBES,
+                   num_classes: int = 400, backend: str = "auto", interpolated_from: Sequence[int] | None = None,
+                   heads: int | None = None, **model_kwargs) -> TubeViT:
     """A TubeViT initialised from an image ViT (see the module docstring for the mapping).
 
     vit: a timm ``VisionTransformer`` or a torchvision ``VisionTransformer`` (``vit_b_16`` ...)
         with a Conv2d patch embedding (any patch size, e.g. 16 or 14), pre-norm blocks, GELU MLPs
-        and no ``norm_pre``.
+        and no ``norm_pre``; or the state_dict of one (e.g. ``torch.load(path, weights_only=True)``),
+        its shape read from the tensors: depth, width, MLP width, patch size, LayerScale.
+    heads: a state_dict's attention heads (it does not record them); default width / 64, as
+        ViT-Ti/S/B/L have (ViT-H/14 has 16 heads of 80: pass heads=16). Ignored for a model.
+    model_kwargs: passed to TubeViT (e.g. drop_path=0.1).
     tubes: the tube list. Without `interpolated_from` it needs at least one 2D tube (kt == 1), and
         every 2D tube's (kh, kw) must equal the ViT's patch size (pass a (1, 14, 14) tube for a
         patch-14 ViT).
@@ -348,8 +422,8 @@ def from_image_vit(vit: nn.Module, tubes: Sequence[TubeSpec] = PAPER_TUBES, num_
     Returns a `tubevit_fast.model.TubeViT` on the ViT's device and dtype, in training mode.
     """
     tubes = _check_tube_list(tubes, num_classes, "from_image_vit")
-    return _from_image_vit(_read_image_vit(vit), tubes, num_classes, backend, TubeViT,
-                           interpolated_from=interpolated_from)
+    return _from_image_vit(_read_image_vit(vit, heads), tubes, num_classes, backend, TubeViT,
+                           interpolated_from=interpolated_from, **model_kwargs)
 
 
 def _from_image_vit(source: _ImageViT, tubes, num_classes, backend, model_cls, interpolated_from=None,
@@ -601,7 +675,7 @@ class GatedTubeViT(TubeViT):
         for i, block in enumerate(self.blocks):
             if i == self.gate_layer:
                 x = self.gate(x, z0)
-            x = block(x, cu_seqlens, max_seqlen)
+            x = self.run_block(block, x, cu_seqlens, max_seqlen)
         if self.gate_layer == len(self.blocks):
             x = self.gate(x, z0)
         return self.norm(x)
@@ -654,21 +728,23 @@ def _fit_projection(source_w, source_b, target_w, target_b) -> torch.Tensor:
     return torch.linalg.lstsq(a.T, b.T, driver="gelsd").solution.T
 
 
-def scale_image_to_video(large_vit: nn.Module, small: nn.Module, gate_layer: int, num_classes: int = 400,
-                         backend: str = "auto") -> tuple[GatedTubeViT, list[dict]]:
+def scale_image_to_video(large_vit: nn.Module | Mapping[str, torch.Tensor], small: nn.Module, gate_layer: int,
+                         num_classes: int = 400, backend: str = "auto",
+                         heads: int | None = None) -> tuple[GatedTubeViT, list[dict]]:
     """The paper's image-to-video scaling: a large image ViT (converted by `from_image_vit`
     with the small model's tube list) + a small trained TubeViT's 3D tube kernels (through a
     learned width projection), blocks before `gate_layer` frozen, gated skip from z0 at
-    `gate_layer`. See the comment block above for every choice made.
+    `gate_layer`. See the comment block above for every choice made. `large_vit` may be a
+    state_dict (then `heads`: see from_image_vit).
 
     Returns (model, param_groups): the GatedTubeViT (frozen parameters have requires_grad False)
     and torch.optim parameter groups {"name": ..., "params": [...]} ("tubes", "gate", "blocks",
     "head") holding exactly the trainable parameters.
     """
     try:
-        source = _read_image_vit(large_vit)
+        source = _read_image_vit(large_vit, heads)
     except TypeError:
-        raise TypeError(f"large_vit must be a timm or torchvision VisionTransformer, "
+        raise TypeError(f"large_vit must be a timm or torchvision VisionTransformer or its state_dict, "
                         f"got {type(large_vit).__name__}") from None
     if not isinstance(small, reference.TubeViT):
         raise TypeError(f"small must be a TubeViT (tubevit_fast), got {type(small).__name__}")

@@ -259,19 +259,44 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
+def drop_path(x: torch.Tensor, p: float, training: bool, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Stochastic depth on a residual branch (timm's semantics): in training, each sample's branch
+    is zeroed with probability p and otherwise scaled by 1 / (1 - p); an identity in eval or at
+    p = 0. Samples are the rows of a (B, N, dim) batch, or the cu_seqlens segments of packed
+    (total, dim) tokens (all of a sample's tokens share its draw)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    batch = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    mask = x.new_empty(batch).bernoulli_(keep)
+    if keep > 0:
+        mask.div_(keep)
+    if cu_seqlens is not None:
+        mask = mask.repeat_interleave((cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=x.shape[0])
+    return x * mask.view(-1, *(1,) * (x.dim() - 1))
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-6):
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `drop_path`: the stochastic-depth rate of both residual branches
+    (no parameters, so the state_dict is the same with or without it)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-6,
+                 drop_path: float = 0.0):
         super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
 
     def forward(self, x, cu_seqlens=None, max_seqlen=None):
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen), self.drop_path, self.training, cu_seqlens)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, cu_seqlens)
+
+    def extra_repr(self) -> str:
+        return f"drop_path={self.drop_path}" if self.drop_path else ""
 
 
 class AttentionPoolLatent(nn.Module):
@@ -330,9 +355,11 @@ class TubeViT(nn.Module):
                  dim: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  pos_embed: bool = True, interpolated_from: Sequence[int] | None = None,
                  space_to_depth: Sequence | None = None, pixel_mean: Sequence[float] | None = None,
-                 pixel_std: Sequence[float] | None = None):
+                 pixel_std: Sequence[float] | None = None, drop_path: float = 0.0):
         """interpolated_from, space_to_depth: passed to TubeEmbed (paper options; see TubeEmbed).
-        pixel_mean, pixel_std: the normalisation of uint8 inputs (see TubeEmbed)."""
+        pixel_mean, pixel_std: the normalisation of uint8 inputs (see TubeEmbed).
+        drop_path: stochastic depth, rising linearly from 0 in the first block to this rate in the
+        last (timm's schedule; a one-block model has none)."""
         super().__init__()
         check_positive_int("num_classes", num_classes)
         check_positive_int("depth", depth)
@@ -340,7 +367,11 @@ class TubeViT(nn.Module):
         self.num_classes, self.dim = num_classes, dim
         self.tube_embed = TubeEmbed(tubes, in_channels, dim, pos_embed, interpolated_from=interpolated_from,
                                     space_to_depth=space_to_depth, pixel_mean=pixel_mean, pixel_std=pixel_std)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # torch.linspace(0, p, depth)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias, drop_path=r) for r in rates])
+        self.grad_checkpointing = False
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn_pool = AttentionPoolLatent(dim, heads, mlp_ratio, qkv_bias)
         self.head = nn.Linear(dim, num_classes)
@@ -356,8 +387,21 @@ class TubeViT(nn.Module):
                          max_seqlen: int | None = None) -> torch.Tensor:
         """Encoder on (B, N, dim) tokens or packed (total, dim) ones; ends with the final norm."""
         for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen)
+            x = self.run_block(block, x, cu_seqlens, max_seqlen)
         return self.norm(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block: in training, each block keeps only its input and
+        recomputes its activations in the backward pass (less memory, one more forward of the
+        encoder). The random state is replayed, so drop-path draws the same mask twice."""
+        self.grad_checkpointing = bool(enable)
+
+    def run_block(self, block: nn.Module, x, cu_seqlens=None, max_seqlen=None):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, x, cu_seqlens, max_seqlen, use_reentrant=False)
+        return block(x, cu_seqlens, max_seqlen)
 
     def pack(self, samples: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Tokenize a list of images (C, H, W) and videos (C, T, H, W) of any sizes, uint8 or float
