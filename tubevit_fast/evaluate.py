@@ -27,7 +27,7 @@ CROP_CHOICES = (1, 3)
 
 def build_parser() -> argparse.ArgumentParser:
     from tubevit_fast.app.sources import FORMATS
-    from tubevit_fast.train import BACKEND_CHOICES
+    from tubevit_fast.app.checkpoint import BACKEND_CHOICES
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,7 +82,8 @@ def main(argv=None) -> dict | None:
     from tubevit_fast.app.datasets import EvalViews
     from tubevit_fast.app.media import FileMedia
     from tubevit_fast.app.evaluate import checkpoint_sampling, evaluate, write_report
-    from tubevit_fast.train import build_model, read_checkpoint, setup_distributed
+    from tubevit_fast.app.checkpoint import build_model, read_checkpoint
+    from tubevit_fast.train import setup_distributed
 
     args = build_parser().parse_args(argv)
     check_positive(clips=args.clips, batch_size=args.batch_size)

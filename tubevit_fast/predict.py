@@ -71,7 +71,7 @@ def predict_stream(model, ckpt: dict, paths, top_k: int = 5, frames: int | None 
 def predict(paths, checkpoint, top_k: int = 5, backend: str = "auto", frames: int | None = None,
             size: int | None = None, stride: int | None = None, **options) -> list:
     """[(path, [(class name, probability), ...]), ...] best first; `options` as predict_stream's."""
-    from tubevit_fast.train import load_checkpoint
+    from tubevit_fast.app.checkpoint import load_checkpoint
 
     model, ckpt = load_checkpoint(checkpoint, backend)
     return list(predict_stream(model, ckpt, paths, top_k, frames, size, stride, **options))
@@ -79,7 +79,7 @@ def predict(paths, checkpoint, top_k: int = 5, backend: str = "auto", frames: in
 
 def main(argv=None):
     from tubevit_fast.app.evaluate import MultiViewMeter
-    from tubevit_fast.train import BACKEND_CHOICES, load_checkpoint
+    from tubevit_fast.app.checkpoint import BACKEND_CHOICES, load_checkpoint
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.predict", description="Top-k classes of videos/images.")
     p.add_argument("inputs", nargs="+", help="video files (.mp4, ...) or images (.png, .jpg)")

@@ -24,8 +24,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
-
 PRECISIONS = ("fp32", "bf16")
 TOP_K = 5
 
@@ -158,17 +156,6 @@ class MultiViewMeter:
         return EvalResult(indices, labels, scores, self.skipped)
 
 
-def model_input(model: torch.nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """uint8 views as the model takes them: as they are when its tube embedding normalises uint8
-    itself (pixel_mean), else float normalised with the ImageNet statistics the tools train with."""
-    if hasattr(model.tube_embed, "pixel_mean"):
-        return views
-    shape = (1, -1) + (1,) * (views.dim() - 2)
-    mean = torch.tensor(DEFAULT_MEAN, device=views.device).view(shape)
-    std = torch.tensor(DEFAULT_STD, device=views.device).view(shape)
-    return (views.float() / 255 - mean) / std
-
-
 def _world(distributed: bool | None) -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -186,7 +173,7 @@ def score_batches(model: torch.nn.Module, loader, device: torch.device, precisio
     for views, labels, indices in loader:
         if not views:  # every file of the batch skipped as bad
             continue
-        flat = [view for video in views for view in model_input(model, video.to(device, non_blocking=True))]
+        flat = [view for video in views for view in video.to(device, non_blocking=True)]  # uint8: the model normalises
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(flat)
         scores = meter.add(logits.float(), [len(v) for v in views], labels.tolist(), indices.tolist())
