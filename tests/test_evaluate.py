@@ -244,6 +244,13 @@ def test_cli_bad_files_stop_or_are_skipped_and_counted(setup, tmp_path, capsys):
     warnings = [line for line in err if line.startswith("warning")]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipped {junk}: cannot be decoded as a video")
     assert json.load(open(tmp_path / "ev" / "summary.json"))["skipped"] == 1
+    # Nothing left to score: an error, not a report of nan accuracies.
+    (tmp_path / "junk" / "move_up").mkdir(parents=True)
+    shutil.copy(junk, tmp_path / "junk" / "move_up")
+    status, out, err = run_cli(["--data", tmp_path / "junk", "--checkpoint", checkpoint, "--bad-files", "skip",
+                                "--out", tmp_path / "ev2"], capsys)
+    assert status == cli.EXIT_ERROR and err[-1].endswith("every one of its 1 files failed to decode")
+    assert not (tmp_path / "ev2").exists()
 
 
 def test_cli_under_a_process_group_scores_each_video_once_on_rank_0(setup, tmp_path, capsys):

@@ -79,10 +79,10 @@ def load_dataset(args, classes: list[str]):
 
 
 def main(argv=None) -> dict | None:
-    from tubevit_fast.app.datasets import EvalViews
-    from tubevit_fast.app.media import FileMedia
-    from tubevit_fast.app.evaluate import checkpoint_sampling, evaluate, write_report
     from tubevit_fast.app.checkpoint import build_model, read_checkpoint
+    from tubevit_fast.app.datasets import EvalViews
+    from tubevit_fast.app.evaluate import checkpoint_sampling, evaluate, write_report
+    from tubevit_fast.app.media import FileMedia
     from tubevit_fast.train import setup_distributed
 
     args = build_parser().parse_args(argv)
@@ -116,6 +116,8 @@ def main(argv=None) -> dict | None:
             torch.distributed.destroy_process_group()
     if result is None:  # not rank 0
         return None
+    if not result.num_videos:
+        raise UsageError(f"--data {args.data}: every one of its {result.skipped} files failed to decode")
     summary = result.summary()
     skipped = f", {result.skipped} skipped" if result.skipped else ""
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  mean class accuracy "
