@@ -82,7 +82,7 @@ def test_train_item_is_bitwise_a_function_of_seed_epoch_index(folder):
     assert torch.equal(torch.get_rng_state(), state), "an item consumed the global torch generator"
     torch.manual_seed(999)
     second = [b[(i, e)] for i in range(len(b)) for e in range(3)]
-    for (x, y), (x2, y2) in zip(first, second):
+    for (x, y), (x2, y2) in zip(first, second, strict=True):
         assert x.dtype == torch.uint8 and torch.equal(x, x2) and y == y2
     videos = [x for x, _ in first if x.dim() == 4]
     assert videos[0].shape == (3, 4, 16, 16) and first[-1][0].shape == (3, 16, 16)   # the PNG
@@ -98,7 +98,8 @@ def test_train_items_are_the_same_in_loader_workers(folder):
                                              num_workers=workers)
         return [x for samples, _, _ in loader for x in samples]
 
-    assert all(torch.equal(x, y) for x, y in zip(run(0), run(2)))
+    in_process, in_workers = run(0), run(2)
+    assert len(in_process) == 6 and all(torch.equal(x, y) for x, y in zip(in_process, in_workers, strict=True))
 
 
 def test_train_clip_is_a_window_of_the_rendered_video():
@@ -137,7 +138,10 @@ def test_joint_images_follow_the_videos():
 def test_damaged_file_skipped_with_one_warning_and_counted(folder, capfd):
     ann = load_annotations(folder)
     broken = str(folder / "run" / "broken.mp4")
-    data = TrainClips(FileMedia(ann), ClipSampling(4), seed=0)
+    with pytest.warns(UserWarning, match="broken.mp4"):                 # the clip index leaves it out
+        media = FileMedia.indexed(ann, progress=False, workers=0)
+    assert broken not in media.infos and len(media.infos) == 3
+    data = TrainClips(media, ClipSampling(4), seed=0)
     sampler = StepBatchSampler(len(data), len(data), seed=0, start=0, stop=2)   # every item in every batch
     batches = list(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_train))
     assert [(len(samples), len(labels), skipped) for samples, labels, skipped in batches] == [(4, 4, 1)] * 2
@@ -168,7 +172,7 @@ def test_eval_views_against_hand_computed_clips_and_crops():
     image_views, _, _ = EvalViews(media, ClipSampling(3, stride=4), size=16, clips=2, crops=3)[2]
     image = media.videos[2][0].permute(2, 0, 1)                    # (C, 45, 16): top, centre, bottom
     assert image_views.shape == (3, 3, 16, 16)
-    for view, top in zip(image_views, (0, 14, 29)):
+    for view, top in zip(image_views, (0, 14, 29), strict=True):
         assert torch.equal(view, image[:, top:top + 16])
     batch = collate_eval([(views, label, index), (image_views, 0, 2)])
     assert batch[1].tolist() == [1, 0] and batch[2].tolist() == [1, 2] and batch[0][1] is image_views
@@ -214,3 +218,39 @@ def test_step_sampler_bad_values():
         StepBatchSampler(3, 4)
     with pytest.raises(ValueError, match="image_ratio"):
         StepBatchSampler(8, 4, image_ratio=0.5)
+
+
+def test_data_cli_writes_a_list_file_dataset(tmp_path, capsys):
+    from tubevit_fast.data import main
+
+    paths = main(["--out", str(tmp_path / "demo"), "--items", "4", "--image-every", "4", "--list", "all.txt"])
+    ann = load_annotations(tmp_path / "demo" / "all.txt")
+    assert [p for p, _ in ann.samples] == [os.path.abspath(p) for p in paths]
+    assert [ann.classes[y] for _, y in ann.samples] == [os.path.basename(os.path.dirname(p)) for p in paths]
+    assert paths[3].endswith("00003.png") and capsys.readouterr().out.splitlines()[-1].endswith("all.txt")
+
+
+def test_an_undecodable_video_is_probed_once(folder, monkeypatch):
+    from tubevit_fast.app import decode
+
+    calls = []
+    probe = decode.probe
+    monkeypatch.setattr(decode, "probe", lambda path: calls.append(path) or probe(path))
+    media = FileMedia(load_annotations(folder))
+    broken = [p for p, _ in media.samples].index(str(folder / "run" / "broken.mp4"))
+    for _ in range(3):
+        with pytest.raises(MediaError, match="broken.mp4"):
+            media.num_frames(broken)
+    assert media.num_frames(0) == media.num_frames(0) == 20
+    assert len(calls) == 2
+
+
+def test_datasets_pickle_for_spawned_workers(folder):
+    import pickle
+
+    media = media_without_broken(folder)
+    train = TrainClips(media, ClipSampling(4, stride=2), train_transform(16, randaug=(2, 9), reprob=0.5), seed=3)
+    views = EvalViews(media, ClipSampling(4, stride=2), size=16, clips=2, crops=3)
+    for data, key in [(train, (1, 2)), (views, 1)]:
+        copy = pickle.loads(pickle.dumps(data))
+        assert torch.equal(copy[key][0], data[key][0])

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tubevit_fast.app.sources import check_files, infer_format, load_annotations, merge_label_spaces
+from tubevit_fast.app.sources import check_files, infer_format, load_annotations, load_images, merge_label_spaces
 
 
 def touch(*paths):
@@ -22,7 +22,8 @@ def write(path, text):
 # ---- folder ------------------------------------------------------------------------------------
 
 def test_folder_classes_sorted_and_labels(tmp_path):
-    touch(tmp_path / "zebra/b.mp4", tmp_path / "zebra/a.avi", tmp_path / "ant/c.png", tmp_path / "ant/notes.txt")
+    touch(tmp_path / "zebra/b.mp4", tmp_path / "zebra/a.avi", tmp_path / "ant/c.png", tmp_path / "ant/notes.txt",
+          tmp_path / "ant/._c.png", tmp_path / ".ipynb_checkpoints/x.mp4")
     ann = load_annotations(tmp_path)
     assert ann.classes == ["ant", "zebra"]
     assert ann.samples == [(str(tmp_path / "ant/c.png"), 0), (str(tmp_path / "zebra/a.avi"), 1),
@@ -171,6 +172,14 @@ def test_check_files_lists_the_first_missing_and_counts_them(tmp_path):
     check_files(ann)
 
 
+@pytest.mark.parametrize("name", ["l.txt", "k.csv", "s.json"])
+def test_binary_annotation_file(tmp_path, name):
+    (tmp_path / name).write_bytes(bytes(range(128, 256)) * 4)
+    write(tmp_path / "labels.json", "{}")
+    with pytest.raises(ValueError, match=rf"{name}: not (a text file|valid JSON)"):
+        load_annotations(tmp_path / name)
+
+
 def test_bad_format_and_paths(tmp_path):
     with pytest.raises(ValueError, match="unknown data format 'csv'"):
         load_annotations(tmp_path, format="csv")
@@ -186,3 +195,19 @@ def test_merge_label_spaces_shares_common_names(tmp_path):
     v, i = merge_label_spaces(videos, images)
     assert v.classes == i.classes == ["dog", "run", "cat"]
     assert [label for _, label in i.samples] == [0, 2] and v.samples == videos.samples
+
+
+def test_load_images_from_a_folder_or_a_list(tmp_path):
+    touch(tmp_path / "imgs/dog/a.jpg", tmp_path / "imgs/dog/clip.mp4", tmp_path / "imgs/cat/b.PNG")
+    ann = load_images(tmp_path / "imgs")
+    assert ann.classes == ["cat", "dog"]
+    assert ann.samples == [(str(tmp_path / "imgs/cat/b.PNG"), 0), (str(tmp_path / "imgs/dog/a.jpg"), 1)]
+    listed = load_images(write(tmp_path / "imgs.txt", "imgs/dog/a.jpg dog\n"))
+    assert listed.samples == [(str(tmp_path / "imgs/dog/a.jpg"), 0)]
+    with pytest.raises(ValueError, match=r"imgs2.txt: .*clip.mp4 is not an image"):
+        load_images(write(tmp_path / "imgs2.txt", "imgs/dog/a.jpg dog\nimgs/dog/clip.mp4 dog\n"))
+    with pytest.raises(ValueError, match="not the kinetics format"):
+        load_images(tmp_path / "imgs", format="kinetics")
+    touch(tmp_path / "imgs/fish/c.mp4")
+    with pytest.raises(ValueError, match=r"fish: empty class folder \(no .png .jpg .jpeg files\)"):
+        load_images(tmp_path / "imgs")

@@ -58,7 +58,8 @@ def test_train_transform_flip_switch():
 
 def test_train_transform_bad_values():
     for kwargs, message in [(dict(scale=(0.5, 0.1)), "scale"), (dict(ratio=(0, 1)), "ratio"),
-                            (dict(reprob=2), "reprob"), (dict(randaug=(0, 9)), "randaug")]:
+                            (dict(reprob=2), "reprob"), (dict(randaug=(0, 9)), "randaug"),
+                            (dict(randaug=(2, 9, 1)), r"randaug is \(N ops, magnitude M\)")]:
         with pytest.raises(ValueError, match=message):
             train_transform(16, **kwargs)
 
@@ -73,7 +74,7 @@ def test_eval_views_three_crops_at_hand_computed_boxes(h, w, boxes):
     clip = rand_uint8(4, 3, h, w, seed=h)
     views = eval_views(16, 3)(clip)
     assert len(views) == 3
-    for view, (top, left) in zip(views, boxes):
+    for view, (top, left) in zip(views, boxes, strict=True):
         assert torch.equal(view, clip[..., top:top + 16, left:left + 16])
     (centre,) = eval_views(16, 1)(clip)
     assert torch.equal(centre, views[1])
@@ -83,11 +84,11 @@ def test_eval_views_resize_short_side_first():
     clip = rand_uint8(2, 3, 32, 70, seed=5)                 # short side 32 -> 16, long side 70 -> 35
     views = eval_views(16, 3)(clip)
     golden = F.interpolate(clip.double(), size=(16, 35), mode="bilinear", antialias=True, align_corners=False)
-    for view, left in zip(views, (0, 9, 19)):
+    for view, left in zip(views, (0, 9, 19), strict=True):
         assert view.shape == (2, 3, 16, 16) and view.dtype == torch.uint8
         assert (view.double() - golden[..., left:left + 16]).abs().max() <= 1
     image_views = eval_views(16, 3)(clip[0])                  # an image (C, H, W) gets the same crops
-    assert all(torch.equal(a, b[0]) for a, b in zip(image_views, views))
+    assert all(torch.equal(a, b[0]) for a, b in zip(image_views, views, strict=True))
 
 
 def test_eval_views_bad_crops():
@@ -121,7 +122,7 @@ def test_mixup_targets_sum_to_one_and_match_the_pixel_weights(key):
     out, targets = mix(samples, labels, key=key)
     assert targets.shape == (6, 8) and torch.allclose(targets.sum(1), torch.ones(6), atol=1e-6)
     assert targets.min() >= 0.1 / 8 - 1e-7
-    for i, (x, target) in enumerate(zip(out, targets)):
+    for i, (x, target) in enumerate(zip(out, targets, strict=True)):
         assert x.dtype == torch.float32 and x.shape == samples[i].shape
         j, lam = partner_and_weight(target, labels[i], labels, 0.1, 8)
         if j is None:                                        # lam == 1: nothing mixed in
@@ -138,7 +139,7 @@ def test_cutmix_targets_match_the_pasted_area(key):
     mix = MixupCutmix(8, cutmix=1.0, smoothing=0.2, mean=MEAN, std=STD)
     out, targets = mix(samples, labels, key=key)
     assert torch.allclose(targets.sum(1), torch.ones(6), atol=1e-6)
-    for i, (x, target) in enumerate(zip(out, targets)):
+    for i, (x, target) in enumerate(zip(out, targets, strict=True)):
         own = (x.double() - normalised(samples[i])).abs() < 1e-4
         own_positions = own.reshape(-1, 8, 8).all(0)          # (h, w) kept from sample i in every frame/channel
         j, lam = partner_and_weight(target, labels[i], labels, 0.2, 8)
@@ -155,7 +156,7 @@ def test_no_mixing_only_smoothing_and_normalisation():
     expected = torch.full((6, 8), 0.1 / 8, dtype=torch.float64)
     expected[torch.arange(6), labels] = 0.9 + 0.1 / 8
     assert torch.allclose(targets.double(), expected, atol=1e-7)
-    for x, sample in zip(out, samples):
+    for x, sample in zip(out, samples, strict=True):
         assert torch.allclose(x.double(), normalised(sample), atol=1e-5)
 
 
@@ -163,7 +164,7 @@ def test_mixing_is_a_function_of_the_key():
     samples, labels = batch(4)
     mix = MixupCutmix(8, mixup=0.8, cutmix=1.0, smoothing=0.1)
     a, b, c = mix(samples, labels, key=3), mix(samples, labels, key=3), mix(samples, labels, key=4)
-    assert torch.equal(a[1], b[1]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert torch.equal(a[1], b[1]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True))
     assert not torch.equal(a[1], c[1])
 
 
@@ -173,5 +174,7 @@ def test_mixup_bad_inputs():
         MixupCutmix(4, mixup=1.0)(samples, labels)
     with pytest.raises(ValueError, match="6 samples but 2 labels"):
         MixupCutmix(8)(samples, labels[:2])
+    with pytest.raises(ValueError, match=r"one shape per group .*\(3, 8, 8\), \(3, 9, 8\)"):
+        MixupCutmix(8)(samples[:2] + [rand_uint8(3, 9, 8)], labels[:3])
     with pytest.raises(ValueError, match="smoothing"):
         MixupCutmix(8, smoothing=1.0)

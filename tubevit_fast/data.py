@@ -1,10 +1,11 @@
 """`python -m tubevit_fast.data --out DIR`: the synthetic moving shapes (app/synthetic.py) written as
 a folder dataset, and the names older code imports from here.
 
-    python -m tubevit_fast.data --out demo_clips [--items 8] [--seed 2]
+    python -m tubevit_fast.data --out demo_clips [--items 8] [--seed 2] [--list train.txt]
 
 writes synthetic items as a folder dataset (demo_clips/move_left/00000.mp4, ...; images as .png),
-clips to try `predict` on, or a dataset for `train --data`; it prints the paths it wrote.
+clips to try `predict` on, or a dataset for `train --data`; it prints the paths it wrote. With
+--list it also writes a list file (`path class_name` lines, paths relative to --out) naming them.
 
 Compatibility (until the training loop uses tubevit_fast.app.datasets): SyntheticShapes and
 VideoFolder give float normalised items, keyed by an index or the (index, epoch) keys of
@@ -103,6 +104,7 @@ def main(argv=None) -> list[str]:
     p.add_argument("--size", type=int, default=32, help="frame / image side")
     p.add_argument("--seed", type=int, default=2, help="train uses 0 (training set) and 1 (validation)")
     p.add_argument("--image-every", type=int, default=0, help="every n-th item is an image (0: clips only)")
+    p.add_argument("--list", default=None, help="also write this list file (relative to --out) of the items")
     args = p.parse_args(argv)
     check_positive(items=args.items, frames=args.frames)
     if args.size < 8:
@@ -113,6 +115,12 @@ def main(argv=None) -> list[str]:
     paths = data.export(args.out)
     for path in paths:
         print(path)
+    if args.list:
+        list_file = os.path.join(args.out, args.list)
+        with open(list_file, "w") as f:
+            for path in paths:
+                f.write(f"{os.path.relpath(path, args.out)} {os.path.basename(os.path.dirname(path))}\n")
+        print(list_file)
     return paths
 
 

@@ -10,7 +10,8 @@ Resizing (`resize=`):
   "crop"    (default) scale so the shorter side equals the target, then centre-crop to the
             target size; keeps the aspect ratio.
   "stretch" resize straight to the target (H, W); distorts non-matching aspect ratios.
-Resizing is bilinear with antialiasing, on the decoded uint8 frames converted to float.
+Resizing is bilinear with antialiasing: FFmpeg's scaler on a video's decoded frames (before they
+leave uint8), torch's on an image converted to float.
 
 Normalisation: x / 255, then (x - mean) / std per channel. The defaults are the ImageNet
 statistics (what image-pretrained ViTs expect).
@@ -22,6 +23,7 @@ MediaError, a ValueError naming the file.
 """
 from __future__ import annotations
 
+import fractions
 import importlib
 import os
 from typing import Sequence
@@ -71,16 +73,21 @@ def resize_frames(frames: torch.Tensor, size: int | Sequence[int] | None, resize
         return frames
     th, tw = _size2(size)
     h, w = frames.shape[-2:]
-    if (h, w) == (th, tw):
-        return frames
-    if resize == "stretch":
-        return F.interpolate(frames, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    nh, nw = scaled_size(h, w, size, resize)
     if (nh, nw) != (h, w):
         frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (nh - th) // 2, (nw - tw) // 2
     return frames[..., top:top + th, left:left + tw]
+
+
+def scaled_size(height: int, width: int, size: int | Sequence[int], resize: str = "crop") -> tuple[int, int]:
+    """(H, W) a frame is scaled to before the crop: the target itself for "stretch"; for "crop" the
+    frame scaled to cover the target, keeping its aspect ratio."""
+    th, tw = _size2(size)
+    if resize == "stretch":
+        return th, tw
+    scale = max(th / height, tw / width)
+    return max(th, round(height * scale)), max(tw, round(width * scale))
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channel_dim: int) -> torch.Tensor:
@@ -123,68 +130,28 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _decode(path: str, num_frames: int, stride: int | None):
-    """Decode the wanted frames as (T, H, W, 3) uint8, decoding the file once when its header's
-    frame count is right and twice when it is missing or wrong."""
-    av = require("av", "reading videos")
-
-    def open_stream():
-        try:
-            container = av.open(path)
-        except (av.FFmpegError, UnicodeDecodeError) as err:
-            raise MediaError(f"{path}: cannot be decoded as a video ({_first_line(err)})") from err
-        if not container.streams.video:
-            container.close()
-            raise MediaError(f"{path}: has no video stream")
-        return container
-
-    def run(wanted: set[int] | None):
-        kept, count = {}, 0
-        container = open_stream()
-        try:
-            for frame in container.decode(video=0):
-                if wanted is not None and count in wanted:
-                    kept[count] = frame.to_ndarray(format="rgb24")
-                count += 1
-        except av.FFmpegError as err:
-            raise MediaError(f"{path}: cannot be decoded as a video ({_first_line(err)})") from err
-        finally:
-            container.close()
-        return kept, count
-
-    container = open_stream()
-    hint = container.streams.video[0].frames
-    container.close()
-    wanted = None
-    if hint and hint > 0:
-        try:
-            wanted = sample_indices(hint, num_frames, stride, path)
-        except ValueError:
-            wanted = None  # the header may under-count: decode and count for real
-    kept, count = run(set(wanted) if wanted else None)
-    if count == 0:
-        raise MediaError(f"{path}: no video frames could be decoded")
-    if wanted is None or count != hint:
-        wanted = sample_indices(count, num_frames, stride, path)
-        if not all(i in kept for i in wanted):
-            kept, _ = run(set(wanted))
-    return np.stack([kept[i] for i in wanted])
-
-
 def read_video(path, num_frames: int = 32, size: int | Sequence[int] | None = 224, stride: int | None = None,
                mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                resize: str = "crop") -> torch.Tensor:
-    """Decode `path` with PyAV and return float32 (C, T, H, W), sampled, resized and normalised.
+    """Decode `path` and return float32 (C, T, H, W), sampled, resized and normalised.
 
+    Decoding is tubevit_fast.app.decode's: the file is probed once (the frame count by decoding,
+    as headers can be wrong), then only the window holding the sampled frames is decoded and
+    FFmpeg scales those frames to the resize target before they are converted to float.
     Raises FileNotFoundError for a missing file, ValueError for data that cannot be decoded
     and for a clip with fewer frames than asked for (the message gives both counts).
     """
+    from tubevit_fast.app.decode import probe, read_frames  # the app's decoder; it imports this module
+
     path = _check_file(path)
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    frames = torch.from_numpy(_decode(path, num_frames, stride))          # (T, H, W, 3) uint8
+    info = probe(path)
+    indices = sample_indices(info.num_frames, num_frames, stride, path)
+    scaled = None if size is None else scaled_size(info.height, info.width, size, resize)
+    frames = read_frames(path, indices, info=info, size=scaled)            # (T, H, W, 3) uint8
     x = frames.permute(0, 3, 1, 2).float().div_(255.0)                    # (T, 3, H, W)
-    x = resize_frames(x, size, resize)
+    x = resize_frames(x, size, resize)                                     # the centre crop
     x = normalize(x, mean, std, channel_dim=1)
     return x.permute(1, 0, 2, 3).contiguous()                              # (3, T, H, W)
 
@@ -214,32 +181,52 @@ def read_any(path, num_frames: int = 32, size=224, stride: int | None = None, me
     return read_video(path, num_frames, size, stride, mean, std, resize)
 
 
-def write_video(path, frames, fps: int = 10, codec: str | None = None, quality: int = 2) -> str:
-    """Write uint8 (T, H, W, 3) frames (numpy or torch) to a video file with PyAV.
+def write_video(path, frames, fps: int = 10, codec: str | None = None, quality: int = 2, *,
+                pix_fmt: str | None = None, gop: int | None = None, bframes: int | None = None,
+                timestamps: Sequence[int] | None = None) -> str:
+    """Write uint8 frames to a video file with PyAV: a (T, H, W, 3) array (numpy or torch) or an
+    iterable of (H, W, 3) arrays (a long or large clip need not be held in memory at once).
 
     The codec defaults to libx264 (full-resolution chroma, yuv444p) when FFmpeg has it, else
     mpeg4 (yuv420p, so sharp colour edges blur). `quality` is libx264's crf or mpeg4's qscale:
-    lower is better, 0 is lossless for libx264. Used by the synthetic folder export and tests."""
+    lower is better, 0 is lossless for libx264. Used by the synthetic folder export and tests.
+    Test clips of a given structure: `pix_fmt` (e.g. yuv420p, what cameras write), `gop` (frames
+    from one keyframe to the next, FFmpeg's -g), `bframes` (the most consecutive B-frames; libx264
+    then uses its "superfast" preset, as "ultrafast" writes none), `timestamps` (each frame's time
+    in milliseconds, increasing: a variable frame rate; `fps` is then only the nominal rate)."""
     av = require("av", "writing videos")
 
-    frames = np.asarray(frames.numpy() if isinstance(frames, torch.Tensor) else frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    if isinstance(frames, (np.ndarray, torch.Tensor)):
+        frames = np.asarray(frames.numpy() if isinstance(frames, torch.Tensor) else frames)
+        if frames.ndim != 4:
+            raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     if codec is None:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     path = os.fspath(path)
     with av.open(path, mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        if codec == "libx264":
-            stream.pix_fmt = "yuv444p"
-            stream.options = {"crf": str(quality), "preset": "ultrafast"}
-        else:
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"qscale": str(quality)}
+        options = {"crf": str(quality), "preset": "superfast" if bframes else "ultrafast"} if codec == "libx264" \
+            else {"qscale": str(quality)}
+        if gop is not None:
+            options["g"] = str(gop)
+        if bframes is not None:
+            options["bf"] = str(bframes)
+        stream.options = options
+        stream.pix_fmt = pix_fmt or ("yuv444p" if codec == "libx264" else "yuv420p")
+        if codec != "libx264":
             stream.codec_context.qmax = quality
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+        if timestamps is not None:
+            stream.time_base = stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for i, array in enumerate(frames):
+            array = np.asarray(array)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+                raise ValueError(f"frames must be uint8 (T, H, W, 3), got a frame of {array.dtype} {array.shape}")
+            if i == 0:
+                stream.width, stream.height = array.shape[1], array.shape[0]
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            if timestamps is not None:
+                frame.pts, frame.time_base = int(timestamps[i]), fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -60,6 +60,8 @@ class TrainClips(torch.utils.data.Dataset):
     def __init__(self, media, sampling: ClipSampling, transform: Callable | None = None, seed: int = 0,
                  short_side: int | None = None, bad_files: str = "skip", images=None):
         _check_bad_files(bad_files)
+        if short_side is not None and short_side < 1:
+            raise ValueError(f"short_side must be >= 1 or None, got {short_side}")
         self.media, self.images, self.sampling, self.transform = media, images, sampling, transform
         self.seed, self.short_side, self.bad_files = seed, short_side, bad_files
 
@@ -86,7 +88,7 @@ class TrainClips(torch.utils.data.Dataset):
             return None
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(torch_seed(rng.integers(2 ** 62)))
+                torch.manual_seed(int(rng.integers(2 ** 63)))  # the item's draw, whatever the worker
                 x = self.transform(x)
         x = x.as_subclass(torch.Tensor)
         return (x if image else x.transpose(0, 1)).contiguous(), media.label(i)

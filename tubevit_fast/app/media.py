@@ -17,13 +17,9 @@ import numpy as np
 import torch
 
 from tubevit_fast.app import decode
+from tubevit_fast.app.clip_index import build_clip_index
 from tubevit_fast.app.sources import Annotations
 from tubevit_fast.io import IMAGE_EXTENSIONS, MediaError, _first_line, require
-
-
-def video_infos(paths: Sequence[str]) -> dict[str, decode.VideoInfo]:
-    """Frame count, rate and size of each video (decode.probe per file)."""
-    return {path: decode.probe(path) for path in paths}
 
 
 def is_image_file(path: str) -> bool:
@@ -51,13 +47,25 @@ def read_image(path: str, short_side: int | None = None) -> torch.Tensor:
 
 
 class FileMedia:
-    """Annotated video and image files. `infos` (path -> decode.VideoInfo, e.g. a clip index) gives
-    frame counts; a video not in it is probed once, when first read, and remembered."""
+    """Annotated video and image files. `infos` (path -> decode.VideoInfo: the clip index) gives frame
+    counts and lets the decoder seek; a video not in it is probed when first read, and remembered (so is
+    a probe's failure: a damaged file is decoded once per process, then fails at once)."""
 
     def __init__(self, annotations: Annotations, infos: Mapping[str, decode.VideoInfo] | None = None):
         self.samples = list(annotations.samples)
         self.classes = list(annotations.classes)
         self.infos = dict(infos or {})
+        self.undecodable: dict[str, MediaError] = {}
+
+    @classmethod
+    def indexed(cls, annotations: Annotations, cache_file=None, progress: bool = True,
+                workers: int | None = None) -> FileMedia:
+        """FileMedia with the clip index of its videos built first (cached in `cache_file`). A video
+        that cannot be decoded is left out of the index (one warning) and fails again when read,
+        where the dataset's bad_files decides."""
+        videos = [path for path, _ in annotations.samples if not is_image_file(path)]
+        infos = build_clip_index(videos, cache_file, progress=progress, workers=workers, bad_files="skip")
+        return cls(annotations, infos)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,12 +83,18 @@ class FileMedia:
         path = self.samples[index][0]
         if is_image_file(path):
             return 1
+        if path in self.undecodable:  # probed before, in this process: fail without decoding again
+            raise self.undecodable[path]
         if path not in self.infos:
-            self.infos.update(video_infos([path]))
+            try:
+                self.infos[path] = decode.probe(path)
+            except MediaError as err:
+                self.undecodable[path] = err
+                raise
         return self.infos[path].num_frames
 
     def read(self, index: int, indices: Sequence[int], short_side: int | None = None) -> torch.Tensor:
         path = self.samples[index][0]
         if is_image_file(path):
             return read_image(path, short_side)
-        return decode.read_frames(path, indices, short_side=short_side)
+        return decode.read_frames(path, indices, short_side=short_side, info=self.infos.get(path))

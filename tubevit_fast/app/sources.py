@@ -7,15 +7,15 @@
 Formats (`format=`; inferred from `data` when None: a folder -> folder, *.json -> ssv2, a CSV whose
 header names youtube_id -> kinetics, any other file -> list):
   folder    data/class_name/<files>: one sub-folder per class, classes in sorted order; videos
-            (.mp4 .avi .mkv .mov .webm) and images (.png .jpg .jpeg). A class folder without such
-            files is an error naming it.
+            (.mp4 .avi .mkv .mov .webm) and images (.png .jpg .jpeg); hidden names (.ipynb_checkpoints,
+            macOS ._ files) are skipped. A class folder without such files is an error naming it.
   list      one item a line, `path label` or CSV `path,label`; paths relative to `root` (default:
-            the list file's folder). The label is a 0-based integer (mmaction2, VideoMAE lists) or a
-            class name; a line with a path only takes its class from the file's folder (UCF101's
-            testlist). Blank lines and lines starting with # are skipped. Integer labels are
-            named after their files' folder when each label has one folder (UCF101 layout), else
-            by the number. A training list (no `classes`) whose integer labels leave a class without
-            items is refused: a 1-based list (UCF101's trainlist) must be shifted to 0-based first.
+            the list file's folder; absolute paths are kept). The label is a 0-based integer
+            (mmaction2, VideoMAE lists) or a class name; a line with a path only takes its class from
+            the file's folder (UCF101's testlist). Blank lines and lines starting with # are skipped.
+            Integer labels are named after their files' folder when each label has one folder (the
+            UCF101 layout), else by the number. A training list (no `classes`) whose integer labels
+            leave a class without items is refused: shift a 1-based list (UCF101's trainlist) to 0.
   kinetics  the Kinetics CSV `label,youtube_id,time_start,time_end,split` (header first, any column
             order); the file of a row is root/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4 (root
             default: the CSV's folder); classes are the CSV's labels, sorted.
@@ -23,6 +23,9 @@ header names youtube_id -> kinetics, any other file -> list):
             ({"Holding something next to something": "27", ...}); an entry's class is its template
             with the brackets removed ("Holding [something] next to [something]"); files are
             root/{id}.webm (root default: the JSON's folder); classes ordered by labels.json's ids.
+
+Images for joint image + video training: `load_images(data)`, a folder (image files only) or a list;
+`merge_label_spaces(videos, images)` puts both in one label space.
 
 `classes` forces the label space (validation data must use the training classes): names not in it
 are an error. Every bad input is one ValueError line naming the file (and the line) at fault.
@@ -62,8 +65,11 @@ def infer_format(data) -> str:
     if data.lower().endswith(".json"):
         return "ssv2"
     if data.lower().endswith(".csv"):
-        with open(data, newline="") as f:
-            header = next(csv.reader(f), [])
+        try:
+            with open(data, newline="") as f:
+                header = next(csv.reader(f), [])
+        except UnicodeDecodeError:
+            raise ValueError(f"{data}: not a text file (a CSV annotation file is UTF-8 text)") from None
         if "youtube_id" in [h.strip() for h in header]:
             return "kinetics"
     return "list"
@@ -87,16 +93,31 @@ def load_annotations(data, format: str | None = None, root=None, classes: Sequen
         root = data if format == "folder" else os.path.dirname(os.path.abspath(data))
     root = os.path.abspath(os.fspath(root))
     classes = None if classes is None else list(classes)
-    if format == "folder":
-        ann = _folder(data, classes, tuple(e.lower() for e in extensions))
-    elif format == "list":
-        ann = _list(data, root, classes)
-    elif format == "kinetics":
-        ann = _kinetics(data, root, classes)
-    else:
-        ann = _ssv2(data, root, classes)
+    try:
+        if format == "folder":
+            ann = _folder(data, classes, tuple(e.lower() for e in extensions))
+        elif format == "list":
+            ann = _list(data, root, classes)
+        elif format == "kinetics":
+            ann = _kinetics(data, root, classes)
+        else:
+            ann = _ssv2(data, root, classes)
+    except UnicodeDecodeError:
+        raise ValueError(f"{data}: not a text file (a {format} annotation file is UTF-8 text)") from None
     if not ann.samples:
         raise ValueError(f"{data}: holds no items")
+    return ann
+
+
+def load_images(data, format: str | None = None, root=None) -> Annotations:
+    """The images of joint image + video training: a folder (image files only) or a list of images
+    (see the module docstring); a listed file that is not an image is an error."""
+    if format not in (None, "folder", "list"):
+        raise ValueError(f"images come from a folder or a list, not the {format} format")
+    ann = load_annotations(data, format, root, extensions=IMAGE_EXTENSIONS)
+    for path, _ in ann.samples:
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            raise ValueError(f"{os.fspath(data)}: {path} is not an image ({' '.join(IMAGE_EXTENSIONS)})")
     return ann
 
 
@@ -109,14 +130,14 @@ def _label_of(name: str, classes: list[str], where: str) -> int:
 
 
 def _folder(data: str, classes: list[str] | None, extensions: tuple[str, ...]) -> Annotations:
-    found = sorted(d.name for d in os.scandir(data) if d.is_dir())
+    found = sorted(d.name for d in os.scandir(data) if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise ValueError(f"{data}: has no class sub-folders (the folder format is data/class_name/<files>)")
     names = found if classes is None else classes
     samples = []
     for name in found:
         folder = os.path.join(data, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions))
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(extensions) and not f.startswith("."))
         if not files:
             raise ValueError(f"{folder}: empty class folder (no {' '.join(extensions)} files)")
         label = _label_of(name, names, folder)

@@ -13,6 +13,7 @@ it per item (datasets.TrainClips), so an item's augmentation is a function of (s
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -21,7 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from tubevit_fast.app.sampling import torch_seed
-from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD, normalize
+from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
 
 CROPS = (1, 3)
 
@@ -32,7 +33,8 @@ def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequ
     """Random resized crop to size x size (area fraction `scale`, aspect `ratio`), horizontal flip
     (`flip=False` for labels that name a direction, as SSv2's do), RandAugment (N ops of magnitude M)
     and random erasing with probability `reprob` (filled with `mean`, which normalises to 0), in
-    timm's order. Takes and returns uint8 Video / Image tv_tensors."""
+    timm's order. Takes and returns uint8 Video / Image tv_tensors. scale=(1, 1), ratio=(1, 1),
+    flip=False: no augmentation, the largest centred square resized to size."""
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must be 0 < min <= max <= 1, got {tuple(scale)}")
     if not (0 < ratio[0] <= ratio[1]):
@@ -43,6 +45,8 @@ def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequ
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     if randaug is not None:
+        if len(randaug) != 2:
+            raise ValueError(f"randaug is (N ops, magnitude M), got {tuple(randaug)}")
         ops, magnitude = randaug
         if ops < 1 or not 0 <= magnitude <= 30:
             raise ValueError(f"randaug needs N >= 1 ops and a magnitude M in 0..30, got {ops},{magnitude}")
@@ -55,22 +59,23 @@ def train_transform(size: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequ
 def eval_views(size: int, crops: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """uint8 (T, C, H, W) clip or (C, H, W) image -> `crops` uint8 views of size x size: the short side
     resized to `size` (bilinear, antialiased), then the centre crop, or 3 crops along the long side at
-    offsets 0, (L - size) // 2 and L - size (left/centre/right, or top/centre/bottom for portrait)."""
+    offsets 0, (L - size) // 2 and L - size (left/centre/right, or top/centre/bottom for portrait).
+    A partial function, so datasets holding it pickle (DataLoader workers under spawn)."""
     if crops not in CROPS:
         raise ValueError(f"crops must be one of {CROPS}, got {crops}")
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
+    return functools.partial(_views, size=size, crops=crops)
 
-    def views(x: torch.Tensor) -> list[torch.Tensor]:
-        x = TF.resize(x, size, antialias=True)  # an int: the shorter side becomes `size`
-        h, w = x.shape[-2:]
-        long_side = max(h, w)
-        offsets = [(long_side - size) // 2] if crops == 1 else [0, (long_side - size) // 2, long_side - size]
-        if w >= h:
-            return [x[..., :size, o:o + size] for o in offsets]
-        return [x[..., o:o + size, :size] for o in offsets]
 
-    return views
+def _views(x: torch.Tensor, size: int, crops: int) -> list[torch.Tensor]:
+    x = TF.resize(x, size, antialias=True)  # an int: the shorter side becomes `size`
+    h, w = x.shape[-2:]
+    long_side = max(h, w)
+    offsets = [(long_side - size) // 2] if crops == 1 else [0, (long_side - size) // 2, long_side - size]
+    if w >= h:
+        return [x[..., :size, o:o + size] for o in offsets]
+    return [x[..., o:o + size, :size] for o in offsets]
 
 
 class MixupCutmix:
@@ -94,12 +99,14 @@ class MixupCutmix:
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.num_classes, self.smoothing, self.switch_prob, self.seed = num_classes, smoothing, switch_prob, seed
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 values each, std > 0; got {tuple(mean)}, {tuple(std)}")
         self.mean, self.std = tuple(mean), tuple(std)
         self.mixers = (v2.MixUp(alpha=mixup, num_classes=num_classes) if mixup > 0 else None,
                        v2.CutMix(alpha=cutmix, num_classes=num_classes) if cutmix > 0 else None)
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """Smoothed one-hot targets (B, num_classes), float32."""
+        """Smoothed one-hot targets (B, num_classes), float32, on the labels' device."""
         off = self.smoothing / self.num_classes
         one_hot = torch.nn.functional.one_hot(labels.long(), self.num_classes).float()
         return one_hot * (1 - self.smoothing) + off
@@ -114,6 +121,8 @@ class MixupCutmix:
         """(list of float normalised tensors in the input order, targets (B, num_classes)). `key`
         (e.g. the step): the draw comes from (seed, key) alone, so a resumed run mixes the same way."""
         labels = torch.as_tensor(labels, dtype=torch.long)
+        if samples:
+            labels = labels.to(samples[0].device)
         if len(samples) != len(labels):
             raise ValueError(f"{len(samples)} samples but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -124,6 +133,14 @@ class MixupCutmix:
             torch.manual_seed(torch_seed(self.seed, key))
             return self._mix(samples, labels)
 
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, ...) -> float32 (x / 255 - mean) / std, on x's device, in two passes."""
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        std = torch.tensor(self.std, dtype=torch.float64)
+        scale = (1 / (255 * std)).to(x.device, torch.float32).view(shape)
+        shift = (-torch.tensor(self.mean, dtype=torch.float64) / std).to(x.device, torch.float32).view(shape)
+        return x.float().mul_(scale).add_(shift)
+
     def _mix(self, samples, labels):
         out: list[torch.Tensor | None] = [None] * len(samples)
         targets = self.targets(labels)
@@ -131,8 +148,10 @@ class MixupCutmix:
             group = [i for i, s in enumerate(samples) if s.dim() == dim]
             if not group:
                 continue
-            x = torch.stack([samples[i] for i in group]).float().div_(255.0)
-            x = normalize(x, self.mean, self.std, channel_dim=1)
+            shapes = {tuple(samples[i].shape) for i in group}
+            if len(shapes) > 1:
+                raise ValueError(f"MixUp/CutMix need one shape per group (videos, images), got {sorted(shapes)}")
+            x = self._normalised(torch.stack([samples[i] for i in group]))
             mixer = self._mixer() if len(group) > 1 else None
             if mixer is not None:
                 if dim == 4:  # torchvision's videos are (B, T, C, H, W)
