@@ -36,7 +36,12 @@ Ratios (extra_info of the torch and triton cases, and the summary table), all fr
                         read, untimed): the floor's warm rounds keep patches and weights in cache,
                         which a call inside a model does not find
 
+uint8 pixels (test_tube_embed_pixels, issue 21): TubeEmbed's forward from a uint8 clip (the
+normalisation folded into the projection) against today's float input plus its normalisation
+pass, interleaved; CPU fp32 B=2, and on CUDA bf16 B=32 and fp32 B=2 (see the section below).
+
     pytest benchmarks/test_tube_embed.py --benchmark-only
+    pytest benchmarks/test_tube_embed.py --benchmark-only -k pixels    # the uint8 rows alone
 """
 from __future__ import annotations
 
@@ -259,3 +264,104 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
                   notes=f"{flops / median / 1e12:.3g} TFLOP/s (floor {flops / floor / 1e12:.3g}); "
                         f"x floor interleaved {mixed[impl] / mixed['floor']:.2f}, cold caches {cold[impl] / cold['floor']:.2f}; "
                         f"{compiled / median:.2f}x vs compiled ref")
+
+
+# ---- uint8 pixels: the normalisation folded into the projection (issue 21) ------------------
+#
+# TubeEmbed (the fast layer, backend "auto") on the paper setting, forward only (no_grad):
+#   uint8            the decoder's pixels straight in: the normalisation is folded into the tube
+#                    kernels and biases (tubevit_fast.pixels), the op reads uint8
+#   float+normalize  today's path: the uint8 clip converted and normalised in one pass over the
+#                    whole video ((x / 255 - mean) / std, float), then the float forward
+# Interleaved (a random order each round, with the float forward alone as a third reference), the
+# summary row gives float+normalize / uint8 (> 1: the uint8 path is faster). Bytes handed to the
+# layer per clip: uint8 is a quarter of float32's.
+PIXEL_CONFIGS = [(torch.device("cpu"), torch.float32, 2)]
+if torch.cuda.is_available():
+    PIXEL_CONFIGS += [(torch.device("cuda"), torch.bfloat16, 32), (torch.device("cuda"), torch.float32, 2)]
+PIXEL_IMPLS = ["uint8", "float+normalize"]
+
+
+class PixelProblem:
+    def __init__(self, device: torch.device, dtype: torch.dtype, batch: int):
+        from tubevit_fast import TubeEmbed
+
+        gen = torch.Generator().manual_seed(1)
+        torch.manual_seed(1)
+        self.layer = TubeEmbed(TUBES, CHANNELS, DIM).to(device, dtype)
+        self.pixels = torch.randint(0, 256, (batch, CHANNELS, *SIZE), generator=gen, dtype=torch.uint8).to(device)
+        self.normalised = self.normalize()
+
+    def normalize(self) -> torch.Tensor:
+        shape = (1, CHANNELS, 1, 1, 1)
+        mean, std = self.layer.pixel_mean.view(shape), self.layer.pixel_std.view(shape)
+        return ((self.pixels.to(self.layer.pixel_mean.dtype) / 255 - mean) / std).to(self.normalised_dtype)
+
+    @property
+    def normalised_dtype(self) -> torch.dtype:
+        return self.layer.biases[0].dtype
+
+    def uint8(self):
+        with torch.no_grad():
+            return self.layer(self.pixels)
+
+    def float_normalize(self):
+        with torch.no_grad():
+            return self.layer(self.normalize())
+
+    def float_only(self):
+        with torch.no_grad():
+            return self.layer(self.normalised)
+
+    def check(self) -> None:
+        """Both paths give the same tokens (to the dtype's precision) before anything is timed."""
+        got, want = self.uint8().float(), self.float_only().float()
+        tol = 1e-4 if self.normalised_dtype == torch.float32 else 5e-2
+        err = (got - want).abs().max().item()
+        assert err <= tol * (want.abs().max().item() + 1.0), f"uint8 path off by {err:.3e}"
+
+
+@functools.cache
+def pixel_problem(device: torch.device, dtype: torch.dtype, batch: int) -> PixelProblem:
+    return PixelProblem(device, dtype, batch)
+
+
+@pytest.mark.parametrize("config", PIXEL_CONFIGS, ids=[f"{d.type}-{_dtype_name(t)}-B{b}" for d, t, b in PIXEL_CONFIGS])
+@pytest.mark.parametrize("impl", PIXEL_IMPLS)
+def test_tube_embed_pixels(benchmark, bench, config, impl):
+    device, dtype, batch = config
+    p = pixel_problem(device, dtype, batch)
+    p.check()
+    fn = {"uint8": p.uint8, "float+normalize": p.float_normalize}[impl]
+
+    def timed():
+        result = fn()
+        bench.synchronize(device)
+        return result
+
+    rounds, warmup = ROUNDS[device.type]
+    benchmark.group = f"tube_embed pixels fwd {device.type} {_dtype_name(dtype)} B={batch}"
+    benchmark.extra_info.update(op="tube_embed_pixels", impl=impl, pass_="forward", device=device.type,
+                                dtype=_dtype_name(dtype), batch=batch, backend=p.layer.backend,
+                                shape=f"B={batch} C={CHANNELS} {SIZE} dim={DIM}", threads=torch.get_num_threads(),
+                                input_bytes=(p.pixels if impl == "uint8" else p.normalised).nbytes)
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    median = bench.median_of(benchmark)
+    key = ("tube_embed_pixels", device.type, dtype, batch)
+    if impl != "uint8":
+        bench.record_baseline(key + (impl,), benchmark)
+        return
+    if median is None:  # --benchmark-disable: correctness only
+        return
+    baseline = bench.baseline(key + ("float+normalize",), p.float_normalize, device)
+    mixed = bench.interleaved({"uint8": p.uint8, "float+normalize": p.float_normalize, "float": p.float_only},
+                              device, rounds=INTERLEAVED_ROUNDS[device.type])
+    benchmark.extra_info["interleaved_medians_s"] = mixed
+    benchmark.extra_info["speedup_vs_float_normalize_interleaved"] = mixed["float+normalize"] / mixed["uint8"]
+    benchmark.extra_info["ratio_to_float_only_interleaved"] = mixed["uint8"] / mixed["float"]
+    bench.add_row(f"tube_embed fwd B={batch} [uint8 in]", device.type, dtype, median, baseline, "float+normalize",
+                  interleaved=mixed["float+normalize"] / mixed["uint8"],
+                  spread=bench.run_spread(benchmark, key + ("float+normalize",)),
+                  notes=f"interleaved ms: uint8 {mixed['uint8'] * 1e3:.1f}, float+normalize "
+                        f"{mixed['float+normalize'] * 1e3:.1f}, float alone {mixed['float'] * 1e3:.1f}; "
+                        f"input {p.pixels.nbytes / 2**20:.0f} vs {p.normalised.nbytes / 2**20:.0f} MiB")

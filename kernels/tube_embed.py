@@ -37,6 +37,12 @@ pixels of a patch row are contiguous when x's w stride is 1: the host picks the 
 (tl.multiple_of / tl.max_contiguous on values the kernel body itself loads or computes: a hint on
 a helper's return value is lost), so A's runs load as 64/128-bit cp.async copies.
 
+uint8 pixels. x may be a uint8 video (tubevit_fast.pixels: TubeEmbed folds the normalisation into
+W and b): forward and dW load A as uint8 and convert it to the weights' dtype in registers, which
+is also the dtype of the tokens, of dY and of the dots. The same VEC rule packs 4 pixels (the
+paper tubes' kw = 4 allows no more) into each 32-bit access: a quarter of fp32's bytes. The dX
+kernel never runs for such a video (it takes no gradient).
+
 Kernels (one Triton program per output tile, fp32 accumulation everywhere):
   _tube_embed_fwd_kernel         grid: M tiles of all tubes x dim tiles (flat, dim tile
                                  fastest). A gathered straight from x, W^T from the packed weight;
@@ -67,6 +73,7 @@ import triton.language as tl
 
 from tubevit_fast.backends import interpreter_enabled
 from tubevit_fast.geometry import TubeSpec, token_offsets
+from tubevit_fast.pixels import compute_dtype
 
 from .audit_spec import AuditTarget, LoopBudget
 
@@ -227,6 +234,9 @@ _BWD_W_CONFIGS = [
 # (VEC 1) or token rows without 8-byte runs (DY_VEC <= 2: odd dims, strided or stride-0 grads).
 # One address per element: the wide tiles above spill there.
 _BWD_W_CONFIGS_NARROW = [_cfg(64, 64, 64, 8, 3)]
+# ... and for a uint8 video: its pixel tile, converted in registers, needs more of them; the
+# 128x128x128 tile spills there on sm_80.
+_BWD_W_CONFIGS_PIXELS = [c for c in _BWD_W_CONFIGS if c.kwargs["BLOCK_K"] < 128]
 # Input gradient: BLOCK_N chunks the dim reduction, (BLOCK_M, BLOCK_K) the scattered tile.
 _BWD_X_CONFIGS = [
     _cfg(64, 64, 64, 8, 3),
@@ -243,6 +253,12 @@ _BWD_X_CONFIGS_FP32 = [_cfg(64, 64, 16, 4, 2), _cfg(32, 64, 32, 4, 2)]
 # the paper's setting: at most 4 non-MMA instructions per m16n8k16 MMA, no 8/16-bit global loads
 # (A's pixel runs load as vectors), and wgmma on Hopper.
 _FWD_BUDGET = _BWD_W_BUDGET = LoopBudget(max_non_mma_per_mma=4, min_load_bits=32, hgmma_archs=("sm_90",))
+# The same loops on a uint8 video: 4 pixels per 32-bit load and wgmma on Hopper hold; the
+# instruction count does not (issue 21; the audit reports it): every warp converts its own
+# operand fragments (uint8 -> 16-bit, PRMT/I2F), and dW, whose reduction axis is not the pixels'
+# contiguous one, reads its pixel tile from shared memory a byte at a time (no transposed
+# ldmatrix for 8-bit elements on sm_80).
+_PIXEL_BUDGET = LoopBudget(min_load_bits=32, hgmma_archs=("sm_90",))
 
 
 def _configs(half, single):
@@ -254,16 +270,19 @@ def _narrow(flags) -> bool:
     return flags.get("VEC", 4) == 1 or flags.get("DY_VEC", 4) <= 2
 
 
-def _prune_for(single, narrow=()):
+def _prune_for(single, narrow=(), pixels=None):
     """early_config_prune: the configs meant for the launch's dot precision (and, with `narrow`
-    configs, its vector widths), without tiles far larger than the problem (BLOCK_N beyond the
-    dim, BLOCK_M beyond the token rows)."""
+    configs, its vector widths; with `pixels` configs, a uint8 video's 16-bit launch), without
+    tiles far larger than the problem (BLOCK_N beyond the dim, BLOCK_M beyond the token rows)."""
     families = {**{id(c): "single" for c in single}, **{id(c): "narrow" for c in narrow}}
 
     def prune(configs, named_args, **kwargs):
         want = ("single" if kwargs.get("DOT_PRECISION") == "ieee"
                 else "narrow" if narrow and _narrow(kwargs) else "half")
         kept = [c for c in configs if families.get(id(c), "half") == want] or configs
+        video = named_args.get("x_ptr")
+        if pixels is not None and want == "half" and getattr(video, "dtype", None) == torch.uint8:
+            kept = [c for c in kept if any(c is p for p in pixels)] or kept
         dim, rows = named_args.get("DIM"), named_args.get("ROWS_CLASS")
         fits = [c for c in kept
                 if (dim is None or c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(dim)))
@@ -333,7 +352,9 @@ def _tube_embed_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         cols_next = tl.max_contiguous(tl.multiple_of(tl.load(col_ptr + kcol + BLOCK_K + offs_k), VEC), VEC)
+        # uint8 pixels are converted here, in registers (a no-op for a floating-point video).
         a = tl.load(a_rows[:, None] + cols[None, :], mask=(offs_k < K)[None, :], other=0.0)
+        a = a.to(w_ptr.dtype.element_ty)
         # No K mask: columns past K_i are the tube's zero padding (_KCOL_ALIGN).
         wt = tl.load(w_ptr + (kcol + offs_k)[:, None] * swk + offs_d[None, :] * swd,
                      mask=mask_w[None, :], other=0.0)
@@ -352,7 +373,8 @@ def _tube_embed_fwd_kernel(
 
 
 @triton.autotune(configs=_configs(_BWD_W_CONFIGS + _BWD_W_CONFIGS_NARROW, _BWD_W_CONFIGS_FP32), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune_for(_BWD_W_CONFIGS_FP32, _BWD_W_CONFIGS_NARROW)})
+                 prune_configs_by={"early_config_prune": _prune_for(_BWD_W_CONFIGS_FP32, _BWD_W_CONFIGS_NARROW,
+                                                                    _BWD_W_CONFIGS_PIXELS)})
 @triton.jit
 def _tube_embed_bwd_weight_kernel(
     x_ptr, dy_ptr, dw_ptr, db_ptr, geo_ptr, col_ptr, xrow_ptr, dyrow_ptr,
@@ -402,7 +424,7 @@ def _tube_embed_bwd_weight_kernel(
         mask_m = m0 + tl.arange(0, BLOCK_M) < rows_total
         # Offsets relative to sample b0's pointers: 32-bit sums when the host's tables are 32-bit.
         a = tl.load((x_ptr + b0.to(tl.int64) * sxb) + (xrow[:, None] + cols[None, :]),
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(dy_ptr.dtype.element_ty)
         # dY^T loaded as such (channels down, rows across): a dot operand straight from memory.
         dyt = tl.load((dy_ptr + b0.to(tl.int64) * syb) + (dyrow[None, :] + offs_d[:, None] * syd),
                       mask=mask_d[:, None] & mask_m[None, :], other=0.0)
@@ -654,7 +676,7 @@ def _fwd_args(video, w, bias, pos, out, geo, cols, tubes, rows_class):
             sxb, sxt, sxh, sxw, *w.stride(), *bias.stride(),
             *(pos.stride() if has_pos else (0, 0)), *out.stride())
     flags = dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, out.shape[-1]), HAS_POS=has_pos,
-                 DOT_PRECISION=_dot_precision(video.dtype), VEC=_gather_vector(video, tubes))
+                 DOT_PRECISION=_dot_precision(out.dtype), VEC=_gather_vector(video, tubes))
     return args, flags
 
 
@@ -664,7 +686,7 @@ def _bwd_weight_args(video, grad_out, dw_part, db_part, geo, cols, xrow, dyrow, 
             video.shape[0], dw_part.shape[1], dw_part.shape[2], rows_class, dw_part.shape[0],
             video.stride(0), syb, syd, *dw_part.stride(), *db_part.stride())
     return args, dict(NUM_TUBES=len(tubes), SPACE_TO_DEPTH=_merge_flags(tubes, grad_out.shape[-1])["SPACE_TO_DEPTH"],
-                      DOT_PRECISION=_dot_precision(video.dtype), VEC=_gather_vector(video, tubes),
+                      DOT_PRECISION=_dot_precision(grad_out.dtype), VEC=_gather_vector(video, tubes),
                       DY_VEC=_token_vector(grad_out, tubes))
 
 
@@ -688,7 +710,7 @@ def tube_embed_forward(video, weights, biases, pos, tubes):
     cols = _column_table(tubes, C, video.stride()[1:], video.device)
     w = _pack_weights(weights)
     bias = _pack_biases(biases, w.shape[0])
-    out = torch.empty((B, sum(counts), dim), device=video.device, dtype=video.dtype)
+    out = torch.empty((B, sum(counts), dim), device=video.device, dtype=compute_dtype(video, weights[0]))
     args, flags = _fwd_args(video, w, bias, pos, out, geo, cols, tubes, _rows_class(B, samplers))
 
     def grid(meta):
@@ -707,8 +729,11 @@ def tube_embed_backward(grad_out, video, weights, tubes, input_requires_grad):
     kcols = _column_starts(tubes, C)
     widths = [w.shape[0] for w in weights]
     dim = max(widths)  # the packed rows; narrower space-to-depth tubes use the first width_i
-    if grad_out.dtype != video.dtype:
-        grad_out = grad_out.to(video.dtype)
+    dtype = compute_dtype(video, weights[0])
+    if input_requires_grad and dtype != video.dtype:
+        raise ValueError(f"a {video.dtype} video takes no gradient (only floating-point videos do)")
+    if grad_out.dtype != dtype:
+        grad_out = grad_out.to(dtype)
     size, device = (T, H, W), video.device
     geo = _geometry_table(tubes, size, C, grad_out.shape[-1], device)
     rows_class = _rows_class(B, samplers)
@@ -784,7 +809,7 @@ def _phases(tube: TubeSpec, grid3):
 # ----------------------------------------------------------------------------------------
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
-                    torch.int64: "i64"}
+                    torch.int64: "i64", torch.uint8: "u8"}
 
 
 def _specialise(fn, args, constexprs):
@@ -817,9 +842,11 @@ def _label(cfg) -> str:
 
 def audit_targets(dtype: str) -> list[AuditTarget]:
     """Every kernel x kept autotune config, specialised as the launches specialise them for the
-    paper's setting (PAPER_TUBES, B=32, 3x32x224x224, dim 768, contiguous tensors).
+    paper's setting (PAPER_TUBES, B=32, 3x32x224x224, dim 768, contiguous tensors); forward and dW
+    also for a uint8 video ("-u8": `dtype` is then that of the weights, tokens and gradients).
 
-    The 16-bit forward and dW carry their main loops' budgets (_FWD_BUDGET, _BWD_W_BUDGET). "fp32"
+    The 16-bit forward and dW carry their main loops' budgets (_FWD_BUDGET, _BWD_W_BUDGET; on
+    uint8 pixels _PIXEL_BUDGET). "fp32"
     audits the exact-dot configs, which use FMAs: there matmul is False and no budget applies."""
     from tubevit_fast.geometry import PAPER_TUBES
 
@@ -879,6 +906,14 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
     launches += [("-scalar", _tube_embed_fwd_kernel, fwd, None, fwd_args),
                  ("-scalar", _tube_embed_bwd_weight_kernel, bwd_w if single else _BWD_W_CONFIGS_NARROW, None,
                   bwd_w_args)]
+    # uint8 pixels (weights, tokens and gradients in `dtype`): forward and dW load 4 pixels per
+    # 32-bit access (VEC 4) and convert them in registers (_PIXEL_BUDGET).
+    pixels = torch.empty(video.shape, dtype=torch.uint8, device=meta)
+    pixel_budget = None if single else _PIXEL_BUDGET
+    launches += [("-u8", _tube_embed_fwd_kernel, fwd, pixel_budget,
+                  _fwd_args(pixels, w, bias, pos, tokens, geo, cols, tubes, rows_class)),
+                 ("-u8", _tube_embed_bwd_weight_kernel, bwd_w if single else _BWD_W_CONFIGS_PIXELS, pixel_budget,
+                  _bwd_weight_args(pixels, tokens, dw_part, db_part, geo, cols, rtab, rtab, tubes, rows_class))]
     targets = []
     for suffix, autotuner, configs, budget, (args, flags) in launches:
         fn = autotuner.fn

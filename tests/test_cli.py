@@ -53,9 +53,9 @@ def _junk(tmp_path, name, text="not a video " * 40):
 
 USER_ERRORS = {
     "train: missing --data": (train.main, lambda t, c: ["--data", t / "nope", "--out", t / "out"],
-                              "dataset folder not found"),
+                              "no such file or folder"),
     "train: empty --data": (train.main, lambda t, c: ["--data", (t / "empty").mkdir() or t / "empty",
-                                                      "--out", t / "out"], "no .mp4/"),
+                                                      "--out", t / "out"], "has no class sub-folders"),
     "train: missing --resume": (train.main, lambda t, c: ["--resume", t / "nope.pt"], "checkpoint not found"),
     "train: corrupt --resume": (train.main, lambda t, c: ["--resume", _junk(t, "x.pt"), "--out", t / "out"],
                                 "not a PyTorch checkpoint file"),

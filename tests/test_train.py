@@ -1,6 +1,8 @@
 """tubevit_fast.train / predict: exact resume, learning, backend agreement, DDP on CPU, top-k."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +23,9 @@ def _run(tmp, *extra):
 
 
 def test_lr_schedule():
-    f = [T.lr_factor(s, 4, 20, 0.01) for s in range(20)]
+    from tubevit_fast.app.optim import lr_factor
+
+    f = [lr_factor(s, 4, 20, 0.01) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(f[3:], f[4:]))
     assert f[-1] > 0.01
@@ -91,8 +95,146 @@ def test_predict_prints_top_k(tmp_path, capsys):
     capsys.readouterr()
     results = predict.main([*paths, "--checkpoint", run["checkpoint"], "--top-k", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 6 and lines[0].startswith(paths[0]) and " 1. " in lines[0]
+    assert len(lines) == 7 and lines[0].startswith(paths[0]) and " 1. " in lines[0]
+    assert lines[-1].startswith("accuracy: top-1 ")  # the folders name the classes
     for _, ranked in results:
         probs = [p for _, p in ranked]
         assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
         assert {n for n, _ in ranked} <= set(SyntheticShapes.classes)
+
+
+# ---- recipe: drop-path, activation checkpointing, layer decay, EMA, accumulation ----------------
+
+from tubevit_fast.app.loop import train_step  # noqa: E402
+from tubevit_fast.app.optim import EMA, build_optimizer, param_groups  # noqa: E402
+from tubevit_fast.data import SMALL_TUBES  # noqa: E402
+from tubevit_fast.reference import model as reference  # noqa: E402
+from tubevit_fast.reference.model import drop_path  # noqa: E402
+
+
+def _tiny(depth=3, drop=0.0, seed=0, cls=reference.TubeViT):
+    torch.manual_seed(seed)
+    return cls(num_classes=5, tubes=SMALL_TUBES, dim=64, depth=depth, heads=2, drop_path=drop)
+
+
+def test_drop_path_zeroes_or_rescales_whole_samples():
+    torch.manual_seed(0)
+    lengths = [3, 5, 2, 4] * 50
+    cu = torch.tensor([0] + lengths).cumsum(0).int()
+    x = torch.randn(int(cu[-1]), 8) + 3.0  # no zero rows of its own
+    y = drop_path(x, 0.25, True, cu)
+    dropped = []
+    for i in range(len(lengths)):
+        seg, out = x[cu[i]:cu[i + 1]], y[cu[i]:cu[i + 1]]
+        zero, kept = torch.equal(out, torch.zeros_like(out)), torch.allclose(out, seg / 0.75)
+        assert zero != kept, i  # every token of a sample shares its draw
+        dropped.append(zero)
+    assert 0.15 < sum(dropped) / len(dropped) < 0.35
+    assert torch.equal(drop_path(x, 0.25, False, cu), x)  # eval: identity
+    batched = torch.randn(6, 4, 8)
+    out = drop_path(batched, 0.5, True)
+    assert all(torch.equal(o, torch.zeros_like(o)) or torch.allclose(o, b * 2) for o, b in zip(out, batched))
+
+
+def test_drop_path_rates_and_state_dict():
+    model = _tiny(depth=3, drop=0.2)
+    assert [b.drop_path for b in model.blocks] == [0.0, 0.1, 0.2]  # timm: linspace(0, rate, depth)
+    plain = _tiny(depth=3)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 8, 32, 32)
+    assert torch.equal(model.eval()(x), plain.eval()(x))  # same weights: the same function in eval
+
+
+@pytest.mark.parametrize("cls", [reference.TubeViT, __import__("tubevit_fast").TubeViT])
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients(cls):
+    model = _tiny(depth=2, drop=0.5, cls=cls).train()
+    samples = [torch.randn(3, 8, 32, 32), torch.randn(3, 32, 32), torch.randn(3, 8, 32, 32)]
+    results = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(7)  # the same drop-path draws; checkpointing must replay them in the backward
+        out = model(samples)
+        (out * torch.arange(5.0)).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name
+
+
+def test_layer_decay_groups():
+    model = _tiny(depth=3)
+    optimizer = build_optimizer(model, lr=0.1, weight_decay=0.05, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    # Layer 0: the tube embedding; block i: layer i + 1; the rest: layer 4 = depth + 1. lr 0.1 * 0.5 ** (4 - layer).
+    expected = {"tube_embed.weights.0": (0.1 * 0.5 ** 4, 0.05), "tube_embed.biases.1": (0.1 * 0.5 ** 4, 0.0),
+                "blocks.0.attn.qkv.weight": (0.1 * 0.5 ** 3, 0.05), "blocks.1.norm1.weight": (0.1 * 0.5 ** 2, 0.0),
+                "blocks.2.mlp.fc2.weight": (0.1 * 0.5, 0.05), "blocks.2.mlp.fc2.bias": (0.1 * 0.5, 0.0),
+                "norm.weight": (0.1, 0.0), "attn_pool.latent": (0.1, 0.0), "attn_pool.kv.weight": (0.1, 0.05),
+                "head.weight": (0.1, 0.05), "head.bias": (0.1, 0.0)}
+    for name, (lr, wd) in expected.items():
+        assert lr_of[id(params[name])] == pytest.approx(lr, rel=1e-12), name
+        assert wd_of[id(params[name])] == wd, name
+    assert sum(len(g["params"]) for g in param_groups(model, 0.05, 0.5)) == len(params)  # each parameter once
+
+
+def test_ema_update():
+    model = _tiny(depth=1)
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    ema = EMA(model, 0.9)
+    steps = []
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        steps.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    for name, e in ema.module.named_parameters():
+        want = 0.9 * (0.9 * start[name] + 0.1 * steps[0][name]) + 0.1 * steps[1][name]
+        assert torch.allclose(e.double(), want, atol=1e-5), name
+        assert not e.requires_grad
+
+
+def test_accumulation_equals_one_big_batch():
+    model = _tiny(depth=2).double()
+    torch.manual_seed(1)
+    samples = [torch.randn(3, 8, 32, 32, dtype=torch.float64) if i % 3 else torch.randn(3, 32, 32, dtype=torch.float64)
+               for i in range(5)]
+    labels = torch.tensor([0, 3, 1, 4, 2])
+    grads, losses = [], []
+    for accum in (1, 2, 5):
+        model.zero_grad()
+        loss, logits = train_step(model, samples, labels, accum_steps=accum, smoothing=0.1)
+        assert logits.shape == (5, 5)
+        losses.append(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    # The batch loss by hand: mean over the 5 samples of the smoothed cross-entropy.
+    with torch.no_grad():
+        logp = torch.log_softmax(model(samples), -1)
+    target = torch.full((5, 5), 0.1 / 5, dtype=torch.float64)
+    target[torch.arange(5), labels] += 0.9
+    assert torch.allclose(losses[0], -(target * logp).sum(-1).mean(), atol=1e-12)
+    for other, loss in zip(grads[1:], losses[1:]):
+        assert torch.allclose(loss, losses[0], atol=1e-12)
+        for name in other:
+            assert torch.allclose(other[name], grads[0][name], atol=1e-12), name
+
+
+def test_bf16_precision_on_cpu(tmp_path):
+    out = _run(tmp_path, "--steps", 2, "--batch-size", 4, "--train-items", 8, "--precision", "bf16")
+    ckpt = torch.load(out["checkpoint"], weights_only=True)
+    assert ckpt["args"]["precision"] == "bf16" and all(math.isfinite(r["loss"]) for r in out["history"])
+
+
+def test_eval_every_logs_validation_of_the_weights_and_the_ema(tmp_path):
+    out = T.main([*TINY[:-2], "--val-items", "8", "--out", str(tmp_path), "--steps", "3", "--batch-size", "4",
+                  "--train-items", "8", "--eval-every", "2", "--ema", "0.5"])
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [("val_top1" in r, "ema_val_top1" in r) for r in records[:3]] == [(False, False), (True, True),
+                                                                              (False, False)]
+    summary = records[-1]["summary"]
+    assert summary["val_top1"] == out["val_acc"] and 0 <= summary["ema_val_top5"] <= 1
+    assert summary["val_top1"] <= summary["val_top5"]

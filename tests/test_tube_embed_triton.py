@@ -388,7 +388,10 @@ def test_audit_targets_cover_every_kernel_and_config():
             per_kernel.setdefault(t.kernel, []).append(t)
             assert set(t.signature) == set(t.fn.arg_names)
             assert all(t.signature[k] == "constexpr" for k in t.constexprs)
-            assert t.signature["x_ptr" if "x_ptr" in t.signature else "dy_ptr"] == "*" + dtype
+            pixels = t.config.endswith("-u8")  # a uint8 video, the rest in `dtype`
+            assert t.signature["x_ptr" if "x_ptr" in t.signature else "dy_ptr"] == ("*u8" if pixels else "*" + dtype)
+            if pixels:
+                assert t.signature["w_ptr" if "w_ptr" in t.signature else "dy_ptr"] == "*" + dtype
             assert t.matmul is not single and {"BLOCK_M", "BLOCK_N", "BLOCK_K"} <= set(t.constexprs)
             # The paper tubes at W=224: kw 8/4/12/16, ow 0/8/16/0 and sw 32/32/32/16 allow 4-element
             # vectors (8 bytes in 16-bit, 16 in fp32); token rows of 768 channels 16-byte vectors.
@@ -402,16 +405,20 @@ def test_audit_targets_cover_every_kernel_and_config():
             budget = t.loop_budget
             if single or scalar or t.kernel == "_tube_embed_bwd_input_kernel":
                 assert budget is None
+            elif pixels:  # 32-bit pixel loads and wgmma; the instruction count is reported only
+                assert budget.max_non_mma_per_mma is None and budget.min_load_bits == 32
+                assert budget.hgmma_archs == ("sm_90",)
             else:
                 assert budget.max_non_mma_per_mma == 4 and budget.min_load_bits == 32
                 assert budget.hgmma_archs == ("sm_90",)
         fwd, bwd_w, bwd_x = ((te._FWD_CONFIGS_FP32, te._BWD_W_CONFIGS_FP32, te._BWD_X_CONFIGS_FP32) if single
                              else (te._FWD_CONFIGS, te._BWD_W_CONFIGS, te._BWD_X_CONFIGS))
-        # Each kernel plain, specialised for space-to-depth and (forward, dW) for scalar gathers,
-        # with the configs the launch keeps there; dX also in deterministic mode.
+        # Each kernel plain, specialised for space-to-depth and (forward, dW) for scalar gathers
+        # and a uint8 video, with the configs the launch keeps there; dX also in deterministic mode.
         narrow = bwd_w if single else te._BWD_W_CONFIGS_NARROW
-        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 3 * len(fwd)
-        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(bwd_w) + len(narrow)
+        pixel_w = bwd_w if single else te._BWD_W_CONFIGS_PIXELS
+        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 4 * len(fwd)
+        assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(bwd_w) + len(narrow) + len(pixel_w)
         assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 3 * len(bwd_x)
         s2d = [t for t in targets if t.config.endswith("-s2d")]
         assert s2d and all(t.constexprs["SPACE_TO_DEPTH"] for t in s2d)
@@ -423,9 +430,13 @@ def test_config_pruning_by_precision_vectors_and_shape():
     """The dW launch keeps the exact-fp32 configs for fp32, the narrow ones for scalar gathers, the
     wide ones otherwise, and drops tiles far larger than the problem unless nothing is left."""
     configs = te._BWD_W_CONFIGS + te._BWD_W_CONFIGS_NARROW + te._BWD_W_CONFIGS_FP32
-    prune = te._prune_for(te._BWD_W_CONFIGS_FP32, te._BWD_W_CONFIGS_NARROW)
+    prune = te._prune_for(te._BWD_W_CONFIGS_FP32, te._BWD_W_CONFIGS_NARROW, te._BWD_W_CONFIGS_PIXELS)
     paper = {"DIM": 768, "ROWS_CLASS": 32768}
     assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS
+    # A uint8 video keeps the tiles that do not spill with its in-register conversion.
+    pixels = {**paper, "x_ptr": torch.empty(1, dtype=torch.uint8)}
+    assert prune(configs, pixels, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS_PIXELS
+    assert prune(configs, pixels, DOT_PRECISION="ieee", VEC=4, DY_VEC=4) == te._BWD_W_CONFIGS_FP32
     assert prune(configs, paper, DOT_PRECISION="tf32", VEC=1, DY_VEC=8) == te._BWD_W_CONFIGS_NARROW
     assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=2) == te._BWD_W_CONFIGS_NARROW
     assert prune(configs, paper, DOT_PRECISION="ieee", VEC=1, DY_VEC=1) == te._BWD_W_CONFIGS_FP32

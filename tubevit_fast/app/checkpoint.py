@@ -1,8 +1,12 @@
 """Checkpoints of tubevit_fast.train: what they hold, how a model is rebuilt from one.
 
 A checkpoint is a dict saved with torch.save and read with torch.load(weights_only=True):
-    model         the model's state_dict (ema: the EMA weights' state_dict, when --ema was on)
-    model_config  what build_model needs (MODEL_KEYS): the shape, the classes, the input size
+    model         the model's state_dict
+    ema           the EMA weights' state_dict (only with --ema)
+    frozen        names of the parameters that do not train (--scale-from)
+    model_config  what build_model needs: num_classes, classes, tubes, dim, depth, heads, mlp_ratio,
+                  frames, size, mean, std (and qkv_bias, interpolated_from, gate_layer + source_dim
+                  for models made by --init / --scale-from)
     sampling      ClipSampling.to_dict(): how clips were sampled (evaluate and predict default to it)
     args          the train command's options (vars(args)); --resume takes its defaults from them
     step, optimizer, scheduler, rng: what resuming needs
@@ -16,24 +20,31 @@ import torch
 
 from tubevit_fast.cli import UsageError, one_line
 from tubevit_fast.data import SMALL_TUBES
-from tubevit_fast.geometry import PAPER_TUBES
+from tubevit_fast.geometry import PAPER_TUBES, check_fits
 
 TUBE_SETS = {"small": SMALL_TUBES, "paper": PAPER_TUBES}
 BACKEND_CHOICES = ("auto", "reference", "torch", "triton")
-# Model fields of the args that a checkpoint carries so predict/viz/evaluate can rebuild the model.
-MODEL_KEYS = ("num_classes", "classes", "tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size",
-              "mean", "std")
 CHECKPOINT = "last.pt"
 REQUIRED = ("model", "model_config", "step", "args")
 
 
 def build_model(cfg: dict, backend: str = "auto", **kwargs) -> torch.nn.Module:
-    """TubeViT from a checkpoint's model config (MODEL_KEYS). backend "reference" gives the
-    eager reference model; the others the fast one (same state_dict either way). kwargs go to
+    """TubeViT from a checkpoint's model config (see the module docstring). backend "reference" gives
+    the eager reference model; the others the fast one (same state_dict either way). kwargs go to
     the model (e.g. drop_path)."""
-    kwargs = dict(num_classes=cfg["num_classes"], tubes=TUBE_SETS[cfg["tubes"]], dim=cfg["dim"],
-                  depth=cfg["depth"], heads=cfg["heads"], mlp_ratio=cfg.get("mlp_ratio", 4.0),
+    tubes = TUBE_SETS[cfg["tubes"]]
+    kwargs = dict(num_classes=cfg["num_classes"], tubes=tubes, dim=cfg["dim"], depth=cfg["depth"],
+                  heads=cfg["heads"], mlp_ratio=cfg.get("mlp_ratio", 4.0), qkv_bias=cfg.get("qkv_bias", True),
                   pixel_mean=cfg.get("mean"), pixel_std=cfg.get("std"), **kwargs)
+    if cfg.get("interpolated_from"):
+        kwargs["interpolated_from"] = tuple(cfg["interpolated_from"])
+    if cfg.get("gate_layer"):
+        from tubevit_fast.convert import GatedTubeViT, ProjectedTubeEmbed
+
+        model = GatedTubeViT(**kwargs, gate_layer=cfg["gate_layer"], backend=backend)
+        projected = [i for i, t in enumerate(tubes) if not t.is_2d]
+        model.tube_embed = ProjectedTubeEmbed(tubes, 3, cfg["dim"], cfg["source_dim"], projected, backend=backend)
+        return model
     if backend == "reference":
         from tubevit_fast.reference.model import TubeViT as ReferenceTubeViT
 
@@ -41,6 +52,14 @@ def build_model(cfg: dict, backend: str = "auto", **kwargs) -> torch.nn.Module:
     from tubevit_fast.model import TubeViT
 
     return TubeViT(**kwargs, backend=backend)
+
+
+def check_input_size(tubes: str, frames: int, size: int) -> None:
+    """UsageError when a --frames x --size x --size clip is too small for a tube of the set."""
+    try:
+        check_fits(TUBE_SETS[tubes], (frames, size, size))
+    except ValueError as err:
+        raise UsageError(f"--frames {frames} --size {size}: {one_line(err)}") from None
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
@@ -88,5 +107,5 @@ def state_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return h.hexdigest()

@@ -123,7 +123,8 @@ def _make_selfcheck(backend: str, device: torch.device, dtype: torch.dtype, head
         golden = run(lambda v, ws, bs: tube_embed_reference(v, ws, bs, tubes), torch.float64)
         # Longest reduction: a patch (forward), a token's channels (dX), all tokens (dW, db).
         reduction = max(max(t.patch_size(channels) for t in tubes), max(widths), dout.shape[0] * dout.shape[1])
-        names = ["output"] + ([] if pixels else ["grad video"]) + [f"grad weight {i}" for i in range(n)] + [f"grad bias {i}" for i in range(n)]
+        names = (["output"] + ([] if pixels else ["grad video"]) + [f"grad weight {i}" for i in range(n)]
+                 + [f"grad bias {i}" for i in range(n)])
         for name, a, r, g in zip(names, fast, same_dtype, golden):
             verdict = numerics.judge(a, g, r, dtype, reduction)
             assert verdict.ok, verdict.describe(name)

@@ -24,8 +24,8 @@ Backward recomputes A_i (a cheap gather) instead of saving it:
          windows do not overlap, and adds each slice into a strided view of the gradient:
          exact, deterministic, and without full-size intermediates.
 
-uint8 pixels: the gather moves the uint8 pixels (a quarter of fp32's bytes; 4 pixels per
-int32 element where alignment allows), and only the gathered patches are converted to the
+uint8 pixels: the gather moves the uint8 pixels (a quarter of fp32's bytes; 4 to 16 pixels per
+wide element where alignment allows), and only the gathered patches are converted to the
 weights' dtype, never the whole video. The video takes no gradient then.
 
 Inputs are validated by tubevit_fast.ops.tube_embed; `pos` is a (N, dim) float32 constant.
