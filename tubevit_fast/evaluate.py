@@ -83,7 +83,7 @@ def main(argv=None) -> dict | None:
     from tubevit_fast.app.datasets import EvalViews
     from tubevit_fast.app.evaluate import checkpoint_sampling, evaluate, write_report
     from tubevit_fast.app.media import FileMedia
-    from tubevit_fast.train import setup_distributed
+    from tubevit_fast.app.runs import setup_distributed
 
     args = build_parser().parse_args(argv)
     check_positive(clips=args.clips, batch_size=args.batch_size)

@@ -78,9 +78,8 @@ def predict(paths, checkpoint, top_k: int = 5, backend: str = "auto", frames: in
 
 
 def main(argv=None):
-    from tubevit_fast.app.checkpoint import BACKEND_CHOICES, load_checkpoint
+    from tubevit_fast.app.checkpoint import BACKEND_CHOICES, check_input_size, load_checkpoint
     from tubevit_fast.app.evaluate import MultiViewMeter
-    from tubevit_fast.train import check_input_size
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.predict", description="Top-k classes of videos/images.")
     p.add_argument("inputs", nargs="+", help="video files (.mp4, ...) or images (.png, .jpg)")
