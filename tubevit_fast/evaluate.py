@@ -29,22 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     from tubevit_fast.app.sources import FORMATS
     from tubevit_fast.app.checkpoint import BACKEND_CHOICES
 
-    p = argparse.ArgumentParser(prog="python -m tubevit_fast.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tubevit_fast.evaluate",
+                                description="Multi-view top-1, top-5 and mean class accuracy of a checkpoint.")
     p.add_argument("--data", required=True, help="annotations: a class-per-folder root, a list file, a Kinetics "
                                                  "CSV or a Something-Something v2 JSON")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: inferred from --data")
     p.add_argument("--root", default=None, help="folder the annotation's paths are relative to")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by tubevit_fast.train")
-    p.add_argument("--clips", type=int, default=1, help="evenly spaced windows per video")
-    p.add_argument("--crops", type=int, choices=CROP_CHOICES, default=1, help="1: centre; 3: left/centre/right")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (each with clips x crops views)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding videos (0: in this process)")
+    p.add_argument("--clips", type=int, default=1, help="evenly spaced windows per video (default 1)")
+    p.add_argument("--crops", type=int, choices=CROP_CHOICES, default=1, help="1: centre (default); 3: left/centre/right")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass, each with clips x crops views (default 8)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding videos (default 0: in this process)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--bad-files", choices=("error", "skip"), default="error",
-                   help="a file that fails to decode: stop with its name, or skip it (counted in the summary)")
+                   help="a file that fails to decode: stop with its name (default), or skip it and count it")
     p.add_argument("--out", default=None, help="folder for the report files (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace the report of another evaluation in --out")
     return p
