@@ -273,3 +273,20 @@ def test_cli_under_a_process_group_scores_each_video_once_on_rank_0(setup, tmp_p
     alone, ddp = ([json.loads(line) for line in open(tmp_path / run / "scores.jsonl")] for run in ("alone", "ddp"))
     assert [r["path"] for r in ddp] == [r["path"] for r in alone] and sorted(r["path"] for r in ddp) == sorted(clips)
     np.testing.assert_allclose([r["scores"] for r in ddp], [r["scores"] for r in alone], rtol=1e-5)
+
+
+def test_bf16_autocast_on_the_cpu_scores_close_to_fp32(setup):
+    from tubevit_fast.app.checkpoint import load_checkpoint
+    from tubevit_fast.app.datasets import EvalViews
+    from tubevit_fast.app.evaluate import checkpoint_sampling
+    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.sources import load_annotations
+
+    checkpoint, folder, _ = setup
+    model, ckpt = load_checkpoint(checkpoint)
+    views = EvalViews(FileMedia(load_annotations(folder, classes=CLASSES)), checkpoint_sampling(ckpt), 32, crops=3)
+    fp32, bf16 = (evaluate(model, views, 4, "cpu", precision) for precision in ("fp32", "bf16"))
+    assert not np.array_equal(fp32.scores, bf16.scores)  # autocast did run
+    np.testing.assert_allclose(bf16.scores, fp32.scores, atol=0.02)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        evaluate(model, views, 4, "cpu", "fp16")
