@@ -14,6 +14,9 @@ Metrics, over the N videos scored:
   top-1 / top-5   the label is the best / among the min(5, classes) best of the averaged scores
   mean class acc  the mean over classes that have at least one video of that class's top-1 accuracy
   confusion       (classes, classes) counts, row = true class, column = predicted class
+
+Also here: `checkpoint_sampling` (the clip sampling evaluate and predict default to) and
+`write_report` (the files `python -m tubevit_fast.evaluate --out` writes, REPORT_FILES).
 """
 from __future__ import annotations
 
