@@ -6,6 +6,9 @@ import csv
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import torch
 from tubevit_fast import cli
 from tubevit_fast import evaluate as evaluate_cli
 from tubevit_fast.app.evaluate import MultiViewMeter, evaluate, shard, write_report
-from tubevit_fast.train import build_model
+from tubevit_fast.app.checkpoint import build_model
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:
@@ -23,14 +26,11 @@ def softmax64(logits: np.ndarray) -> np.ndarray:
 
 
 class ChannelMeanModel(torch.nn.Module):
-    """Logits = W @ (each channel's mean pixel) + b: a known function of every view. Takes uint8 as
-    the real model does (a tube embedding with pixel statistics)."""
+    """Logits = W @ (each channel's mean pixel) + b: a known function of every (uint8) view."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray):
         super().__init__()
         self.num_classes = weight.shape[0]
-        self.tube_embed = torch.nn.Module()
-        self.tube_embed.pixel_mean = torch.zeros(3)
         self.weight, self.bias = torch.from_numpy(weight), torch.from_numpy(bias)
         self.seen_batches = []
 
@@ -147,34 +147,9 @@ def test_ranks_merge_into_one_score_per_video():
         meters[0].merge(meters[1])
 
 
-def _evaluate_on_rank(rank, world, init_file, weight, bias, clips, labels, out_file):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        result = evaluate(ChannelMeanModel(weight, bias), FakeViews(clips, labels), batch_size=2, device="cpu")
-        if rank == 0:
-            torch.save({"indices": result.indices, "scores": result.scores}, out_file)
-        else:
-            assert result is None
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_ranks_of_a_process_group_gather_every_video_once_on_rank_0(tmp_path):
-    rng = np.random.default_rng()
-    weight, bias = rng.normal(size=(4, 3)) / 40, rng.normal(size=4)
-    clips = [torch.from_numpy(rng.integers(0, 256, size=(2, 3, 2, 4, 4), dtype=np.uint8)) for _ in range(5)]
-    labels = rng.integers(0, 4, size=5).tolist()
-    # fork: the ranks start in a blink (spawn re-imports torch); they run no CUDA and no big CPU ops.
-    torch.multiprocessing.start_processes(_evaluate_on_rank, args=(2, tmp_path / "init", weight, bias, clips, labels,
-                                                         tmp_path / "result.pt"), nprocs=2, start_method="fork")
-    gathered = torch.load(tmp_path / "result.pt", weights_only=False)
-    alone = evaluate(ChannelMeanModel(weight, bias), FakeViews(clips, labels), batch_size=2, device="cpu")
-    assert gathered["indices"].tolist() == [0, 1, 2, 3, 4]
-    np.testing.assert_allclose(gathered["scores"], alone.scores, rtol=1e-6)
-
-
 # ---- the command line ---------------------------------------------------------------------------
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["move_right", "move_left", "move_down", "move_up", "image_square", "image_disk", "image_triangle"]
 
 
@@ -269,3 +244,49 @@ def test_cli_bad_files_stop_or_are_skipped_and_counted(setup, tmp_path, capsys):
     warnings = [line for line in err if line.startswith("warning")]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipped {junk}: cannot be decoded as a video")
     assert json.load(open(tmp_path / "ev" / "summary.json"))["skipped"] == 1
+    # Nothing left to score: an error, not a report of nan accuracies.
+    (tmp_path / "junk" / "move_up").mkdir(parents=True)
+    shutil.copy(junk, tmp_path / "junk" / "move_up")
+    status, out, err = run_cli(["--data", tmp_path / "junk", "--checkpoint", checkpoint, "--bad-files", "skip",
+                                "--out", tmp_path / "ev2"], capsys)
+    assert status == cli.EXIT_ERROR and err[-1].endswith("every one of its 1 files failed to decode")
+    assert not (tmp_path / "ev2").exists()
+
+
+def test_cli_under_a_process_group_scores_each_video_once_on_rank_0(setup, tmp_path, capsys):
+    """Two ranks (the environment torchrun sets, gloo on the CPU): rank 0 alone prints and writes, and
+    its scores are those of one process."""
+    checkpoint, folder, clips = setup
+    argv = ["--data", folder, "--checkpoint", checkpoint, "--clips", "2", "--batch-size", "1"]
+    assert run_cli([*argv, "--out", tmp_path / "alone"], capsys)[0] == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-m", "tubevit_fast.evaluate", *argv, "--out", tmp_path / "ddp"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for rank in range(2)]
+    (out0, err0), (out1, err1) = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], err0[-2000:] + err1[-2000:]
+    assert out0.startswith("top-1 ") and "(4 videos x 2 views)" in out0 and out1 == ""
+    alone, ddp = ([json.loads(line) for line in open(tmp_path / run / "scores.jsonl")] for run in ("alone", "ddp"))
+    assert [r["path"] for r in ddp] == [r["path"] for r in alone] and sorted(r["path"] for r in ddp) == sorted(clips)
+    np.testing.assert_allclose([r["scores"] for r in ddp], [r["scores"] for r in alone], rtol=1e-5)
+
+
+def test_bf16_autocast_on_the_cpu_scores_close_to_fp32(setup):
+    from tubevit_fast.app.checkpoint import load_checkpoint
+    from tubevit_fast.app.datasets import EvalViews
+    from tubevit_fast.app.evaluate import checkpoint_sampling
+    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.sources import load_annotations
+
+    checkpoint, folder, _ = setup
+    model, ckpt = load_checkpoint(checkpoint)
+    views = EvalViews(FileMedia(load_annotations(folder, classes=CLASSES)), checkpoint_sampling(ckpt), 32, crops=3)
+    fp32, bf16 = (evaluate(model, views, 4, "cpu", precision) for precision in ("fp32", "bf16"))
+    assert not np.array_equal(fp32.scores, bf16.scores)  # autocast did run
+    np.testing.assert_allclose(bf16.scores, fp32.scores, atol=0.02)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        evaluate(model, views, 4, "cpu", "fp16")

@@ -115,11 +115,12 @@ def test_images_and_videos_together(clips, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (lambda t, c: [c[0], "--clips", "0"], "--clips must be >= 1"),
     (lambda t, c: [c[0], "--batch-size", "0"], "--batch-size must be >= 1"),
+    (lambda t, c: [c[0], "--frames", "2"], "--frames 2 --size 32: "),
     (lambda t, c: [c[0], t / "nope.mp4"], "no such video or image file"),
     (lambda t, c: [c[0], (t / "junk.mp4").write_text("junk " * 50) and t / "junk.mp4"], "junk.mp4: cannot be decoded"),
     (lambda t, c: [c[0], "--device", "cuda:7"] if not torch.cuda.is_available() else [t / "nope.mp4"], "cuda"
      if not torch.cuda.is_available() else "no such video"),
-], ids=["clips0", "batch0", "missing", "junk", "no-gpu"])
+], ids=["clips0", "batch0", "frames2", "missing", "junk", "no-gpu"])
 def test_bad_inputs_fail_in_one_line(argv, message, clips, tmp_path, capsys):
     status, out, err = run_cli([*argv(tmp_path, clips), "--checkpoint", make_checkpoint(tmp_path / "ckpt.pt")], capsys)
     assert status == cli.EXIT_ERROR

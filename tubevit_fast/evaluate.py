@@ -27,24 +27,24 @@ CROP_CHOICES = (1, 3)
 
 def build_parser() -> argparse.ArgumentParser:
     from tubevit_fast.app.sources import FORMATS
-    from tubevit_fast.train import BACKEND_CHOICES
+    from tubevit_fast.app.checkpoint import BACKEND_CHOICES
 
-    p = argparse.ArgumentParser(prog="python -m tubevit_fast.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tubevit_fast.evaluate",
+                                description="Multi-view top-1, top-5 and mean class accuracy of a checkpoint.")
     p.add_argument("--data", required=True, help="annotations: a class-per-folder root, a list file, a Kinetics "
                                                  "CSV or a Something-Something v2 JSON")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: inferred from --data")
     p.add_argument("--root", default=None, help="folder the annotation's paths are relative to")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by tubevit_fast.train")
-    p.add_argument("--clips", type=int, default=1, help="evenly spaced windows per video")
-    p.add_argument("--crops", type=int, choices=CROP_CHOICES, default=1, help="1: centre; 3: left/centre/right")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (each with clips x crops views)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding videos (0: in this process)")
+    p.add_argument("--clips", type=int, default=1, help="evenly spaced windows per video (default 1)")
+    p.add_argument("--crops", type=int, choices=CROP_CHOICES, default=1, help="1: centre (default); 3: left/centre/right")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass, each with clips x crops views (default 8)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding videos (default 0: in this process)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--bad-files", choices=("error", "skip"), default="error",
-                   help="a file that fails to decode: stop with its name, or skip it (counted in the summary)")
+                   help="a file that fails to decode: stop with its name (default), or skip it and count it")
     p.add_argument("--out", default=None, help="folder for the report files (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace the report of another evaluation in --out")
     return p
@@ -79,10 +79,11 @@ def load_dataset(args, classes: list[str]):
 
 
 def main(argv=None) -> dict | None:
+    from tubevit_fast.app.checkpoint import build_model, read_checkpoint
     from tubevit_fast.app.datasets import EvalViews
-    from tubevit_fast.app.media import FileMedia
     from tubevit_fast.app.evaluate import checkpoint_sampling, evaluate, write_report
-    from tubevit_fast.train import build_model, read_checkpoint, setup_distributed
+    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.runs import setup_distributed
 
     args = build_parser().parse_args(argv)
     check_positive(clips=args.clips, batch_size=args.batch_size)
@@ -115,6 +116,8 @@ def main(argv=None) -> dict | None:
             torch.distributed.destroy_process_group()
     if result is None:  # not rank 0
         return None
+    if not result.num_videos:
+        raise UsageError(f"--data {args.data}: every one of its {result.skipped} files failed to decode")
     summary = result.summary()
     skipped = f", {result.skipped} skipped" if result.skipped else ""
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  mean class accuracy "

@@ -38,8 +38,8 @@ def predict_stream(model, ckpt: dict, paths, top_k: int = 5, frames: int | None 
     time, from `model` (in eval mode) and its checkpoint `ckpt`. `meter` (a MultiViewMeter) also
     collects every input's scores."""
     from tubevit_fast.app.datasets import EvalViews, collate_eval
-    from tubevit_fast.app.media import FileMedia
     from tubevit_fast.app.evaluate import MultiViewMeter, checkpoint_sampling, score_batches
+    from tubevit_fast.app.media import FileMedia
     from tubevit_fast.app.sources import Annotations
 
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -71,15 +71,15 @@ def predict_stream(model, ckpt: dict, paths, top_k: int = 5, frames: int | None 
 def predict(paths, checkpoint, top_k: int = 5, backend: str = "auto", frames: int | None = None,
             size: int | None = None, stride: int | None = None, **options) -> list:
     """[(path, [(class name, probability), ...]), ...] best first; `options` as predict_stream's."""
-    from tubevit_fast.train import load_checkpoint
+    from tubevit_fast.app.checkpoint import load_checkpoint
 
     model, ckpt = load_checkpoint(checkpoint, backend)
     return list(predict_stream(model, ckpt, paths, top_k, frames, size, stride, **options))
 
 
 def main(argv=None):
+    from tubevit_fast.app.checkpoint import BACKEND_CHOICES, check_input_size, load_checkpoint
     from tubevit_fast.app.evaluate import MultiViewMeter
-    from tubevit_fast.train import BACKEND_CHOICES, load_checkpoint
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.predict", description="Top-k classes of videos/images.")
     p.add_argument("inputs", nargs="+", help="video files (.mp4, ...) or images (.png, .jpg)")
@@ -102,7 +102,10 @@ def main(argv=None):
     device = resolve_device(args.device)
     resolve_backends(args.backend, device)
     model, ckpt = load_checkpoint(args.checkpoint, args.backend)
-    classes = ckpt["model_config"]["classes"]
+    cfg = ckpt["model_config"]
+    classes = cfg["classes"]
+    if args.frames or args.size:
+        check_input_size(cfg["tubes"], args.frames or cfg["frames"], args.size or cfg["size"])
     meter = MultiViewMeter()
     results = []
     for path, ranked in predict_stream(model, ckpt, args.inputs, args.top_k, args.frames, args.size, args.stride,
@@ -113,7 +116,7 @@ def main(argv=None):
         results.append((path, ranked))
     if folder_labels(args.inputs, classes) is not None:
         result = meter.result(len(classes))
-        correct = int(round(result.top1 * result.num_videos))
+        correct = int((result.predictions == result.labels).sum())
         print(f"accuracy: top-1 {result.top1:.4f} ({correct}/{result.num_videos}), top-{min(5, len(classes))} "
               f"{result.top5:.4f} (labels from the inputs' folder names)")
     return results

@@ -14,6 +14,9 @@ Metrics, over the N videos scored:
   top-1 / top-5   the label is the best / among the min(5, classes) best of the averaged scores
   mean class acc  the mean over classes that have at least one video of that class's top-1 accuracy
   confusion       (classes, classes) counts, row = true class, column = predicted class
+
+Also here: `checkpoint_sampling` (the clip sampling evaluate and predict default to) and
+`write_report` (the files `python -m tubevit_fast.evaluate --out` writes, REPORT_FILES).
 """
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
-from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
 
 PRECISIONS = ("fp32", "bf16")
 TOP_K = 5
@@ -158,17 +159,6 @@ class MultiViewMeter:
         return EvalResult(indices, labels, scores, self.skipped)
 
 
-def model_input(model: torch.nn.Module, views: torch.Tensor) -> torch.Tensor:
-    """uint8 views as the model takes them: as they are when its tube embedding normalises uint8
-    itself (pixel_mean), else float normalised with the ImageNet statistics the tools train with."""
-    if hasattr(model.tube_embed, "pixel_mean"):
-        return views
-    shape = (1, -1) + (1,) * (views.dim() - 2)
-    mean = torch.tensor(DEFAULT_MEAN, device=views.device).view(shape)
-    std = torch.tensor(DEFAULT_STD, device=views.device).view(shape)
-    return (views.float() / 255 - mean) / std
-
-
 def _world(distributed: bool | None) -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -186,7 +176,7 @@ def score_batches(model: torch.nn.Module, loader, device: torch.device, precisio
     for views, labels, indices in loader:
         if not views:  # every file of the batch skipped as bad
             continue
-        flat = [view for video in views for view in model_input(model, video.to(device, non_blocking=True))]
+        flat = [view for video in views for view in video.to(device, non_blocking=True)]  # uint8: the model normalises
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(flat)
         scores = meter.add(logits.float(), [len(v) for v in views], labels.tolist(), indices.tolist())
