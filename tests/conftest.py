@@ -72,3 +72,9 @@ def _clean_backend_env(monkeypatch):
     monkeypatch.delenv(backends.ENV_SELFCHECK, raising=False)
     yield
     backends.reset_selfchecks()
+
+
+@pytest.fixture(autouse=True)
+def _private_clip_index_cache(tmp_path_factory, monkeypatch):
+    """The command lines cache their clip index under $XDG_CACHE_HOME: tests never touch the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))

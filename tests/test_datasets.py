@@ -138,10 +138,16 @@ def test_joint_images_follow_the_videos():
 def test_damaged_file_skipped_with_one_warning_and_counted(folder, capfd):
     ann = load_annotations(folder)
     broken = str(folder / "run" / "broken.mp4")
-    with pytest.warns(UserWarning, match="broken.mp4"):                 # the clip index leaves it out
-        media = FileMedia.indexed(ann, progress=False, workers=0)
-    assert broken not in media.infos and len(media.infos) == 3
-    data = TrainClips(media, ClipSampling(4), seed=0)
+    media = FileMedia.indexed(ann, progress=False, workers=0)               # skipped from the start
+    assert broken not in media.infos and len(media.infos) == 3 and media.unreadable == [broken]
+    assert [p for p, _ in media.samples] == [p for p, _ in ann.samples if p != broken]
+    lines = [line for line in capfd.readouterr().err.splitlines() if line]
+    assert lines[0].startswith(f"warning: skipped {broken}: ") and lines[1:] == [
+        "warning: skipped 1 of 4 videos that cannot be decoded"]
+    with pytest.raises(MediaError, match=rf"1 of 4 videos cannot be decoded, e.g. {broken}: "):
+        FileMedia.indexed(ann, progress=False, workers=0, bad_files="error")
+
+    data = TrainClips(FileMedia(ann), ClipSampling(4), seed=0)                # unindexed: skipped when drawn
     sampler = StepBatchSampler(len(data), len(data), seed=0, start=0, stop=2)   # every item in every batch
     batches = list(torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate_train))
     assert [(len(samples), len(labels), skipped) for samples, labels, skipped in batches] == [(4, 4, 1)] * 2

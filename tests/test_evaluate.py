@@ -235,21 +235,24 @@ def test_cli_bad_files_stop_or_are_skipped_and_counted(setup, tmp_path, capsys):
     shutil.copytree(folder, data)
     junk = data / "move_up" / "junk.mp4"
     junk.write_text("not a video " * 40)
-    status, out, err = run_cli(["--data", data, "--checkpoint", checkpoint], capsys)
-    assert status == cli.EXIT_ERROR and not out and err[0].startswith("evaluate: 5 videos")
-    assert len(err) == 2 and err[1].startswith(f"error: {junk}: cannot be decoded as a video")
+    # Found when the clip index is built: refused before anything is scored or written.
+    status, out, err = run_cli(["--data", data, "--checkpoint", checkpoint, "--out", tmp_path / "ev"], capsys)
+    assert status == cli.EXIT_ERROR and not out and len(err) == 1, err
+    assert err[0].startswith(f"error: --data: 1 of 5 videos cannot be decoded, e.g. {junk}: cannot be decoded as a")
+    assert not (tmp_path / "ev").exists()
     status, out, err = run_cli(["--data", data, "--checkpoint", checkpoint, "--bad-files", "skip",
                                 "--out", tmp_path / "ev"], capsys)
     assert status == 0 and out[0].endswith(f"({len(clips)} videos x 1 views, 1 skipped)")
     warnings = [line for line in err if line.startswith("warning")]
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipped {junk}: cannot be decoded as a video")
+    assert len(warnings) == 2 and warnings[0].startswith(f"warning: skipped {junk}: cannot be decoded as a video")
+    assert warnings[1] == "warning: skipped 1 of 5 videos that cannot be decoded"
     assert json.load(open(tmp_path / "ev" / "summary.json"))["skipped"] == 1
     # Nothing left to score: an error, not a report of nan accuracies.
     (tmp_path / "junk" / "move_up").mkdir(parents=True)
     shutil.copy(junk, tmp_path / "junk" / "move_up")
     status, out, err = run_cli(["--data", tmp_path / "junk", "--checkpoint", checkpoint, "--bad-files", "skip",
                                 "--out", tmp_path / "ev2"], capsys)
-    assert status == cli.EXIT_ERROR and err[-1].endswith("every one of its 1 files failed to decode")
+    assert status == cli.EXIT_ERROR and err[-1].endswith("none of its 1 files can be decoded")
     assert not (tmp_path / "ev2").exists()
 
 
@@ -278,7 +281,7 @@ def test_cli_under_a_process_group_scores_each_video_once_on_rank_0(setup, tmp_p
 def test_bf16_autocast_on_the_cpu_scores_close_to_fp32(setup):
     from tubevit_fast.app.checkpoint import load_checkpoint
     from tubevit_fast.app.datasets import EvalViews
-    from tubevit_fast.app.evaluate import checkpoint_sampling
+    from tubevit_fast.app.checkpoint import checkpoint_sampling
     from tubevit_fast.app.media import FileMedia
     from tubevit_fast.app.sources import load_annotations
 

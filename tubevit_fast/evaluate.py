@@ -28,6 +28,7 @@ CROP_CHOICES = (1, 3)
 def build_parser() -> argparse.ArgumentParser:
     from tubevit_fast.app.sources import FORMATS
     from tubevit_fast.app.checkpoint import BACKEND_CHOICES
+    from tubevit_fast.app.decode import DECODERS
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.evaluate",
                                 description="Multi-view top-1, top-5 and mean class accuracy of a checkpoint.")
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--bad-files", choices=("error", "skip"), default="error",
                    help="a file that fails to decode: stop with its name (default), or skip it and count it")
+    p.add_argument("--ema", action="store_true", help="score the checkpoint's EMA weights (train --ema) instead "
+                                                      "of its raw weights")
+    p.add_argument("--decoder", choices=DECODERS, default="pyav", help="video decoder (default pyav; torchcodec "
+                                                                       "gives the same frames)")
+    p.add_argument("--clip-index", default=None, help="clip index cache file (default: $XDG_CACHE_HOME or "
+                                                      "~/.cache, /tubevit_fast/clip_index.json)")
     p.add_argument("--out", default=None, help="folder for the report files (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace the report of another evaluation in --out")
     return p
@@ -79,10 +86,10 @@ def load_dataset(args, classes: list[str]):
 
 
 def main(argv=None) -> dict | None:
-    from tubevit_fast.app.checkpoint import build_model, read_checkpoint
+    from tubevit_fast.app.checkpoint import build_model, checkpoint_sampling, checkpoint_weights, read_checkpoint
     from tubevit_fast.app.datasets import EvalViews
-    from tubevit_fast.app.evaluate import checkpoint_sampling, evaluate, write_report
-    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.evaluate import evaluate, write_report
+    from tubevit_fast.app.media import index_for_cli
     from tubevit_fast.app.runs import setup_distributed
 
     args = build_parser().parse_args(argv)
@@ -95,20 +102,26 @@ def main(argv=None) -> dict | None:
     resolve_backends(args.backend, device, cfg["dim"] // cfg["heads"])
     annotations = load_dataset(args, cfg["classes"])
     check_out(args.out, args.overwrite)
+    weights = checkpoint_weights(ckpt, args.ema, args.checkpoint)
     sampling = checkpoint_sampling(ckpt)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
+    # The process group first: rank 0 builds the clip index (in this process, before any DataLoader
+    # worker starts) while the others wait for it.
     rank, world, device = setup_distributed(device)
+    media = index_for_cli(annotations, "--data", args.clip_index, args.bad_files, args.decoder,
+                          progress=rank == 0 and sys.stderr.isatty(), workers=args.workers)
+    if not len(media):
+        raise UsageError(f"--data {args.data}: none of its {len(annotations.samples)} files can be decoded")
     model = build_model(cfg, args.backend)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(weights)
     model.to(device)
-    dataset = EvalViews(FileMedia(annotations), sampling, cfg["size"], clips=args.clips, crops=args.crops,
-                        bad_files=args.bad_files)
+    dataset = EvalViews(media, sampling, cfg["size"], clips=args.clips, crops=args.crops, bad_files=args.bad_files)
     views = args.clips * args.crops
     if rank == 0:
         print(f"evaluate: {len(dataset)} videos x {views} views ({args.clips} clips x {args.crops} crops, "
               f"{sampling.frames} frames, {sampling.mode} stride {sampling.stride}, {cfg['size']}px) | {device} "
-              f"{precision} | {world} rank(s)", file=sys.stderr, flush=True)
+              f"{precision}{' | EMA weights' if args.ema else ''} | {world} rank(s)", file=sys.stderr, flush=True)
     try:
         result = evaluate(model, dataset, args.batch_size, device, precision, args.workers, distributed=world > 1)
     finally:
@@ -118,6 +131,7 @@ def main(argv=None) -> dict | None:
         return None
     if not result.num_videos:
         raise UsageError(f"--data {args.data}: every one of its {result.skipped} files failed to decode")
+    result.skipped += len(media.unreadable)  # left out when the clip index was built
     summary = result.summary()
     skipped = f", {result.skipped} skipped" if result.skipped else ""
     print(f"top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  mean class accuracy "
@@ -125,7 +139,8 @@ def main(argv=None) -> dict | None:
     if args.out:
         extra = {"checkpoint": os.path.abspath(args.checkpoint), "data": args.data, "clips": args.clips,
                  "crops": args.crops, "sampling": sampling.to_dict(), "size": cfg["size"], "precision": precision}
-        for path in write_report(result, args.out, cfg["classes"], [p for p, _ in annotations.samples], extra):
+        extra["weights"] = "ema" if args.ema else "model"
+        for path in write_report(result, args.out, cfg["classes"], [p for p, _ in media.samples], extra):
             print(path, file=sys.stderr)
     return {"result": result, "summary": summary}
 

@@ -33,13 +33,16 @@ def folder_labels(paths: Sequence[str], classes: Sequence[str]) -> list[int] | N
 
 def predict_stream(model, ckpt: dict, paths, top_k: int = 5, frames: int | None = None, size: int | None = None,
                    stride: int | None = None, clips: int = 1, crops: int = 1, batch_size: int = 8, device=None,
-                   workers: int = 0, meter=None) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+                   workers: int = 0, meter=None, decoder: str = "pyav", clip_index=None,
+                   progress: bool = False) -> Iterator[tuple[str, list[tuple[str, float]]]]:
     """(path, [(class name, probability), ...] best first) per input, in input order, a batch at a
     time, from `model` (in eval mode) and its checkpoint `ckpt`. `meter` (a MultiViewMeter) also
-    collects every input's scores."""
+    collects every input's scores. The videos are indexed first (the clip index, cached in the file
+    `clip_index`; None: the user's cache), so each is decoded once, at its windows only."""
     from tubevit_fast.app.datasets import EvalViews, collate_eval
-    from tubevit_fast.app.evaluate import MultiViewMeter, checkpoint_sampling, score_batches
-    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.checkpoint import checkpoint_sampling
+    from tubevit_fast.app.evaluate import MultiViewMeter, score_batches
+    from tubevit_fast.app.media import index_for_cli
     from tubevit_fast.app.sources import Annotations
 
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -55,7 +58,8 @@ def predict_stream(model, ckpt: dict, paths, top_k: int = 5, frames: int | None 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such video or image file: {path}")
     labels = folder_labels(paths, cfg["classes"]) or [0] * len(paths)
-    media = FileMedia(Annotations(list(zip(paths, labels)), list(cfg["classes"])))
+    media = index_for_cli(Annotations(list(zip(paths, labels)), list(cfg["classes"])), "inputs", clip_index,
+                          bad_files="error", decoder=decoder, progress=progress)
     dataset = EvalViews(media, sampling, size or cfg["size"], clips=clips, crops=crops)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate_eval)
@@ -69,16 +73,18 @@ def predict_stream(model, ckpt: dict, paths, top_k: int = 5, frames: int | None 
 
 
 def predict(paths, checkpoint, top_k: int = 5, backend: str = "auto", frames: int | None = None,
-            size: int | None = None, stride: int | None = None, **options) -> list:
-    """[(path, [(class name, probability), ...]), ...] best first; `options` as predict_stream's."""
+            size: int | None = None, stride: int | None = None, ema: bool = False, **options) -> list:
+    """[(path, [(class name, probability), ...]), ...] best first, from the checkpoint's weights (its EMA
+    weights with ema=True); `options` as predict_stream's."""
     from tubevit_fast.app.checkpoint import load_checkpoint
 
-    model, ckpt = load_checkpoint(checkpoint, backend)
+    model, ckpt = load_checkpoint(checkpoint, backend, ema=ema)
     return list(predict_stream(model, ckpt, paths, top_k, frames, size, stride, **options))
 
 
 def main(argv=None):
     from tubevit_fast.app.checkpoint import BACKEND_CHOICES, check_input_size, load_checkpoint
+    from tubevit_fast.app.decode import DECODERS
     from tubevit_fast.app.evaluate import MultiViewMeter
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.predict", description="Top-k classes of videos/images.")
@@ -94,6 +100,11 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--stride", type=int, default=None, help="default: the checkpoint's sampling")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (train --ema) instead of its "
+                                                      "raw weights")
+    p.add_argument("--decoder", choices=DECODERS, default="pyav", help="video decoder (torchcodec: the same frames)")
+    p.add_argument("--clip-index", default=None, help="clip index cache file (default: $XDG_CACHE_HOME or "
+                                                      "~/.cache, /tubevit_fast/clip_index.json)")
     args = p.parse_args(argv)
     check_positive(top_k=args.top_k, frames=args.frames, size=args.size, stride=args.stride, clips=args.clips,
                    batch_size=args.batch_size)
@@ -101,7 +112,7 @@ def main(argv=None):
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     device = resolve_device(args.device)
     resolve_backends(args.backend, device)
-    model, ckpt = load_checkpoint(args.checkpoint, args.backend)
+    model, ckpt = load_checkpoint(args.checkpoint, args.backend, ema=args.ema)
     cfg = ckpt["model_config"]
     classes = cfg["classes"]
     if args.frames or args.size:
@@ -110,7 +121,8 @@ def main(argv=None):
     results = []
     for path, ranked in predict_stream(model, ckpt, args.inputs, args.top_k, args.frames, args.size, args.stride,
                                        clips=args.clips, crops=args.crops, batch_size=args.batch_size,
-                                       device=device, workers=args.workers, meter=meter):
+                                       device=device, workers=args.workers, meter=meter, decoder=args.decoder,
+                                       clip_index=args.clip_index, progress=sys.stderr.isatty()):
         for rank, (name, prob) in enumerate(ranked, 1):
             print(f"{path}  {rank}. {name}  {prob:.4f}", flush=True)
         results.append((path, ranked))

@@ -53,7 +53,8 @@ from tubevit_fast.cli import UsageError, run
 # Options a resumed run cannot change (the model's shape and the input size it was trained on).
 FIXED_ON_RESUME = ("tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size")
 # Options that belong to one invocation: never taken from a checkpoint.
-PER_RUN = ("resume", "device", "no_progress", "threads", "workers", "stop_after", "overwrite", "compile")
+PER_RUN = ("resume", "device", "no_progress", "threads", "workers", "stop_after", "overwrite", "compile", "decoder",
+           "clip_index")
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -74,6 +75,7 @@ def _randaug(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from tubevit_fast.app.datasets import BAD_FILES
+    from tubevit_fast.app.decode import DECODERS
     from tubevit_fast.app.sampling import MODES
     from tubevit_fast.app.sources import FORMATS
 
@@ -101,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=32, help="frame / image side the model sees")
     d.add_argument("--bad-files", choices=BAD_FILES, default="skip",
                    help="a file that fails to decode: skip it (one warning, counted) or stop with its name")
-    d.add_argument("--decoder", choices=("pyav", "torchcodec"), default=None,
-                   help="video decoder (default: the data reader's, PyAV)")
+    d.add_argument("--decoder", choices=DECODERS, default="pyav",
+                   help="video decoder (torchcodec: pip install torchcodec; the same frames)")
+    d.add_argument("--clip-index", default=None,
+                   help="clip index cache file (frame counts and keyframes, probed once per file; default: "
+                        "$XDG_CACHE_HOME or ~/.cache, /tubevit_fast/clip_index.json)")
     d.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding videos (0: in this process)")
     a = p.add_argument_group("augmentation (training; one draw per clip, applied to every frame)")
     a.add_argument("--scale", type=_pair, default=None,

@@ -7,7 +7,8 @@ A checkpoint is a dict saved with torch.save and read with torch.load(weights_on
     model_config  what build_model needs: num_classes, classes, tubes, dim, depth, heads, mlp_ratio,
                   frames, size, mean, std (and qkv_bias, interpolated_from, gate_layer + source_dim
                   for models made by --init / --scale-from)
-    sampling      ClipSampling.to_dict(): how clips were sampled (evaluate and predict default to it)
+    sampling      ClipSampling.to_dict(): how clips were sampled (evaluate and predict default to it,
+                  checkpoint_sampling)
     args          the train command's options (vars(args)); --resume takes its defaults from them
     step, optimizer, scheduler, rng: what resuming needs
 """
@@ -94,12 +95,35 @@ def read_weights_file(path, map_location="cpu"):
         raise UsageError(f"{path}: not a PyTorch checkpoint file ({one_line(RuntimeError(message))})") from None
 
 
-def load_checkpoint(path, backend: str = "auto", map_location="cpu"):
-    """(model in eval mode, checkpoint dict) from a train.py checkpoint (see read_checkpoint)."""
+def checkpoint_weights(ckpt: dict, ema: bool = False, path=None) -> dict:
+    """The state_dict to score: the raw weights, or with ema=True the EMA weights (UsageError when the
+    run kept none)."""
+    if not ema:
+        return ckpt["model"]
+    if "ema" not in ckpt:
+        raise UsageError(f"--ema: {path or 'the checkpoint'} holds no EMA weights (train with --ema DECAY to "
+                         f"keep them)")
+    return ckpt["ema"]
+
+
+def load_checkpoint(path, backend: str = "auto", map_location="cpu", ema: bool = False):
+    """(model in eval mode, checkpoint dict) from a train.py checkpoint (see read_checkpoint), with its
+    EMA weights when ema=True."""
     ckpt = read_checkpoint(path, map_location)
     model = build_model(ckpt["model_config"], backend)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(checkpoint_weights(ckpt, ema, path))
     return model.eval(), ckpt
+
+
+def checkpoint_sampling(ckpt: dict):
+    """The ClipSampling a checkpoint was trained with: ckpt["sampling"], or for a checkpoint older than
+    it, its arguments (--frames; --stride: a window that far apart, else one frame per segment)."""
+    from tubevit_fast.app.sampling import ClipSampling
+
+    if "sampling" in ckpt:
+        return ClipSampling.from_dict(ckpt["sampling"])
+    frames, stride = ckpt["model_config"]["frames"], ckpt["args"].get("stride")
+    return ClipSampling(frames, stride, "window") if stride else ClipSampling(frames, 1, "segments")
 
 
 def state_hash(model: torch.nn.Module) -> str:

@@ -2,6 +2,7 @@
 once per dataset so that sampling knows a clip's length and workers seek without probing again.
 
     index = build_clip_index(paths, cache_file="train.clip_index.json")   # {path: VideoInfo}
+    media = FileMedia.indexed(annotations, cache_file, bad_files="skip")   # what the command lines use
     frames = read_frames(path, indices, short_side=224, info=index[path])
 
 Probing decodes each file once without converting pixels (decode.probe: headers can be wrong about
@@ -65,15 +66,18 @@ def _probe_one(path: str) -> VideoInfo | MediaError:
         return err
 
 
-def build_clip_index(paths: Iterable, cache_file=None, progress: bool = True, workers: int | None = None,
-                     bad_files: str = "raise") -> dict[str, VideoInfo]:
-    """{absolute path: VideoInfo} for `paths`, from the cache where the file is unchanged.
+def default_cache_file() -> str:
+    """The clip index cache the command lines share: $XDG_CACHE_HOME (or ~/.cache)/tubevit_fast/
+    clip_index.json. One file serves every dataset: entries are keyed by absolute path, size and mtime."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "tubevit_fast", "clip_index.json")
 
-    workers: processes probing in parallel (None: one per core; 0 or 1: probe in this process).
-    bad_files: "raise" (MediaError naming the first file that cannot be decoded and how many
-    cannot) or "skip" (left out of the index, one warning naming the first and how many)."""
-    if bad_files not in BAD_FILES:
-        raise ValueError(f"bad_files must be one of {BAD_FILES}, got {bad_files!r}")
+
+def index_videos(paths: Iterable, cache_file=None, progress: bool = True, workers: int | None = None
+                 ) -> tuple[dict[str, VideoInfo], dict[str, MediaError]]:
+    """({absolute path: VideoInfo}, {absolute path: MediaError} for the files that cannot be decoded),
+    in the order of `paths`; unchanged files come from the cache. workers: processes probing in
+    parallel (None: one per core; 0 or 1: probe in this process)."""
     paths = list(dict.fromkeys(os.path.abspath(os.fspath(p)) for p in paths))
     cache_file = None if cache_file is None else os.fspath(cache_file)
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -96,13 +100,26 @@ def build_clip_index(paths: Iterable, cache_file=None, progress: bool = True, wo
     if cache_file is not None and len(failed) < len(todo):
         cached.update({p: (stamps[p], index[p]) for p in todo if p in index})
         _save_cache(cache_file, cached)
+    return {p: index[p] for p in paths if p in index}, {p: failed[p] for p in paths if p in failed}
+
+
+def build_clip_index(paths: Iterable, cache_file=None, progress: bool = True, workers: int | None = None,
+                     bad_files: str = "raise") -> dict[str, VideoInfo]:
+    """{absolute path: VideoInfo} for `paths`, from the cache where the file is unchanged (index_videos).
+
+    bad_files: "raise" (MediaError naming the first file that cannot be decoded and how many
+    cannot) or "skip" (left out of the index, one warning naming the first and how many)."""
+    if bad_files not in BAD_FILES:
+        raise ValueError(f"bad_files must be one of {BAD_FILES}, got {bad_files!r}")
+    paths = list(paths)
+    index, failed = index_videos(paths, cache_file, progress, workers)
     if failed:
         first = next(iter(failed.values()))
         if bad_files == "raise":
-            raise MediaError(f"{len(failed)} of {len(paths)} videos cannot be decoded, e.g. {first}")
-        warnings.warn(f"clip index: skipping {len(failed)} of {len(paths)} videos that cannot be decoded, "
-                      f"e.g. {first}", stacklevel=2)
-    return {p: index[p] for p in paths if p in index}
+            raise MediaError(f"{len(failed)} of {len(index) + len(failed)} videos cannot be decoded, e.g. {first}")
+        warnings.warn(f"clip index: skipping {len(failed)} of {len(index) + len(failed)} videos that cannot be "
+                      f"decoded, e.g. {first}", stacklevel=2)
+    return index
 
 
 @contextlib.contextmanager

@@ -15,8 +15,7 @@ Metrics, over the N videos scored:
   mean class acc  the mean over classes that have at least one video of that class's top-1 accuracy
   confusion       (classes, classes) counts, row = true class, column = predicted class
 
-Also here: `checkpoint_sampling` (the clip sampling evaluate and predict default to) and
-`write_report` (the files `python -m tubevit_fast.evaluate --out` writes, REPORT_FILES).
+Also here: `write_report` (the files `python -m tubevit_fast.evaluate --out` writes, REPORT_FILES).
 """
 from __future__ import annotations
 
@@ -224,17 +223,6 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device, precision
         for other in meters:
             meter.merge(other)
     return meter.result(model.num_classes)
-
-
-def checkpoint_sampling(ckpt: dict):
-    """The ClipSampling a checkpoint was trained with: ckpt["sampling"], or for a checkpoint older than
-    it, its arguments (--frames; --stride: a window that far apart, else one frame per segment)."""
-    from tubevit_fast.app.sampling import ClipSampling
-
-    if "sampling" in ckpt:
-        return ClipSampling.from_dict(ckpt["sampling"])
-    frames, stride = ckpt["model_config"]["frames"], ckpt["args"].get("stride")
-    return ClipSampling(frames, stride, "window") if stride else ClipSampling(frames, 1, "segments")
 
 
 # ---- report files --------------------------------------------------------------------------------

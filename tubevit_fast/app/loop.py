@@ -66,7 +66,7 @@ def make_data(args, classes: list[str] | None = None) -> Data:
                                     flip=not args.no_flip, randaug=args.randaug, reprob=args.reprob)
     except ValueError as err:
         raise _data_error("augmentation", err) from None
-    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.media import FileMedia, index_for_cli
     from tubevit_fast.app.sources import check_files, load_annotations, load_images, merge_label_spaces
 
     try:
@@ -85,23 +85,21 @@ def make_data(args, classes: list[str] | None = None) -> Data:
             check_files(val, "--val-data")
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(one_line(err)) from None
-    def media(annotations):
-        if args.decoder is None:
-            return FileMedia(annotations)
-        try:
-            return FileMedia(annotations, decoder=args.decoder)
-        except TypeError:
-            raise UsageError("--decoder: this version's data reader has no decoder choice (PyAV only)") from None
+    def media(annotations, what):
+        return index_for_cli(annotations, what, args.clip_index, args.bad_files, args.decoder,
+                             progress=not args.no_progress, workers=args.workers)
 
+    train_media, val_media = media(videos, "--data"), media(val, "--val-data") if val else None
     # Decoded with the short side a little above the crop (256 for 224), as the video stacks do.
     short_side = round(args.size * 8 / 7)
-    train = TrainClips(media(videos), sampling, transform, seed=args.seed, short_side=short_side,
-                       bad_files=args.bad_files, images=media(images) if images else None)
-    val_set = (EvalViews(media(val), sampling, args.size, bad_files=args.bad_files) if val else None)
-    kinds = f"{len(videos)} videos" + (f" + {len(images)} images (ratio {args.image_ratio})" if images else "")
+    train = TrainClips(train_media, sampling, transform, seed=args.seed, short_side=short_side,
+                       bad_files=args.bad_files, images=FileMedia(images) if images else None)
+    val_set = (EvalViews(val_media, sampling, args.size, bad_files=args.bad_files) if val else None)
+    kinds = f"{len(train_media)} videos" + (f" + {len(images)} images (ratio {args.image_ratio})" if images else "")
     description = f"data {args.data}: {kinds}, {len(videos.classes)} classes" + (
-        f", {len(val)} val" if val else "")
-    return Data(train, len(videos), len(images) if images else 0, val_set, list(videos.classes), sampling,
+        f", {len(val_media)} val" if val else "") + (f", {unreadable} unreadable skipped" if unreadable else "")
+    unreadable = len(train_media.unreadable) + (len(val_media.unreadable) if val_media else 0)
+    return Data(train, len(train_media), len(images) if images else 0, val_set, list(videos.classes), sampling,
                 description)
 
 
@@ -242,7 +240,8 @@ def train_step(net, samples: list, labels: torch.Tensor, *, accum_steps: int = 1
         samples, targets = mixer(samples, labels, key=key)
         targets = targets.to(labels.device)
     total = len(samples)
-    bounds = [round(i * total / accum_steps) for i in range(accum_steps + 1)]
+    # Floor: the last micro-batch, the one that syncs DDP's gradients, is never empty.
+    bounds = [i * total // accum_steps for i in range(accum_steps + 1)]
     device_type = labels.device.type
     losses, all_logits = [], []
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
@@ -266,6 +265,19 @@ def train_step(net, samples: list, labels: torch.Tensor, *, accum_steps: int = 1
 
 # ---- the run ------------------------------------------------------------------------------------
 
+def step_agreement(has_samples: bool, skipped: int, world: int, device) -> tuple[bool, int]:
+    """(whether this step trains, items skipped on all ranks). Under DDP every rank must take part in
+    a step's gradient all-reduce, so a rank whose every file was skipped would leave the others
+    waiting: when any rank has nothing to train on, every rank skips the step together."""
+    if world == 1:
+        return has_samples, skipped
+    import torch.distributed as dist
+
+    t = torch.tensor([float(not has_samples), float(skipped)], device=device)
+    dist.all_reduce(t)
+    return t[0].item() == 0, int(t[1].item())
+
+
 def evaluate_model(model, dataset, args, device, world: int):
     """EvalResult on `dataset` (rank 0; None elsewhere)."""
     from tubevit_fast.app.evaluate import evaluate
@@ -280,8 +292,9 @@ def train(args, ckpt: dict | None = None, notes=()) -> dict:
         torch.set_num_threads(args.threads)
     if args.precision is None:
         args.precision = "bf16" if resolve_device(args.device).type == "cuda" else "fp32"
+    # The process group first: rank 0 builds the clip index while the others wait for it.
+    rank, world, device = runs.setup_distributed(resolve_device(args.device))
     prep = prepare(args, ckpt)
-    rank, world, device = runs.setup_distributed(prep.device)
     is_main = rank == 0
     data, cfg = prep.data, prep.model_config
 
@@ -423,10 +436,11 @@ def train(args, ckpt: dict | None = None, notes=()) -> dict:
     tick = time.perf_counter()
     with runs.StopRequest(world) as ctrl_c:
         for step, (samples, labels, skipped) in zip(range(start, stop), loader):
+            trainable, skipped = step_agreement(bool(samples), skipped, world, device)
             skipped_total += skipped
             lr = optimizer.param_groups[-1]["lr"]  # the head's group: the base lr
             record = {"step": step + 1, "lr": lr, "skipped": skipped}
-            if samples:
+            if trainable:
                 samples = [s.to(device, non_blocking=True) for s in samples]
                 labels = labels.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)

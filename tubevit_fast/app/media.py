@@ -11,13 +11,14 @@ renders its items instead):
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from tubevit_fast.app import decode
-from tubevit_fast.app.clip_index import build_clip_index
+from tubevit_fast.app.clip_index import index_videos
 from tubevit_fast.app.sources import Annotations
 from tubevit_fast.io import IMAGE_EXTENSIONS, MediaError, _first_line, require
 
@@ -47,25 +48,48 @@ def read_image(path: str, short_side: int | None = None) -> torch.Tensor:
 
 
 class FileMedia:
-    """Annotated video and image files. `infos` (path -> decode.VideoInfo: the clip index) gives frame
-    counts and lets the decoder seek; a video not in it is probed when first read, and remembered (so is
-    a probe's failure: a damaged file is decoded once per process, then fails at once)."""
+    """Annotated video and image files, read with `decoder` ("pyav" or "torchcodec"). `infos` (path ->
+    decode.VideoInfo: the clip index) gives frame counts and lets the decoder seek; a video not in it
+    is probed when first read, and remembered (so is a probe's failure: a damaged file is decoded once
+    per process, then fails at once). The command lines build the index first (FileMedia.indexed), so
+    their DataLoader workers never probe."""
 
-    def __init__(self, annotations: Annotations, infos: Mapping[str, decode.VideoInfo] | None = None):
+    def __init__(self, annotations: Annotations, infos: Mapping[str, decode.VideoInfo] | None = None,
+                 decoder: str = "pyav"):
+        if decoder not in decode.DECODERS:
+            raise ValueError(f"decoder must be one of {decode.DECODERS}, got {decoder!r}")
         self.samples = list(annotations.samples)
         self.classes = list(annotations.classes)
         self.infos = dict(infos or {})
+        self.decoder = decoder
         self.undecodable: dict[str, MediaError] = {}
+        self.unreadable: list[str] = []  # files indexed() left out (bad_files="skip")
 
     @classmethod
     def indexed(cls, annotations: Annotations, cache_file=None, progress: bool = True,
-                workers: int | None = None) -> FileMedia:
-        """FileMedia with the clip index of its videos built first (cached in `cache_file`). A video
-        that cannot be decoded is left out of the index (one warning) and fails again when read,
-        where the dataset's bad_files decides."""
+                workers: int | None = None, bad_files: str = "skip", decoder: str = "pyav") -> FileMedia:
+        """FileMedia with the clip index of its videos built first, in this process (cached in
+        `cache_file`; under torch.distributed rank 0 builds it while the others wait, then read it).
+        Videos that cannot be decoded: bad_files "skip" leaves them out (one warning line naming each,
+        then their count; their paths in `unreadable`), "error" raises one MediaError naming the first
+        and how many."""
+        if bad_files not in ("skip", "error"):
+            raise ValueError(f"bad_files must be 'skip' or 'error', got {bad_files!r}")
         videos = [path for path, _ in annotations.samples if not is_image_file(path)]
-        infos = build_clip_index(videos, cache_file, progress=progress, workers=workers, bad_files="skip")
-        return cls(annotations, infos)
+        infos, failed = _index_once(videos, cache_file, progress, workers)
+        if failed and bad_files == "error":
+            path, err = next(iter(failed.items()))
+            raise MediaError(f"{len(failed)} of {len(videos)} videos cannot be decoded, e.g. "
+                             f"{path}: {_first_line(err).replace(f'{path}: ', '')}")
+        kept = [(p, label) for p, label in annotations.samples if os.path.abspath(p) not in failed]
+        media = cls(Annotations(kept, list(annotations.classes)), infos, decoder)
+        if failed:
+            for path, err in failed.items():
+                print(f"warning: skipped {path}: {_first_line(err).replace(f'{path}: ', '')}", file=sys.stderr)
+            print(f"warning: skipped {len(failed)} of {len(videos)} videos that cannot be decoded", file=sys.stderr,
+                  flush=True)
+            media.unreadable = list(failed)
+        return media
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -97,4 +121,46 @@ class FileMedia:
         path = self.samples[index][0]
         if is_image_file(path):
             return read_image(path, short_side)
-        return decode.read_frames(path, indices, short_side=short_side, info=self.infos.get(path))
+        return decode.read_frames(path, indices, short_side=short_side, info=self.infos.get(path), decoder=self.decoder)
+
+
+def index_for_cli(annotations: Annotations, what: str, clip_index=None, bad_files: str = "skip",
+                  decoder: str = "pyav", progress: bool = True, workers: int = 0) -> FileMedia:
+    """FileMedia.indexed for a command line: the cache file `clip_index` (None: the user's cache,
+    clip_index.default_cache_file()), and every failure one UsageError line naming `what` (the option)."""
+    from tubevit_fast.app.clip_index import default_cache_file
+    from tubevit_fast.cli import UsageError, one_line
+
+    cache_file = os.path.abspath(clip_index or default_cache_file())
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        return FileMedia.indexed(annotations, cache_file, progress=progress, workers=workers, bad_files=bad_files,
+                                 decoder=decoder)
+    except (MediaError, OSError) as err:
+        raise UsageError(f"{what}: {one_line(err)}") from None
+
+
+def _index_once(videos: list[str], cache_file, progress: bool, workers: int | None):
+    """index_videos(videos) built by one process: under torch.distributed rank 0 probes and writes the
+    cache while the other ranks wait for its outcome (its failures, or its error), then read the cache."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return index_videos(videos, cache_file, progress, workers)
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            infos, failed = index_videos(videos, cache_file, progress, workers)
+            outcome = [{path: _first_line(err) for path, err in failed.items()}]
+        except Exception as err:  # the other ranks raise it too, rather than wait forever
+            outcome = [err]
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+        dist.broadcast_object_list(outcome, src=0)
+        return infos, failed
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    failed = {path: MediaError(message) for path, message in outcome[0].items()}
+    infos, _ = index_videos([p for p in videos if os.path.abspath(p) not in failed], cache_file, False, workers)
+    return infos, failed
