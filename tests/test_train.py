@@ -253,3 +253,43 @@ def test_eval_every_logs_validation_of_the_weights_and_the_ema(tmp_path):
     summary = records[-1]["summary"]
     assert summary["val_top1"] == out["val_acc"] and 0 <= summary["ema_val_top5"] <= 1
     assert summary["val_top1"] <= summary["val_top5"]
+
+
+# ---- the data path of the command lines ------------------------------------------------------------
+
+def test_the_clip_index_is_built_once_in_the_main_process_and_cached(tmp_path, monkeypatch):
+    """train (training and validation data, 2 DataLoader workers), evaluate and predict index the videos
+    before any worker starts; a worker that probes fails the run. A second run reads the cache file."""
+    pytest.importorskip("av")
+    from tubevit_fast import data, evaluate, predict
+    from tubevit_fast.app import clip_index, decode
+
+    folder = tmp_path / "clips"
+    clips = data.main(["--out", str(folder), "--items", "8", "--seed", "5"])
+    probes = tmp_path / "probes.txt"  # a file: the index may probe in a process pool
+    real = decode.probe
+
+    def probe(path, *args, **kwargs):
+        worker = torch.utils.data.get_worker_info() is not None
+        with open(probes, "a") as f:
+            f.write(f"{'worker' if worker else 'main'} {path}\n")
+        if worker:
+            raise RuntimeError(f"a DataLoader worker probed {path}")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "probe", probe)
+    monkeypatch.setattr(clip_index, "probe", probe)
+    cache = tmp_path / "index.json"
+    run = ["--data", folder, "--val-data", folder, "--workers", "2", "--steps", "2", "--batch-size", "4",
+           "--warmup", "1", "--clip-index", cache]
+    _run(tmp_path / "run", *run)
+    lines = probes.read_text().splitlines()
+    assert sorted(lines) == sorted(f"main {os.path.abspath(c)}" for c in clips)  # each file once, train and val
+    assert set(json.loads(cache.read_text())["videos"]) == {os.path.abspath(c) for c in clips}
+
+    _run(tmp_path / "run", *run, "--overwrite")
+    checkpoint = str(tmp_path / "run" / "last.pt")
+    assert evaluate.main(["--data", str(folder), "--checkpoint", checkpoint, "--clip-index", str(cache),
+                          "--workers", "2"])["result"].num_videos == 8
+    assert len(predict.main([*clips[:3], "--checkpoint", checkpoint, "--clip-index", str(cache)])) == 3
+    assert probes.read_text().splitlines() == lines  # every later run from the cache

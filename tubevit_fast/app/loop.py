@@ -85,6 +85,7 @@ def make_data(args, classes: list[str] | None = None) -> Data:
             check_files(val, "--val-data")
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(one_line(err)) from None
+
     def media(annotations, what):
         return index_for_cli(annotations, what, args.clip_index, args.bad_files, args.decoder,
                              progress=not args.no_progress, workers=args.workers)
@@ -95,10 +96,10 @@ def make_data(args, classes: list[str] | None = None) -> Data:
     train = TrainClips(train_media, sampling, transform, seed=args.seed, short_side=short_side,
                        bad_files=args.bad_files, images=FileMedia(images) if images else None)
     val_set = (EvalViews(val_media, sampling, args.size, bad_files=args.bad_files) if val else None)
+    unreadable = len(train_media.unreadable) + (len(val_media.unreadable) if val_media else 0)
     kinds = f"{len(train_media)} videos" + (f" + {len(images)} images (ratio {args.image_ratio})" if images else "")
     description = f"data {args.data}: {kinds}, {len(videos.classes)} classes" + (
         f", {len(val_media)} val" if val else "") + (f", {unreadable} unreadable skipped" if unreadable else "")
-    unreadable = len(train_media.unreadable) + (len(val_media.unreadable) if val_media else 0)
     return Data(train, len(train_media), len(images) if images else 0, val_set, list(videos.classes), sampling,
                 description)
 
