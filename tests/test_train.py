@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -293,3 +294,43 @@ def test_the_clip_index_is_built_once_in_the_main_process_and_cached(tmp_path, m
                           "--workers", "2"])["result"].num_videos == 8
     assert len(predict.main([*clips[:3], "--checkpoint", checkpoint, "--clip-index", str(cache)])) == 3
     assert probes.read_text().splitlines() == lines  # every later run from the cache
+
+
+def test_decoder_option_reaches_the_decoder_and_both_give_the_same_batch(tmp_path, monkeypatch):
+    """--decoder torchcodec: train's batches, evaluate's and predict's scores are the PyAV ones (the
+    same frames, converted by another FFmpeg build: equal up to rounding), and torchcodec decoded them."""
+    pytest.importorskip("av")
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except Exception as err:  # FFmpeg's shared libraries missing
+        pytest.skip(f"torchcodec does not load: {err}")
+    from tubevit_fast import data, evaluate, predict
+    from tubevit_fast.app import decode
+    from tubevit_fast.app.loop import make_data
+
+    folder = tmp_path / "clips"
+    clips = data.main(["--out", str(folder), "--items", "4", "--frames", "24", "--size", "40", "--seed", "7"])
+    opened = []
+    real = decode._read_torchcodec
+    monkeypatch.setattr(decode, "_read_torchcodec", lambda path, *a: opened.append(path) or real(path, *a))
+    cache = str(tmp_path / "index.json")
+    checkpoint = T.main([*TINY, "--out", str(tmp_path / "run"), "--data", str(folder), "--steps", "1",
+                         "--batch-size", "2", "--frames", "8", "--stride", "2", "--clip-index", cache])["checkpoint"]
+    batches, scores, predictions = {}, {}, {}
+    for decoder in ("pyav", "torchcodec"):
+        args = T.build_parser().parse_args(["--data", str(folder), "--frames", "8", "--stride", "2", "--size", "32",
+                                            "--decoder", decoder, "--no-progress", "--clip-index", cache])
+        train = make_data(args).train
+        batches[decoder] = [train[(i, 3)] for i in range(len(train))]
+        scores[decoder] = evaluate.main(["--data", str(folder), "--checkpoint", checkpoint, "--clip-index", cache,
+                                         "--decoder", decoder, "--crops", "3"])["result"].scores
+        predictions[decoder] = predict.main([*clips, "--checkpoint", checkpoint, "--decoder", decoder, "--top-k", "7",
+                                             "--clip-index", cache])
+    assert sorted(opened) == sorted(clips * 3)  # train, evaluate, predict
+    for (x, label), (y, other) in zip(batches["pyav"], batches["torchcodec"]):
+        assert label == other and x.shape == y.shape == (3, 8, 32, 32) and x.dtype == y.dtype == torch.uint8
+        assert (x.int() - y.int()).abs().float().mean() < 1.5
+    np.testing.assert_allclose(scores["torchcodec"], scores["pyav"], atol=0.02)
+    for (path, ranked), (other, ranked2) in zip(predictions["pyav"], predictions["torchcodec"]):
+        assert path == other
+        np.testing.assert_allclose([p for _, p in ranked2], [p for _, p in ranked], atol=0.02)
