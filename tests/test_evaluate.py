@@ -293,3 +293,39 @@ def test_bf16_autocast_on_the_cpu_scores_close_to_fp32(setup):
     np.testing.assert_allclose(bf16.scores, fp32.scores, atol=0.02)
     with pytest.raises(ValueError, match="precision must be one of"):
         evaluate(model, views, 4, "cpu", "fp16")
+
+
+def test_ema_scores_the_checkpoints_ema_weights(setup, tmp_path, capsys):
+    """--ema (evaluate and predict): the scores of a model holding the checkpoint's EMA state, not its raw
+    weights'; a checkpoint without EMA weights is refused in one line."""
+    from tubevit_fast import predict
+    from tubevit_fast.app.checkpoint import checkpoint_sampling
+    from tubevit_fast.app.datasets import EvalViews
+    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.sources import load_annotations
+
+    plain, folder, clips = setup
+    ckpt = torch.load(plain, weights_only=True)
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    averaged = build_model(ckpt["model_config"], "reference")  # fresh random weights stand in for the average
+    checkpoint = str(tmp_path / "ema.pt")
+    torch.save({**ckpt, "ema": averaged.state_dict()}, checkpoint)
+    argv = ["--data", folder, "--checkpoint", checkpoint, "--crops", "3"]
+    raw = evaluate_cli.main([str(a) for a in argv])["result"]
+    ema = evaluate_cli.main([str(a) for a in [*argv, "--ema"]])["result"]
+    views = EvalViews(FileMedia(load_annotations(folder, classes=CLASSES)), checkpoint_sampling(ckpt), 32, crops=3)
+    expected = evaluate(averaged, views, batch_size=2, device="cpu")
+    np.testing.assert_allclose(ema.scores, expected.scores, rtol=1e-5, atol=1e-7)
+    assert np.abs(ema.scores - raw.scores).max() > 1e-3
+    ranked = dict(predict.main([*clips, "--checkpoint", checkpoint, "--ema", "--crops", "3", "--top-k", "1"]))
+    by_path = {p: expected.scores[k] for k, p in zip(expected.indices.tolist(),
+                                                      [p for p, _ in views.media.samples])}
+    for path, [(name, prob)] in ranked.items():
+        row = by_path[os.path.abspath(path)]
+        assert name == CLASSES[row.argmax()] and abs(prob - row.max()) < 1e-5
+    for cli_main in (evaluate_cli.main, predict.main):
+        capsys.readouterr()
+        argv = ["--data", folder] if cli_main is evaluate_cli.main else [clips[0]]
+        assert cli.run(cli_main, [*argv, "--checkpoint", plain, "--ema"]) == cli.EXIT_ERROR
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --ema: {plain} holds no EMA weights (train with --ema DECAY to keep them)"]
