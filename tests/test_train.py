@@ -334,3 +334,59 @@ def test_decoder_option_reaches_the_decoder_and_both_give_the_same_batch(tmp_pat
     for (path, ranked), (other, ranked2) in zip(predictions["pyav"], predictions["torchcodec"]):
         assert path == other
         np.testing.assert_allclose([p for _, p in ranked2], [p for _, p in ranked], atol=0.02)
+
+
+RANK_SCRIPT = """
+import os, sys
+from tubevit_fast.app import clip_index, decode, media
+from tubevit_fast.io import MediaError
+if os.environ["RANK"] == "1":  # waits for rank 0's clip index, then loses its whole first batch
+    def no_probe(path, *args, **kwargs):
+        raise RuntimeError(f"rank 1 probed {path}")
+    decode.probe = clip_index.probe = no_probe
+    read, failures = media.FileMedia.read, [int(os.environ["FAILURES"])]
+    def flaky(self, index, *args, **kwargs):
+        if failures[0]:
+            failures[0] -= 1
+            raise MediaError(f"{self.name(index)}: planted failure")
+        return read(self, index, *args, **kwargs)
+    media.FileMedia.read = flaky
+from tubevit_fast import train
+from tubevit_fast.cli import run
+sys.exit(run(train.main, sys.argv[1:]))
+"""
+
+
+def test_ddp_step_where_one_rank_skipped_every_file(tmp_path):
+    """Two gloo ranks (torchrun's environment): rank 0 builds the clip index while rank 1 waits and reads
+    it; every file of rank 1's first batch fails, so both ranks skip step 1 together (no hang) and
+    train steps 2-3 to the same weights."""
+    pytest.importorskip("av")
+    import socket
+
+    from tubevit_fast import data
+
+    folder = tmp_path / "clips"
+    data.main(["--out", str(folder), "--items", "8", "--seed", "3"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [*TINY, "--out", str(tmp_path / "run"), "--data", str(folder), "--steps", "3", "--batch-size", "2",
+            "--warmup", "1", "--clip-index", str(tmp_path / "index.json")]
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                                   "FAILURES": "2", "PYTHONPATH": os.pathsep.join(sys.path)})
+             for r in range(2)]
+    try:
+        results = [rank.communicate(timeout=40) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert results[1][1].count("planted failure") == 2
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [("loss" in r, r.get("skipped")) for r in records[:3]] == [(False, 2), (True, 0), (True, 0)]
+    hashes = [(tmp_path / "run" / f"weights_rank{r}.sha256").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1]
