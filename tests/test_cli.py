@@ -244,5 +244,8 @@ def test_demo_clips_are_a_dataset_folder(tmp_path, capsys):
     paths = data.main(["--out", str(tmp_path), "--items", "3", "--image-every", "3"])
     assert capsys.readouterr().out.split() == paths
     assert [os.path.splitext(p)[1] for p in paths] == [".mp4", ".mp4", ".png"]
-    folder = data.VideoFolder(tmp_path, num_frames=8, size=32)
-    assert len(folder) == 3 and set(folder.classes) <= set(data.SyntheticShapes.classes)
+    from tubevit_fast.app.sources import load_annotations
+
+    folder = load_annotations(tmp_path)
+    assert sorted(p for p, _ in folder.samples) == sorted(paths)
+    assert set(folder.classes) <= set(data.SyntheticShapes.classes)

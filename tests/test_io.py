@@ -9,7 +9,11 @@ import torch
 
 av = pytest.importorskip("av")
 
-from tubevit_fast.data import SMALL_TUBES, StepBatchSampler, SyntheticShapes, VideoFolder, collate  # noqa: E402
+from tubevit_fast.app.datasets import StepBatchSampler, TrainClips, collate_train  # noqa: E402
+from tubevit_fast.app.media import FileMedia  # noqa: E402
+from tubevit_fast.app.sampling import ClipSampling  # noqa: E402
+from tubevit_fast.app.sources import load_annotations  # noqa: E402
+from tubevit_fast.data import SMALL_TUBES, SyntheticShapes  # noqa: E402
 from tubevit_fast.geometry import num_tokens  # noqa: E402
 from tubevit_fast.io import (MediaError, MissingDependency, read_image, read_video, resize_frames,  # noqa: E402
                              sample_indices, write_video)
@@ -116,24 +120,27 @@ def test_synthetic_is_deterministic_and_shaped():
 
 
 def test_folder_dataset_reads_exported_synthetic(tmp_path):
-    data = SyntheticShapes(8, num_frames=8, size=32, seed=1)
+    from tubevit_fast.app import synthetic
+
+    data = synthetic.SyntheticShapes(8, 8, 32, seed=1)
     data.export(tmp_path)
-    folder = VideoFolder(tmp_path, num_frames=8, size=32)
+    ann = load_annotations(tmp_path)
+    folder = TrainClips(FileMedia(ann), ClipSampling(8))
     assert len(folder) == 8
-    by_name = {p.rsplit("/", 1)[-1]: (p, y) for p, y in folder.samples}
+    by_name = {p.rsplit("/", 1)[-1]: (i, y) for i, (p, y) in enumerate(ann.samples)}
     for i in range(8):
-        x_ref, y_ref = data[i]
-        name = f"{i:05d}.png" if data.is_image(i) else f"{i:05d}.mp4"
-        path, y = by_name[name]
-        x, _ = folder[folder.samples.index((path, y))]
-        assert folder.classes[y] == data.classes[y_ref]
-        assert x.shape == x_ref.shape
-        # same pixels up to the codec (normalised units: std ~0.22)
-        assert (x - x_ref).abs().mean() < 0.15
-    img = read_image(by_name["00003.png"][0], size=16)
+        frames, y_ref = data.render(i)
+        expected = torch.from_numpy(frames).permute(3, 0, 1, 2)  # uint8 (3, T, H, W)
+        index, y = by_name[f"{i:05d}.png" if data.is_image(i) else f"{i:05d}.mp4"]
+        x, label = folder[(index, 0)]
+        assert label == y and ann.classes[y] == data.classes[y_ref]
+        expected = expected[:, 0] if data.is_image(i) else expected
+        assert x.dtype == torch.uint8 and x.shape == expected.shape
+        assert (x.float() - expected.float()).abs().mean() < 8  # the same pixels up to the codec
+    img = read_image(tmp_path / ann.samples[by_name["00003.png"][0]][0], size=16)
     assert img.shape == (3, 16, 16)
-    samples, labels = collate([folder[0], folder[3]])
-    assert isinstance(samples, list) and labels.shape == (2,)
+    samples, labels, skipped = collate_train([folder[(0, 0)], folder[(3, 0)]])
+    assert isinstance(samples, list) and labels.shape == (2,) and skipped == 0
 
 
 def test_step_sampler_shards_and_resumes():

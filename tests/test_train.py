@@ -285,7 +285,8 @@ def test_the_clip_index_is_built_once_in_the_main_process_and_cached(tmp_path, m
            "--warmup", "1", "--clip-index", cache]
     _run(tmp_path / "run", *run)
     lines = probes.read_text().splitlines()
-    assert sorted(lines) == sorted(f"main {os.path.abspath(c)}" for c in clips)  # each file once, train and val
+    # each file once, for train and val together
+    assert sorted(lines) == sorted(f"main {os.path.abspath(c)}" for c in clips)
     assert set(json.loads(cache.read_text())["videos"]) == {os.path.abspath(c) for c in clips}
 
     _run(tmp_path / "run", *run, "--overwrite")
@@ -301,8 +302,8 @@ def test_decoder_option_reaches_the_decoder_and_both_give_the_same_batch(tmp_pat
     same frames, converted by another FFmpeg build: equal up to rounding), and torchcodec decoded them."""
     pytest.importorskip("av")
     try:
-        import torchcodec.decoders  # noqa: F401
-    except Exception as err:  # FFmpeg's shared libraries missing
+        import torchcodec.decoders  # noqa: F401 - loads only with FFmpeg's shared libraries
+    except Exception as err:
         pytest.skip(f"torchcodec does not load: {err}")
     from tubevit_fast import data, evaluate, predict
     from tubevit_fast.app import decode
@@ -315,17 +316,20 @@ def test_decoder_option_reaches_the_decoder_and_both_give_the_same_batch(tmp_pat
     monkeypatch.setattr(decode, "_read_torchcodec", lambda path, *a: opened.append(path) or real(path, *a))
     cache = str(tmp_path / "index.json")
     checkpoint = T.main([*TINY, "--out", str(tmp_path / "run"), "--data", str(folder), "--steps", "1",
-                         "--batch-size", "2", "--frames", "8", "--stride", "2", "--clip-index", cache])["checkpoint"]
+                         "--batch-size", "2", "--frames", "8", "--stride", "2",
+                         "--clip-index", cache])["checkpoint"]
     batches, scores, predictions = {}, {}, {}
     for decoder in ("pyav", "torchcodec"):
-        args = T.build_parser().parse_args(["--data", str(folder), "--frames", "8", "--stride", "2", "--size", "32",
-                                            "--decoder", decoder, "--no-progress", "--clip-index", cache])
+        args = T.build_parser().parse_args(["--data", str(folder), "--frames", "8", "--stride", "2",
+                                            "--size", "32", "--decoder", decoder, "--no-progress",
+                                            "--clip-index", cache])
         train = make_data(args).train
         batches[decoder] = [train[(i, 3)] for i in range(len(train))]
-        scores[decoder] = evaluate.main(["--data", str(folder), "--checkpoint", checkpoint, "--clip-index", cache,
-                                         "--decoder", decoder, "--crops", "3"])["result"].scores
-        predictions[decoder] = predict.main([*clips, "--checkpoint", checkpoint, "--decoder", decoder, "--top-k", "7",
-                                             "--clip-index", cache])
+        scores[decoder] = evaluate.main(["--data", str(folder), "--checkpoint", checkpoint,
+                                         "--clip-index", cache, "--decoder", decoder,
+                                         "--crops", "3"])["result"].scores
+        predictions[decoder] = predict.main([*clips, "--checkpoint", checkpoint, "--decoder", decoder,
+                                             "--top-k", "7", "--clip-index", cache])
     assert sorted(opened) == sorted(clips * 3)  # train, evaluate, predict
     for (x, label), (y, other) in zip(batches["pyav"], batches["torchcodec"]):
         assert label == other and x.shape == y.shape == (3, 8, 32, 32) and x.dtype == y.dtype == torch.uint8
@@ -376,8 +380,9 @@ def test_ddp_step_where_one_rank_skipped_every_file(tmp_path):
     ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, *argv], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                                   "FAILURES": "2", "PYTHONPATH": os.pathsep.join(sys.path)})
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "OMP_NUM_THREADS": "1", "FAILURES": "2",
+                                   "PYTHONPATH": os.pathsep.join(sys.path)})
              for r in range(2)]
     try:
         results = [rank.communicate(timeout=40) for rank in ranks]

@@ -7,9 +7,8 @@ writes synthetic items as a folder dataset (demo_clips/move_left/00000.mp4, ...;
 clips to try `predict` on, or a dataset for `train --data`; it prints the paths it wrote. With
 --list it also writes a list file (`path class_name` lines, paths relative to --out) naming them.
 
-Compatibility (until the training loop uses tubevit_fast.app.datasets): SyntheticShapes and
-VideoFolder give float normalised items, keyed by an index or the (index, epoch) keys of
-StepBatchSampler (now in app/datasets.py); `collate` batches them.
+Also here: SMALL_TUBES (the tubes of the small model), and SyntheticShapes as float normalised items
+for viz (the datasets of tubevit_fast.app.datasets give uint8).
 """
 from __future__ import annotations
 
@@ -21,9 +20,9 @@ from typing import Sequence
 import torch
 
 from tubevit_fast.app import synthetic
-from tubevit_fast.app.datasets import StepBatchSampler  # noqa: F401 - re-exported for older imports
 from tubevit_fast.geometry import TubeSpec
-from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, normalize, read_any
+from tubevit_fast.io import normalize
+from tubevit_fast.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 # Tubes for small 8x32x32 clips (32x32 images), the same roles as the paper's four:
 #   a 4x8x8 tube tiling space-time (2x4x4 = 32 tokens),
@@ -42,8 +41,8 @@ class SyntheticShapes(synthetic.SyntheticShapes):
     (i, epoch) -> (float32 (3, T, H, W) video or (3, H, W) image normalised with mean/std, label)."""
 
     def __init__(self, length: int = 512, num_frames: int = 8, size: int = 32, seed: int = 0,
-                 image_every: int = 4, speed: int = 2, mean: Sequence[float] = DEFAULT_MEAN,
-                 std: Sequence[float] = DEFAULT_STD):
+                 image_every: int = 4, speed: int = 2, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
         super().__init__(length, num_frames, size, seed, image_every, speed)
         self.mean, self.std = tuple(mean), tuple(std)
 
@@ -53,42 +52,6 @@ class SyntheticShapes(synthetic.SyntheticShapes):
         x = torch.from_numpy(frames).float().div_(255.0).permute(3, 0, 1, 2)  # (3, T, H, W)
         x = normalize(x, self.mean, self.std, channel_dim=0)
         return (x[:, 0] if self.is_image(index) else x).contiguous(), label
-
-
-class VideoFolder(torch.utils.data.Dataset):
-    """root/class_name/<files>: videos through io.read_video, images through io.read_image."""
-
-    extensions = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
-
-    def __init__(self, root, num_frames: int = 8, size: int = 32, stride: int | None = None,
-                 mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD, resize: str = "crop"):
-        self.root = os.fspath(root)
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"dataset folder not found: {self.root}")
-        self.classes = tuple(sorted(d.name for d in os.scandir(self.root) if d.is_dir()))
-        self.samples: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            folder = os.path.join(self.root, name)
-            for file in sorted(os.listdir(folder)):
-                if file.lower().endswith(self.extensions):
-                    self.samples.append((os.path.join(folder, file), label))
-        if not self.samples:
-            raise ValueError(f"{self.root}: no {'/'.join(self.extensions)} files in any class sub-folder")
-        self.num_frames, self.size, self.stride = num_frames, size, stride
-        self.mean, self.std, self.resize = tuple(mean), tuple(std), resize
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[key[0] if isinstance(key, tuple) else key]
-        return read_any(path, self.num_frames, self.size, self.stride, self.mean, self.std, self.resize), label
-
-
-def collate(batch):
-    """A list of (sample, label) -> (list of samples for the model's packed input, labels)."""
-    samples, labels = zip(*batch)
-    return list(samples), torch.tensor(labels, dtype=torch.long)
 
 
 def main(argv=None) -> list[str]:

@@ -46,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     p.add_argument("--bad-files", choices=("error", "skip"), default="error",
                    help="a file that fails to decode: stop with its name (default), or skip it and count it")
-    p.add_argument("--ema", action="store_true", help="score the checkpoint's EMA weights (train --ema) instead "
-                                                      "of its raw weights")
-    p.add_argument("--decoder", choices=DECODERS, default="pyav", help="video decoder (default pyav; torchcodec "
-                                                                       "gives the same frames)")
-    p.add_argument("--clip-index", default=None, help="clip index cache file (default: $XDG_CACHE_HOME or "
-                                                      "~/.cache, /tubevit_fast/clip_index.json)")
+    p.add_argument("--ema", action="store_true",
+                   help="score the checkpoint's EMA weights (train --ema) instead of its raw weights")
+    p.add_argument("--decoder", choices=DECODERS, default="pyav",
+                   help="video decoder (default pyav; torchcodec gives the same frames)")
+    p.add_argument("--clip-index", default=None,
+                   help="clip index cache file (default: tubevit_fast/clip_index.json in $XDG_CACHE_HOME "
+                        "or ~/.cache)")
     p.add_argument("--out", default=None, help="folder for the report files (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace the report of another evaluation in --out")
     return p
@@ -86,7 +87,8 @@ def load_dataset(args, classes: list[str]):
 
 
 def main(argv=None) -> dict | None:
-    from tubevit_fast.app.checkpoint import build_model, checkpoint_sampling, checkpoint_weights, read_checkpoint
+    from tubevit_fast.app.checkpoint import (build_model, checkpoint_sampling, checkpoint_weights,
+                                             read_checkpoint)
     from tubevit_fast.app.datasets import EvalViews
     from tubevit_fast.app.evaluate import evaluate, write_report
     from tubevit_fast.app.media import index_for_cli
@@ -116,12 +118,14 @@ def main(argv=None) -> dict | None:
     model = build_model(cfg, args.backend)
     model.load_state_dict(weights)
     model.to(device)
-    dataset = EvalViews(media, sampling, cfg["size"], clips=args.clips, crops=args.crops, bad_files=args.bad_files)
+    dataset = EvalViews(media, sampling, cfg["size"], clips=args.clips, crops=args.crops,
+                        bad_files=args.bad_files)
     views = args.clips * args.crops
     if rank == 0:
         print(f"evaluate: {len(dataset)} videos x {views} views ({args.clips} clips x {args.crops} crops, "
               f"{sampling.frames} frames, {sampling.mode} stride {sampling.stride}, {cfg['size']}px) | {device} "
-              f"{precision}{' | EMA weights' if args.ema else ''} | {world} rank(s)", file=sys.stderr, flush=True)
+              f"{precision}{' | EMA weights' if args.ema else ''} | {world} rank(s)", file=sys.stderr,
+              flush=True)
     try:
         result = evaluate(model, dataset, args.batch_size, device, precision, args.workers, distributed=world > 1)
     finally:

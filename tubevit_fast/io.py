@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MEAN = (0.485, 0.456, 0.406)
-DEFAULT_STD = (0.229, 0.224, 0.225)
+from tubevit_fast.pixels import IMAGENET_MEAN, IMAGENET_STD
+
+DEFAULT_MEAN, DEFAULT_STD = IMAGENET_MEAN, IMAGENET_STD  # one home: tubevit_fast.pixels
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 RESIZE_MODES = ("crop", "stretch")

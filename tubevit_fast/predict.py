@@ -100,11 +100,13 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--stride", type=int, default=None, help="default: the checkpoint's sampling")
-    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (train --ema) instead of its "
-                                                      "raw weights")
-    p.add_argument("--decoder", choices=DECODERS, default="pyav", help="video decoder (torchcodec: the same frames)")
-    p.add_argument("--clip-index", default=None, help="clip index cache file (default: $XDG_CACHE_HOME or "
-                                                      "~/.cache, /tubevit_fast/clip_index.json)")
+    p.add_argument("--ema", action="store_true",
+                   help="the checkpoint's EMA weights (train --ema) instead of its raw weights")
+    p.add_argument("--decoder", choices=DECODERS, default="pyav",
+                   help="video decoder (torchcodec: the same frames)")
+    p.add_argument("--clip-index", default=None,
+                   help="clip index cache file (default: tubevit_fast/clip_index.json in $XDG_CACHE_HOME "
+                        "or ~/.cache)")
     args = p.parse_args(argv)
     check_positive(top_k=args.top_k, frames=args.frames, size=args.size, stride=args.stride, clips=args.clips,
                    batch_size=args.batch_size)

@@ -53,8 +53,8 @@ from tubevit_fast.cli import UsageError, run
 # Options a resumed run cannot change (the model's shape and the input size it was trained on).
 FIXED_ON_RESUME = ("tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size")
 # Options that belong to one invocation: never taken from a checkpoint.
-PER_RUN = ("resume", "device", "no_progress", "threads", "workers", "stop_after", "overwrite", "compile", "decoder",
-           "clip_index")
+PER_RUN = ("resume", "device", "no_progress", "threads", "workers", "stop_after", "overwrite", "compile",
+           "decoder", "clip_index")
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video decoder (torchcodec: pip install torchcodec; the same frames)")
     d.add_argument("--clip-index", default=None,
                    help="clip index cache file (frame counts and keyframes, probed once per file; default: "
-                        "$XDG_CACHE_HOME or ~/.cache, /tubevit_fast/clip_index.json)")
+                        "tubevit_fast/clip_index.json in $XDG_CACHE_HOME or ~/.cache)")
     d.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding videos (0: in this process)")
     a = p.add_argument_group("augmentation (training; one draw per clip, applied to every frame)")
     a.add_argument("--scale", type=_pair, default=None,

@@ -114,11 +114,11 @@ def build_clip_index(paths: Iterable, cache_file=None, progress: bool = True, wo
     paths = list(paths)
     index, failed = index_videos(paths, cache_file, progress, workers)
     if failed:
-        first = next(iter(failed.values()))
+        first, total = next(iter(failed.values())), len(index) + len(failed)
         if bad_files == "raise":
-            raise MediaError(f"{len(failed)} of {len(index) + len(failed)} videos cannot be decoded, e.g. {first}")
-        warnings.warn(f"clip index: skipping {len(failed)} of {len(index) + len(failed)} videos that cannot be "
-                      f"decoded, e.g. {first}", stacklevel=2)
+            raise MediaError(f"{len(failed)} of {total} videos cannot be decoded, e.g. {first}")
+        warnings.warn(f"clip index: skipping {len(failed)} of {total} videos that cannot be decoded, "
+                      f"e.g. {first}", stacklevel=2)
     return index
 
 

@@ -97,11 +97,13 @@ def make_data(args, classes: list[str] | None = None) -> Data:
                        bad_files=args.bad_files, images=FileMedia(images) if images else None)
     val_set = (EvalViews(val_media, sampling, args.size, bad_files=args.bad_files) if val else None)
     unreadable = len(train_media.unreadable) + (len(val_media.unreadable) if val_media else 0)
-    kinds = f"{len(train_media)} videos" + (f" + {len(images)} images (ratio {args.image_ratio})" if images else "")
-    description = f"data {args.data}: {kinds}, {len(videos.classes)} classes" + (
-        f", {len(val_media)} val" if val else "") + (f", {unreadable} unreadable skipped" if unreadable else "")
-    return Data(train, len(train_media), len(images) if images else 0, val_set, list(videos.classes), sampling,
-                description)
+    kinds = f"{len(train_media)} videos" + (
+        f" + {len(images)} images (ratio {args.image_ratio})" if images else "")
+    description = (f"data {args.data}: {kinds}, {len(videos.classes)} classes"
+                   + (f", {len(val_media)} val" if val else "")
+                   + (f", {unreadable} unreadable skipped" if unreadable else ""))
+    return Data(train, len(train_media), len(images) if images else 0, val_set, list(videos.classes),
+                sampling, description)
 
 
 def _synthetic_data(args, sampling: ClipSampling, augment: dict) -> Data:

@@ -85,9 +85,10 @@ class FileMedia:
         media = cls(Annotations(kept, list(annotations.classes)), infos, decoder)
         if failed:
             for path, err in failed.items():
-                print(f"warning: skipped {path}: {_first_line(err).replace(f'{path}: ', '')}", file=sys.stderr)
-            print(f"warning: skipped {len(failed)} of {len(videos)} videos that cannot be decoded", file=sys.stderr,
-                  flush=True)
+                reason = _first_line(err).replace(f"{path}: ", "")
+                print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+            print(f"warning: skipped {len(failed)} of {len(videos)} videos that cannot be decoded",
+                  file=sys.stderr, flush=True)
             media.unreadable = list(failed)
         return media
 
@@ -121,7 +122,8 @@ class FileMedia:
         path = self.samples[index][0]
         if is_image_file(path):
             return read_image(path, short_side)
-        return decode.read_frames(path, indices, short_side=short_side, info=self.infos.get(path), decoder=self.decoder)
+        return decode.read_frames(path, indices, short_side=short_side, info=self.infos.get(path),
+                                  decoder=self.decoder)
 
 
 def index_for_cli(annotations: Annotations, what: str, clip_index=None, bad_files: str = "skip",
@@ -134,8 +136,8 @@ def index_for_cli(annotations: Annotations, what: str, clip_index=None, bad_file
     cache_file = os.path.abspath(clip_index or default_cache_file())
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        return FileMedia.indexed(annotations, cache_file, progress=progress, workers=workers, bad_files=bad_files,
-                                 decoder=decoder)
+        return FileMedia.indexed(annotations, cache_file, progress=progress, workers=workers,
+                                 bad_files=bad_files, decoder=decoder)
     except (MediaError, OSError) as err:
         raise UsageError(f"{what}: {one_line(err)}") from None
 
@@ -162,5 +164,6 @@ def _index_once(videos: list[str], cache_file, progress: bool, workers: int | No
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     failed = {path: MediaError(message) for path, message in outcome[0].items()}
-    infos, _ = index_videos([p for p in videos if os.path.abspath(p) not in failed], cache_file, False, workers)
+    readable = [p for p in videos if os.path.abspath(p) not in failed]
+    infos, _ = index_videos(readable, cache_file, False, workers)
     return infos, failed
