@@ -116,6 +116,15 @@ def test_train_clip_is_a_window_of_the_rendered_video():
     assert len(starts) > 2, "the window start does not change with the epoch"
 
 
+def test_synthetic_label_is_the_rendered_items_label():
+    """label() draws only the class (no pixels); it must be the class render() draws the picture of."""
+    seed = int.from_bytes(os.urandom(2), "little")
+    shapes = SyntheticShapes(40, num_frames=2, size=8, seed=seed, image_every=3)
+    labels = [shapes.label(i) for i in range(40)]
+    assert labels == [shapes.render(i)[1] for i in range(40)]
+    assert {label >= 4 for label in labels} == {True, False}  # images and videos both
+
+
 def test_frames_scaled_at_decode_time(folder):
     data = TrainClips(media_without_broken(folder), ClipSampling(2), short_side=12)
     assert data[(0, 0)][0].shape == (3, 2, 12, 16)

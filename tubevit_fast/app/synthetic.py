@@ -68,7 +68,16 @@ class SyntheticShapes:
         return 1 if self.is_image(index) else self.frames
 
     def label(self, index: int) -> int:
-        return self.render(index)[1]
+        _, shape_id, direction = self._draw_class(index)  # the item's first draws: no pixels rendered
+        return len(VIDEO_CLASSES) + shape_id if self.is_image(index) else direction  # as render() says
+
+    def _draw_class(self, index: int) -> tuple[np.random.Generator, int, int]:
+        """Item `index`'s generator after its first two draws: its shape and its direction."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        rng = np.random.default_rng([self.seed, index])
+        shape_id = int(rng.integers(len(_SHAPES)))
+        return rng, shape_id, int(rng.integers(len(_DIRECTIONS)))
 
     def read(self, index: int, indices: Sequence[int], short_side: int | None = None) -> torch.Tensor:
         """uint8 (T, H, W, 3): the rendered frames at `indices` (an image: its one frame)."""
@@ -83,13 +92,9 @@ class SyntheticShapes:
 
     def render(self, index: int) -> tuple[np.ndarray, int]:
         """uint8 frames (T, H, W, 3) (T = 1 for an image) and the label of item `index`."""
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        rng = np.random.default_rng([self.seed, index])
+        rng, shape_id, direction = self._draw_class(index)
         size, image = self.size, self.is_image(index)
         frames = 1 if image else self.frames
-        shape_id = int(rng.integers(len(_SHAPES)))
-        direction = int(rng.integers(len(_DIRECTIONS)))
         side = int(rng.integers(size // 4, size // 3 + 1))
         travel = 0 if image else self.speed * (frames - 1)
         dy, dx = _DIRECTIONS[direction]
