@@ -395,3 +395,33 @@ def test_ddp_step_where_one_rank_skipped_every_file(tmp_path):
     assert [("loss" in r, r.get("skipped")) for r in records[:3]] == [(False, 2), (True, 0), (True, 0)]
     hashes = [(tmp_path / "run" / f"weights_rank{r}.sha256").read_text() for r in range(2)]
     assert hashes[0] == hashes[1]
+
+
+def test_the_syncing_micro_batch_is_never_empty():
+    """Under DDP only the last micro-batch all-reduces the gradients (the others run under no_sync):
+    however few items a rank kept, that one must hold some, or the rank never joins the all-reduce."""
+    import contextlib
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 3))
+            self.unsynced, self.forwards = False, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.unsynced = True
+            yield
+            self.unsynced = False
+
+        def forward(self, samples):
+            self.forwards.append((len(samples), not self.unsynced))
+            return torch.stack([x.float().mean(dim=(1, 2, 3)) for x in samples]) @ self.weight
+
+    for kept, accum in [(1, 4), (2, 4), (3, 4), (5, 4), (1, 2), (7, 3)]:
+        net = Net()
+        samples = [torch.randint(0, 256, (3, 2, 4, 4), dtype=torch.uint8) for _ in range(kept)]
+        train_step(net, samples, torch.randint(0, 3, (kept,)), accum_steps=accum)
+        assert net.forwards[-1][0] > 0 and net.forwards[-1][1], (kept, accum, net.forwards)
+        assert [synced for _, synced in net.forwards].count(True) == 1
+        assert sum(n for n, _ in net.forwards) == kept

@@ -8,9 +8,11 @@ Each video is read as --clips evenly spaced windows (the checkpoint's frames, st
 x --crops crops (short side resized to the checkpoint's size, then the centre, or left/centre/right),
 and its score is the mean of the views' softmax. Prints top-1, top-5 and mean class accuracy; with
 --out also writes summary.json, scores.jsonl (one line per video: path, label, prediction, top-5,
-every class's probability), per_class.json / per_class.csv and confusion.png. Mistakes (a missing
-checkpoint or file, classes the checkpoint does not have, an --out holding another evaluation) fail
-in one line before anything is written.
+every class's probability), per_class.json / per_class.csv and confusion.png. --ema scores the checkpoint's EMA weights. The
+videos are indexed first (the clip index, cached in --clip-index as train does; rank 0 under torchrun),
+so each is decoded once, at its windows only. Mistakes (a missing checkpoint or file, classes the
+checkpoint does not have, an --out holding another evaluation, a video that cannot be decoded unless
+--bad-files skip) fail in one line before anything is written.
 """
 from __future__ import annotations
 

@@ -27,12 +27,18 @@ on the command line that differs from the checkpoint's is used and named in a wa
 model's shape and input size, which a resumed run cannot change. An --out holding another run is
 refused unless --resume continues it or --overwrite replaces it; OUT/log.jsonl holds one record per
 step (on resume the records past the checkpoint's step are dropped, so the log reads as one run).
-A file that fails to decode is skipped with one warning and counted (per step in the log, in total
-in the summary) unless --bad-files error. Every mistake in the command line or the data is one
-`error:` line before anything is written.
+Before any DataLoader worker starts, the videos of --data and --val-data are indexed (frame counts
+and keyframes, tubevit_fast.app.clip_index; rank 0 under torchrun, the other ranks wait and read
+it), cached in --clip-index (default: tubevit_fast/clip_index.json in $XDG_CACHE_HOME or ~/.cache,
+keyed by path, size and mtime), so workers never probe a file and decode only each clip's window
+(--decoder pyav or torchcodec). A video that cannot be decoded is then left out with one warning line
+naming it and a count, or with --bad-files error refused in one line; a file that fails later, when
+read, is skipped with one warning and counted (per step in the log, in total in the summary). Every
+mistake in the command line or the data is one `error:` line before anything is written.
 
-Under DDP --batch-size is per rank, and each rank writes weights_rank{r}.sha256 at the end (a hash
-of its parameters) so a run can check the ranks agree. PyTorch prints a note once per rank that
+Under DDP --batch-size is per rank (a step for which some rank has no readable item is skipped by
+every rank, so none waits for the others' gradients), and each rank writes weights_rank{r}.sha256 at
+the end (a hash of its parameters) so a run can check the ranks agree. PyTorch prints a note once per rank that
 find_unused_parameters=True "did not find any unused parameters": expected, since the flag is
 needed for steps whose batch on some rank holds only images (the 3D tubes then get no gradient).
 """
