@@ -251,16 +251,18 @@ def documents() -> list[str]:
     return found
 
 
+def stale_in(text: str, document: str, results_dir: str = RESULTS_DIR) -> list[str]:
+    """'document: region' for each rendered region of text that differs from a fresh rendering."""
+    return [f"{document}: {m.group('spec').strip()}" for m in REGION.finditer(text)
+            if render_region(m.group("spec").strip(), document, results_dir) != m.group("body")]
+
+
 def stale_regions(results_dir: str = RESULTS_DIR) -> list[str]:
-    """'document: region' for each rendered region whose text differs from a fresh rendering."""
+    """stale_in over every rendered document."""
     stale = []
     for doc in documents():
         with open(os.path.join(ROOT, doc)) as f:
-            text = f.read()
-        for m in REGION.finditer(text):
-            fresh = render_region(m.group("spec").strip(), doc, results_dir)
-            if fresh != m.group("body"):
-                stale.append(f"{doc}: {m.group('spec').strip()}")
+            stale += stale_in(f.read(), doc, results_dir)
     return stale
 
 
