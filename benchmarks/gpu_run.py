@@ -20,7 +20,7 @@ on. In order:
                    under compute-sanitizer memcheck (skipped with a note where it is absent)
   build_wait       waits for the build
   tests_extension  pytest tests/test_attention_cuda.py -m gpu, against the fresh build
-  benchmarks       the CUDA rows: tube embedding at B=32 against the cuBLAS floor, forward and
+  bench_*          the CUDA rows, one pytest run per file: tube embedding at B=32 against the cuBLAS floor, forward and
                    forward + backward; attention at the TubeViT shapes on every backend; the
                    TubeViT-B training step on a video batch and on a mixed image + video batch
                    against the reference with SDPA, eager and compiled
@@ -63,18 +63,27 @@ LOG_ARCHIVE = "gpu_run_logs.tar.gz"
 
 # Each phase's own limit (seconds) and the least it is left when the budget runs short.
 LIMITS = {"environment": 45, "install": 90, "build": 210, "tests_triton": 120, "sanitizer": 75,
-          "build_wait": 210, "tests_extension": 60, "benchmarks": 150, "selfcheck": 60}
+          "build_wait": 210, "tests_extension": 60, "bench_tube_embed": 50, "bench_attention": 70,
+          "bench_model": 110, "selfcheck": 60}
 MINIMUM = {"environment": 20, "install": 20, "tests_triton": 30, "sanitizer": 15, "build_wait": 5,
-           "tests_extension": 15, "benchmarks": 30, "selfcheck": 15}
-ORDER = ("environment", "install", "tests_triton", "sanitizer", "build_wait", "tests_extension", "benchmarks",
+           "tests_extension": 15, "bench_tube_embed": 20,
+           "bench_attention": 20, "bench_model": 30, "selfcheck": 15}
+ORDER = ("environment", "install", "tests_triton", "sanitizer", "build_wait", "tests_extension", "bench_tube_embed",
+         "bench_attention", "bench_model",
          "selfcheck")
 
 GPU_TEST_MARKERS = "gpu or interpreter"
 PYTEST_NONE_SELECTED = 5
 # pytest -k over the benchmark suite: the rows the GPU run is for.
-GPU_BENCHMARKS = ("(test_tube_embed and cuda-bf16-B32) or (test_attention and cuda and not flash_attn and not xformers)"
-                  " or (test_model_step and cuda-B8 and train) or (test_mixed_batch and cuda and train)")
-DRY_BENCHMARKS = "test_attention and cpu and dense and not backward and (torch or sdpa)"
+# The benchmark phases: (file, pytest -k on a GPU, pytest -k in the dry run). One pytest run each,
+# since a run writes its rows only when it ends: a phase killed at its limit loses its own rows.
+BENCHMARKS = {
+    "bench_tube_embed": ("benchmarks/test_tube_embed.py", "cuda-bf16-B32", None),
+    "bench_attention": ("benchmarks/test_attention.py", "cuda and not flash_attn and not xformers",
+                        "cpu and dense and not backward and (torch or sdpa)"),
+    "bench_model": ("benchmarks/test_model.py", "(test_model_step and cuda-B8 and train) or "
+                    "(test_mixed_batch and cuda and train)", None),
+}
 
 
 # ---- phases ---------------------------------------------------------------------------------------
@@ -413,7 +422,7 @@ class Run:
         result = run_phase(name, cmd, limit, self.log(name), env)
         if none_selected_ok and result.returncode == PYTEST_NONE_SELECTED:
             result.status = "ok"
-        summary = last_line(self.log(name)) if name.startswith("tests") or name == "benchmarks" else ""
+        summary = last_line(self.log(name)) if name.startswith(("tests", "bench")) else ""
         result.note = "; ".join(x for x in (result.note, note, summary) if x)
         return self.record(result)
 
@@ -499,13 +508,20 @@ def main(argv: list[str] | None = None) -> int:
     # the extension's GPU tests
     run.phase("tests_extension", pytest + ["tests/test_attention_cuda.py", "-m", "gpu"], run.env())
 
-    # benchmarks
-    bench_dir = os.path.join(run.work, "bench")
-    run.phase("benchmarks", [py, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
-                             "-k", GPU_BENCHMARKS if not run.dry_run else DRY_BENCHMARKS],
-              run.env(BENCH_RESULTS_DIR=bench_dir))
-    bench = _read_json(os.path.join(bench_dir, "summary.json"), {"meta": {}, "rows": [], "dispatch": [],
-                                                                    "dispatch_rows": []})
+    # benchmarks: tube embedding, attention, the model, each its own pytest run
+    bench = {"meta": {}, "rows": [], "dispatch": [], "dispatch_rows": []}
+    for name, (path, gpu_k, dry_k) in BENCHMARKS.items():
+        k = dry_k if run.dry_run else gpu_k
+        if k is None:
+            run.record(PhaseResult(name, "skipped", 0.0, note="dry run: one CPU benchmark file only"))
+            continue
+        folder = os.path.join(run.work, name)
+        run.phase(name, [py, "-m", "pytest", path, "--benchmark-only", "-q", "-p", "no:cacheprovider", "-k", k],
+                  run.env(BENCH_RESULTS_DIR=folder))
+        summary = _read_json(os.path.join(folder, "summary.json"), {})
+        bench["meta"] = bench["meta"] or summary.get("meta", {})
+        for key in ("rows", "dispatch", "dispatch_rows"):
+            bench[key] += summary.get(key, [])
 
     # self-checks
     selfcheck_json = os.path.join(run.work, "selfcheck.json")
@@ -520,8 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(path, results)
     with tarfile.open(os.path.join(run.out, LOG_ARCHIVE), "w:gz") as tar:
         tar.add(run.logs, arcname="logs")
-        if os.path.exists(os.path.join(bench_dir, "summary.png")):
-            tar.add(os.path.join(bench_dir, "summary.png"), arcname="summary.png")
+        for name in BENCHMARKS:
+            if os.path.exists(os.path.join(run.work, name, "summary.png")):
+                tar.add(os.path.join(run.work, name, "summary.png"), arcname=f"{name}.png")
     shutil.rmtree(run.work, ignore_errors=True)
     print("\n".join(f"[gpu_run] wrote {p}" for p in paths + [os.path.join(run.out, LOG_ARCHIVE)]))
     print(format_table(results))
