@@ -63,7 +63,7 @@ LOG_ARCHIVE = "gpu_run_logs.tar.gz"
 
 # Each phase's own limit (seconds) and the least it is left when the budget runs short.
 LIMITS = {"environment": 45, "install": 90, "build": 210, "tests_triton": 120, "sanitizer": 75,
-          "build_wait": 210, "tests_extension": 60, "bench_tube_embed": 50, "bench_attention": 70,
+          "build_wait": 210, "tests_extension": 60, "bench_tube_embed": 70, "bench_attention": 70,
           "bench_model": 110, "selfcheck": 60}
 MINIMUM = {"environment": 20, "install": 20, "tests_triton": 30, "sanitizer": 15, "build_wait": 5,
            "tests_extension": 15, "bench_tube_embed": 20,
@@ -78,7 +78,7 @@ PYTEST_NONE_SELECTED = 5
 # The benchmark phases: (file, pytest -k on a GPU, pytest -k in the dry run). One pytest run each,
 # since a run writes its rows only when it ends: a phase killed at its limit loses its own rows.
 BENCHMARKS = {
-    "bench_tube_embed": ("benchmarks/test_tube_embed.py", "cuda-bf16-B32", None),
+    "bench_tube_embed": ("benchmarks/test_tube_embed.py", "cuda-bfloat16-B32", None),
     "bench_attention": ("benchmarks/test_attention.py", "cuda and not flash_attn and not xformers",
                         "cpu and dense and not backward and (torch or sdpa)"),
     "bench_model": ("benchmarks/test_model.py", "(test_model_step and cuda-B8 and train) or "
@@ -481,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # the GPU tests that need no extension
     test_paths = ["tests/"] if not run.dry_run else ["tests/test_dispatch.py"]
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--durations=15"]
+    # A test module that cannot be imported there (a package missing on that machine) must not stop the others.
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--durations=15",
+              "--continue-on-collection-errors"]
     run.phase("tests_triton", pytest + test_paths + ["--ignore=tests/test_attention_cuda.py", "-m", GPU_TEST_MARKERS]
               + (_pytest_plugins_args() if on_gpu else []), run.env(), none_selected_ok=run.dry_run)
 
