@@ -17,9 +17,10 @@ from tubevit_fast.info import package_version
 RESULTS_DIR = os.environ.get("BENCH_RESULTS_DIR", "benchmark_results")
 
 
-def save(rows: list, threads: int, dispatch_rows: list[str] = ()) -> list[str]:
+def save(rows: list, threads: int, dispatch_rows: list[str] = (), dispatch: list[dict] = ()) -> list[str]:
     """Write summary.json (and summary.png when matplotlib is installed); return the paths.
-    dispatch_rows: BenchTools.dispatch_rows(), the measured backend order on this GPU."""
+    dispatch_rows: BenchTools.dispatch_rows(), the measured backend order on this GPU, ready to
+    paste; dispatch: BenchTools.dispatch_records(), the timings it was ordered by."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     records = []
     for row in rows:
@@ -35,7 +36,8 @@ def save(rows: list, threads: int, dispatch_rows: list[str] = ()) -> list[str]:
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     json_path = os.path.join(RESULTS_DIR, "summary.json")
     with open(json_path, "w") as f:
-        json.dump({"meta": meta, "rows": records, "dispatch_rows": list(dispatch_rows)}, f, indent=2)
+        json.dump({"meta": meta, "rows": records, "dispatch": list(dispatch), "dispatch_rows": list(dispatch_rows)},
+                  f, indent=2)
     paths = [json_path]
     chart = _chart(records, os.path.join(RESULTS_DIR, "summary.png"))
     if chart:

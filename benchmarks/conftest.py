@@ -274,6 +274,17 @@ class BenchTools:
             key = (op, backends.DTYPE_NAMES[dtype], head_dim, layout)
             self.dispatch.setdefault(key, {}).setdefault(pass_, {})[backend] = seconds
 
+    def dispatch_records(self) -> list[dict]:
+        """The timings behind dispatch_rows, one record per MEASURED_ORDER key and pass, as results
+        files store them ("dispatch"; benchmarks/render_tables.measured_order reads them)."""
+        if not self.dispatch:
+            return []
+        arch = backends.arch_name(torch.device("cuda", torch.cuda.current_device()))
+        return [{"op": op, "arch": arch, "dtype": dtype, "head_dim": head_dim, "layout": layout, "pass": pass_,
+                 "seconds": dict(timing)}
+                for (op, dtype, head_dim, layout), passes in sorted(self.dispatch.items(), key=str)
+                for pass_, timing in sorted(passes.items())]
+
     def dispatch_rows(self) -> list[str]:
         """tubevit_fast.backends.MEASURED_ORDER rows for this GPU, ready to paste: the backends ordered
         by their forward+backward median (training is what they are chosen for), else forward."""
@@ -389,5 +400,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("measured backend order on this GPU (rows for tubevit_fast.backends.MEASURED_ORDER)")
         for line in dispatch:
             terminalreporter.write_line(line)
-    for path in bench_results.save(rows, BENCH_THREADS, dispatch):
+    for path in bench_results.save(rows, BENCH_THREADS, dispatch, _TOOLS.dispatch_records()):
         terminalreporter.write_line(f"saved {path}")

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from tubevit_fast.backends import interpreter_enabled
-from tubevit_fast.ops.attention import lse_shape
+from tubevit_fast.attention_layout import lse_shape
 from tubevit_fast.kernels.audit_spec import AuditTarget
 
 _LOG2E = tl.constexpr(1.4426950408889634)

@@ -524,14 +524,15 @@ def test_setup_falls_back_when_the_compile_fails(fake_toolkit, tmp_path, mode):
 
 
 def test_runs_on_reads_the_compatibility_rules():
+    from tubevit_fast import info
     targets = {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}
-    assert extension.runs_on((8, 0), targets) == "sm_80 machine code"
-    assert extension.runs_on((8, 9), targets) == "sm_80 machine code"  # same major, higher minor
-    assert extension.runs_on((9, 0), targets) == "sm_90a machine code"
-    assert extension.runs_on((12, 0), targets).startswith("compute_80 PTX")
-    assert extension.runs_on((7, 5), targets) is None
-    assert extension.runs_on((10, 0), {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_90a"]}) is None
-    assert extension.runs_on((9, 0), {"sass": ["sm_80"], "ptx": []}) is None  # no sm_9x code, no PTX
+    assert info.runs_on((8, 0), targets) == "sm_80 machine code"
+    assert info.runs_on((8, 9), targets) == "sm_80 machine code"  # same major, higher minor
+    assert info.runs_on((9, 0), targets) == "sm_90a machine code"
+    assert info.runs_on((12, 0), targets).startswith("compute_80 PTX")
+    assert info.runs_on((7, 5), targets) is None
+    assert info.runs_on((10, 0), {"sass": ["sm_80", "sm_90a"], "ptx": ["compute_90a"]}) is None
+    assert info.runs_on((9, 0), {"sass": ["sm_80"], "ptx": []}) is None  # no sm_9x code, no PTX
 
 
 @pytest.mark.aot
@@ -619,10 +620,11 @@ def test_build_prerequisites_and_extension_present():
 
 def _ptxas_rows() -> list[dict]:
     require_extension()
-    path = extension.ptxas_log_path()
+    from tubevit_fast.audit import extension_targets
+    path = extension_targets.ptxas_log_path()
     require(path is not None, "the build kept no ptxas report (_C.ptxas.log) next to tubevit_fast._C")
     with open(path) as f:
-        return extension.ptxas_rows(f.read())
+        return extension_targets.ptxas_rows(f.read())
 
 
 @pytest.mark.aot
@@ -647,7 +649,8 @@ def audit():
     require_extension()
     from tubevit_fast.audit import cuobjdump_path
     require(cuobjdump_path() is not None, "cuobjdump not found (Triton's wheel or CUDA_HOME)")
-    return extension.audit_rows()
+    from tubevit_fast.audit import extension_targets
+    return extension_targets.audit_rows()
 
 
 @pytest.mark.aot

@@ -19,12 +19,14 @@ torch.library.opcheck on fake/meta tensors, and offers:
     attention_forward / attention_backward   the launchers, same signatures as the Triton ones
     unavailable_reason()                     None, or why the extension cannot be used
     supported_head_dims()                    head dims compiled into this build
-    build_info(), binary_targets(), runs_on(capability)
-                                             what the binary was built for, which machine code and
-                                             PTX it holds, and what a GPU would run (tubevit_fast.info)
-    ptxas_log_path(), ptxas_rows(), audit_rows()
-                                             the build's ptxas report and its SASS audit (the
-                                             parsers and rules of tubevit_fast.audit.cubin/rows)
+    build_info(), kernel_configs(), library_path()
+                                             what the binary was built for, its kernels' tiles, and
+                                             where it is (what it holds and what a GPU would run:
+                                             tubevit_fast.info; its SASS audit:
+                                             tubevit_fast.audit.extension_targets)
+
+The loader imports no op module and nothing of the audit: tubevit_fast.backends and
+tubevit_fast.ops.attention import it, and the audit reads the built module through it.
 
 Layouts (as for the Triton launchers): dense q (B, Nq, H, D), k/v (B, Nk, H, D), lse (B, H, Nq);
 packed varlen q (total_q, H, D), k/v (total_k, H, D) with int32 cu_seqlens (batch + 1), lse
@@ -54,18 +56,15 @@ import importlib.util
 import json
 import math
 import os
-import re
-import subprocess
 
 import torch
 
-from tubevit_fast.ops.attention import lse_shape
+from tubevit_fast.attention_layout import lse_shape
 
 NAMESPACE = "tubevit_fast_C"
 ENV_BACKWARD = "TUBEVIT_FAST_CUDA_BACKWARD"
 ENV_WGMMA = "TUBEVIT_FAST_CUDA_WGMMA"
 BACKWARDS = ("deterministic", "atomic")
-PTXAS_LOG = "_C.ptxas.log"
 KERNEL_HEAD_DIMS = (64, 80, 96, 128)
 
 
@@ -112,50 +111,6 @@ def kernel_configs() -> list[dict]:
 def build_info() -> dict:
     """{"arch_list", "head_dims", "cuda_runtime_version"} as compiled into the binary."""
     return json.loads(_ops().build_info())
-
-
-def binary_targets(lib: str | None = None) -> dict[str, list[str]]:
-    """{"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}: the machine code and PTX embedded in
-    the built module (cuobjdump --list-elf / --list-ptx). Raises RuntimeError without cuobjdump."""
-    from tubevit_fast import audit as A
-    lib = lib or library_path()
-    if lib is None or A.cuobjdump_path() is None:
-        raise RuntimeError("needs the built tubevit_fast._C and cuobjdump (Triton's wheel or CUDA_HOME)")
-    found = {"sass": set(), "ptx": set()}
-    for kind, flag in (("sass", "--list-elf"), ("ptx", "--list-ptx")):
-        proc = subprocess.run([A.cuobjdump_path(), flag, lib], capture_output=True, text=True)
-        # "ELF file    1: attention_fwd_hdim64.sm_80.cubin", "PTX file    1: attention_fwd_hdim64.sm_80.ptx"
-        for m in re.finditer(r"\.(sm_\d+[a-z]?)\.(?:cubin|ptx)\s*$", proc.stdout, flags=re.M):
-            found[kind].add(m.group(1) if kind == "sass" else m.group(1).replace("sm_", "compute_"))
-    return {kind: sorted(v, key=lambda a: (_version(a), a)) for kind, v in found.items()}
-
-
-def runs_on(capability: tuple[int, int], targets: dict[str, list[str]]) -> str | None:
-    """What a GPU of compute `capability` executes from `targets` (binary_targets()): "sm_XY machine
-    code", "compute_XY PTX, compiled by the driver", or None if nothing in the binary can run there.
-    Machine code runs on its own major version at the same or a higher minor one; the
-    arch-specific sm_90a only on 9.0. PTX runs on its own version and everything newer, except the
-    arch-specific compute_90a."""
-    major, minor = capability
-    sass = [a for a in targets.get("sass", ()) if _runs_sass(a, major, minor)]
-    if sass:
-        return f"{max(sass, key=lambda a: (_version(a), a.endswith('a')))} machine code"
-    ptx = [a for a in targets.get("ptx", ()) if not a.endswith("a") and _version(a) <= (major, minor)]
-    if ptx:
-        return f"{max(ptx, key=_version)} PTX, compiled by the driver at first use"
-    return None
-
-
-def _version(arch: str) -> tuple[int, int]:
-    digits = re.sub(r"\D", "", arch)
-    return int(digits[:-1]), int(digits[-1])
-
-
-def _runs_sass(arch: str, major: int, minor: int) -> bool:
-    a_major, a_minor = _version(arch)
-    if arch.endswith("a"):
-        return (a_major, a_minor) == (major, minor)
-    return a_major == major and a_minor <= minor
 
 
 # ---- fake kernels ---------------------------------------------------------------------------------
@@ -226,7 +181,7 @@ def attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_
     return dq, dk, dv
 
 
-# ---- build artefacts: ptxas report and SASS audit -------------------------------------------------
+# ---- where the built module is -------------------------------------------------------------------
 
 def library_path() -> str | None:
     """Path of the built tubevit_fast._C shared object, or None."""
@@ -235,124 +190,3 @@ def library_path() -> str | None:
         return module.__file__
     spec = importlib.util.find_spec("tubevit_fast._C")
     return spec.origin if spec is not None else None
-
-
-def ptxas_log_path() -> str | None:
-    """The `nvcc -Xptxas -v` report setup.py kept beside the built module, or None."""
-    lib = library_path()
-    if lib is None:
-        return None
-    path = os.path.join(os.path.dirname(lib), PTXAS_LOG)
-    return path if os.path.exists(path) else None
-
-
-# The Hopper kernel is machine code for sm_90a only; other cubins hold a trap in its place.
-SM90_KERNELS = ("attention_fwd_sm90_kernel",)
-# Kernels with no matrix product (no MMA expected in their SASS).
-ELEMENTWISE_KERNELS = ("attention_bwd_preprocess_kernel", "attention_bwd_dq_convert_kernel")
-_KERNEL_RE = re.compile(
-    r"tvf(\d+)attention_(fwd|fwd_sm90|bwd_dq|bwd_dkdv|bwd_preprocess|bwd_dkdv_dqatomic|bwd_dq_convert)_kernel"
-    r"I(6__half|13__nv_bfloat16)Li(\d+)E")
-
-
-def describe_kernel(mangled: str) -> dict | None:
-    """{"kernel", "dtype", "head_dim"} for one of this extension's mangled kernel names, else None."""
-    m = _KERNEL_RE.search(mangled)
-    if m is None:
-        return None
-    return {"kernel": f"attention_{m.group(2)}_kernel",
-            "dtype": "bf16" if "bfloat16" in m.group(3) else "fp16", "head_dim": int(m.group(4))}
-
-
-def ptxas_rows(text: str) -> list[dict]:
-    """Rows {kernel, dtype, head_dim, arch, registers, stack, spill_stores, spill_loads} of a
-    `ptxas -v` report of this build (arch as ptxas names it: sm_80, sm_90a), one per entry
-    function; parsed by tubevit_fast.audit.cubin.parse_ptxas_entries, named by describe_kernel."""
-    from tubevit_fast.audit.cubin import parse_ptxas_entries
-    rows = []
-    for entry in parse_ptxas_entries(text):
-        info = describe_kernel(entry["function"]) or {"kernel": entry["function"], "dtype": None, "head_dim": None}
-        rows.append({**info, "arch": entry["arch"], "registers": entry.get("registers"),
-                     "stack": entry.get("stack", 0), "spill_stores": entry.get("spill_stores", 0),
-                     "spill_loads": entry.get("spill_loads", 0)})
-    return rows
-
-
-def _split_cubins(text: str) -> dict[tuple[str, str | None], str]:
-    """cuobjdump output of a fat binary -> {(arch, identifier): that cubin's part of the output}.
-    identifier names the source file the cubin came from; arch is cuobjdump's (sm_80, sm_90a)."""
-    cubins: list[list] = []    # [arch, identifier, lines]
-    for line in text.splitlines():
-        m = re.match(r"\s*arch = (sm_\w+)", line)
-        if m:
-            cubins.append([m.group(1), None, []])
-            continue
-        m = re.match(r"\s*identifier = (.*)$", line)
-        if m and cubins:
-            cubins[-1][1] = m.group(1).strip()
-            continue
-        if cubins:
-            cubins[-1][2].append(line)
-    out: dict[tuple[str, str | None], str] = {}
-    for arch, ident, lines in cubins:
-        key = (arch, ident)
-        out[key] = out[key] + "\n" + "\n".join(lines) if key in out else "\n".join(lines)
-    return out
-
-
-def audit_rows(archs=("sm_80", "sm_90"), dtypes=("fp16", "bf16")) -> list[dict]:
-    """One row per kernel x head dim x dtype x arch of the built .so, with the keys and meaning of
-    tubevit_fast.audit.ROW_KEYS (arch "sm_80"/"sm_90"; sm_90a cubins count as sm_90; the main-loop
-    keys included) plus "details". One `cuobjdump --dump-resource-usage --dump-sass
-    --dump-elf-symbols` of the .so, split per cubin, parsed and judged by tubevit_fast.audit's
-    cubin and rows modules (the audit reaches this function by name and never imports this module
-    itself), plus the build's ptxas report. python -m tubevit_fast.audit lists these rows beside the
-    Triton kernels'. Raises ExternalUnavailable (a RuntimeError) if the extension is not built."""
-    from tubevit_fast.audit import cubin, rows as audit_rows_
-    lib = library_path()
-    if lib is None or not os.path.exists(lib):
-        raise audit_rows_.ExternalUnavailable(unavailable_reason() or "tubevit_fast._C is not built")
-    configs = {(c["kernel"], c["head_dim"]): c for c in kernel_configs()}
-    dump = cubin.cuobjdump(lib, "--dump-resource-usage", "--dump-sass", "--dump-elf-symbols")
-    log_path = ptxas_log_path()
-    ptxas = {}
-    if log_path is not None:
-        with open(log_path) as f:
-            for r in ptxas_rows(f.read()):
-                ptxas[(r["arch"].rstrip("a"), r["kernel"], r["dtype"], r["head_dim"])] = r
-    rows = []
-    for (arch_full, ident), cubin_text in sorted(_split_cubins(dump).items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
-        arch = arch_full.rstrip("a")
-        if arch not in archs:
-            continue
-        sass = cubin.sass_by_function(cubin_text)
-        instructions = cubin.instructions_by_function(cubin_text)
-        # On sm_90 ptxas gives each cubin the driver's 1 KB per-block reservation as a static
-        # shared symbol, and cuobjdump counts it in SHARED; it is not the kernel's own.
-        reserved = "RESERVED_SHARED" in cubin_text
-        for func, res in sorted(cubin.resource_usage_by_function(cubin_text).items()):
-            info = describe_kernel(func)
-            if info is None or info["dtype"] not in dtypes:
-                continue
-            if info["kernel"] in SM90_KERNELS and arch != "sm_90":
-                continue
-            cfg = configs.get((info["kernel"], info["head_dim"]), {})
-            num_warps = cfg.get("threads", 128) // 32
-            config = f"D{info['head_dim']}"
-            if cfg.get("block_n"):
-                config += f"-BM{cfg['block_m']}-BN{cfg['block_n']}-s{cfg['stages']}"
-            config += f"-w{num_warps}"
-            stats = sass.get(func, cubin.SassStats())
-            # The S / dP products loop over the head dim in steps of 16 inside the loop over key
-            # (or query) tiles: the metric describes one pass of that outer loop.
-            stats.loop = cubin.main_loop(instructions.get(func, []), inner_trips=info["head_dim"] // 16)
-            rows.append(audit_rows_.make_row(
-                kernel=info["kernel"], config=config, dtype=info["dtype"], arch=arch, resources=res,
-                sass=stats, dynamic_shared=cfg.get("shared_bytes", 0),
-                reserved_in_static=reserved, num_warps=num_warps,
-                matmul=info["kernel"] not in ELEMENTWISE_KERNELS,
-                ptxas=ptxas.get((arch, info["kernel"], info["dtype"], info["head_dim"])),
-                details={"module": "tubevit_fast._C", "cubin_arch": arch_full, "source": ident, "function": func,
-                         "head_dim": info["head_dim"], "ptxas_log": log_path}))
-    rows.sort(key=lambda r: (r["kernel"], r["details"]["head_dim"], r["dtype"], r["arch"]))
-    return rows

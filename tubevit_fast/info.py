@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import re
+import subprocess
 import sys
 
 import torch
 
 from tubevit_fast import extension
+from tubevit_fast.audit.cubin import cuobjdump_path
 
 
 def package_version(dist: str) -> str | None:
@@ -23,6 +26,49 @@ def package_version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def binary_targets(lib: str | None = None) -> dict[str, list[str]]:
+    """{"sass": ["sm_80", "sm_90a"], "ptx": ["compute_80"]}: the machine code and PTX embedded in
+    the built module (cuobjdump --list-elf / --list-ptx). Raises RuntimeError without cuobjdump."""
+    lib = lib or extension.library_path()
+    if lib is None or cuobjdump_path() is None:
+        raise RuntimeError("needs the built tubevit_fast._C and cuobjdump (Triton's wheel or CUDA_HOME)")
+    found = {"sass": set(), "ptx": set()}
+    for kind, flag in (("sass", "--list-elf"), ("ptx", "--list-ptx")):
+        proc = subprocess.run([cuobjdump_path(), flag, lib], capture_output=True, text=True)
+        # "ELF file    1: attention_fwd_hdim64.sm_80.cubin", "PTX file    1: attention_fwd_hdim64.sm_80.ptx"
+        for m in re.finditer(r"\.(sm_\d+[a-z]?)\.(?:cubin|ptx)\s*$", proc.stdout, flags=re.M):
+            found[kind].add(m.group(1) if kind == "sass" else m.group(1).replace("sm_", "compute_"))
+    return {kind: sorted(v, key=lambda a: (_version(a), a)) for kind, v in found.items()}
+
+
+def runs_on(capability: tuple[int, int], targets: dict[str, list[str]]) -> str | None:
+    """What a GPU of compute `capability` executes from `targets` (binary_targets()): "sm_XY machine
+    code", "compute_XY PTX, compiled by the driver", or None if nothing in the binary can run there.
+    Machine code runs on its own major version at the same or a higher minor one; the
+    arch-specific sm_90a only on 9.0. PTX runs on its own version and everything newer, except the
+    arch-specific compute_90a."""
+    major, minor = capability
+    sass = [a for a in targets.get("sass", ()) if _runs_sass(a, major, minor)]
+    if sass:
+        return f"{max(sass, key=lambda a: (_version(a), a.endswith('a')))} machine code"
+    ptx = [a for a in targets.get("ptx", ()) if not a.endswith("a") and _version(a) <= (major, minor)]
+    if ptx:
+        return f"{max(ptx, key=_version)} PTX, compiled by the driver at first use"
+    return None
+
+
+def _version(arch: str) -> tuple[int, int]:
+    digits = re.sub(r"\D", "", arch)
+    return int(digits[:-1]), int(digits[-1])
+
+
+def _runs_sass(arch: str, major: int, minor: int) -> bool:
+    a_major, a_minor = _version(arch)
+    if arch.endswith("a"):
+        return (a_major, a_minor) == (major, minor)
+    return a_major == major and a_minor <= minor
 
 
 def collect() -> dict:
@@ -36,12 +82,12 @@ def collect() -> dict:
     if ext["available"]:
         ext["build"] = extension.build_info()
         try:
-            ext["binary"] = extension.binary_targets()
+            ext["binary"] = binary_targets()
         except RuntimeError as err:
             ext["binary"], ext["binary_reason"] = None, str(err)
         if ext["binary"] is not None:
             for gpu in gpus:
-                gpu["extension_runs"] = extension.runs_on(tuple(gpu["capability"]), ext["binary"])
+                gpu["extension_runs"] = runs_on(tuple(gpu["capability"]), ext["binary"])
     info["extension"] = ext
     return info
 

@@ -14,9 +14,11 @@ The package, bottom up (each imports only those above it):
   cubin.py           parsing cuobjdump/ptxas output, the main-loop model, running cuobjdump
   rows.py            the row keys, occupancy estimate, verdict (ok) and targets' loop budgets
   triton_targets.py  compiling one AuditTarget (tubevit_fast.kernels.audit_spec) and its row
+  extension_targets.py  the CUDA extension's ptxas report and SASS rows (imports the loader,
+                     tubevit_fast.extension, for where the built module is)
   report.py          the audit over modules and externals, table/JSON/summary, the CLI
-tubevit_fast.extension builds its rows from cubin.py and rows.py; report.py reaches it only by
-name (EXTENSION_PROVIDER), as it reaches the kernel modules.
+report.py reaches extension_targets.py only by name (EXTENSION_PROVIDER), as it reaches the
+kernel modules, so importing the package imports neither torch's extension nor the loader.
 """
 from tubevit_fast.audit.cubin import (AuditError, Instruction, LoopStats, SassStats, branch_target, cuobjdump,
                                       cuobjdump_path, instructions_by_function, load_width, main_loop, mma_units,

@@ -2,7 +2,7 @@
 
 Everything here works on text (or runs cuobjdump on a file): no Triton, no torch, no kernel
 module. The Triton targets (triton_targets.py) and the CUDA extension's rows
-(tubevit_fast.extension.audit_rows) both build on it.
+(extension_targets.py) both build on it.
 
 The main loop (`main_loop`). SASS is printed with each instruction's address
 (`/*3920*/ @!P0 BRA 0x2cb0 ;`). A branch whose target is at or before its own address closes a

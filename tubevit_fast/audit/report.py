@@ -11,10 +11,9 @@ fails to compile gives a row with ok False, null numbers and details["error"].
 Kernels that are not Triton add rows with `register_external(fn, module=None)`:
 `fn(archs=..., dtypes=...)` returns a list of row dicts with (at least) the ROW_KEYS, or
 raises ExternalUnavailable when its kernels are not built (rows without the loop keys get
-them as None). The compiled CUDA extension is one: `extension_rows` calls `audit_rows` of the
-module named in EXTENSION_PROVIDER (tubevit_fast.extension), imported by that name when the
-audit runs, the way the kernel modules are; the audit's own modules never import it, while it
-builds its rows from cubin.py and rows.py. It is registered under the module name
+them as None). The compiled CUDA extension is one: `extension_rows` calls `audit_rows` of
+extension_targets.py (EXTENSION_PROVIDER), imported by that name when the audit runs, the way
+the kernel modules are, since it imports torch and the extension loader. It is registered under the module name
 EXTENSION_MODULE: its rows are listed beside the Triton ones by default and with
 `--module tubevit_fast._C`, and judged by --strict like them. When it is not built the audit
 prints one line saying so and goes on (not a failure), unless `--module tubevit_fast._C` asked
@@ -60,17 +59,13 @@ def register_external(fn: Callable[..., list[dict]], module: str | None = None) 
 
 
 EXTENSION_MODULE = "tubevit_fast._C"
-EXTENSION_PROVIDER = "tubevit_fast.extension"
+EXTENSION_PROVIDER = "tubevit_fast.audit.extension_targets"
 
 
 def extension_rows(archs: Iterable[str] = tuple(ARCHS), dtypes: Iterable[str] = DTYPES) -> list[dict]:
     """Rows of the compiled CUDA extension (EXTENSION_PROVIDER's audit_rows); raises
     ExternalUnavailable if tubevit_fast._C is not built. Imports torch, so only when called."""
-    provider = importlib.import_module(EXTENSION_PROVIDER)
-    reason = provider.unavailable_reason()
-    if reason is not None:
-        raise ExternalUnavailable(reason)
-    return provider.audit_rows(archs=tuple(archs), dtypes=tuple(dtypes))
+    return importlib.import_module(EXTENSION_PROVIDER).audit_rows(archs=tuple(archs), dtypes=tuple(dtypes))
 
 
 register_external(extension_rows, module=EXTENSION_MODULE)

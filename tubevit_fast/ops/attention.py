@@ -14,9 +14,8 @@ traces them without a graph break (not triton_op: its fake path runs the kernels
                                 max_seqlen_k, softmax_scale, backend) -> (dq, dk, dv)
 
 Under torch.autocast, q, k and v are cast to the autocast dtype (tubevit_fast.amp), as SDPA does.
-Saved log-sum-exp convention (shared with the CUDA extension): fp32 (fp64 for fp64 inputs),
-natural log of sum_j exp(softmax_scale * q_i . k_j), shape (B, H, Nq) for dense inputs and
-(H, total_q) for packed varlen ones, from every backend.
+Saved log-sum-exp: the convention of tubevit_fast.attention_layout (fp32, fp64 for fp64 inputs;
+(B, H, Nq) dense, (H, total_q) packed), from every backend.
 All outputs are contiguous.
 """
 from __future__ import annotations
@@ -28,6 +27,7 @@ from typing import Optional
 import torch
 
 from tubevit_fast import amp, backends, numerics
+from tubevit_fast.attention_layout import lse_dtype, lse_shape
 from tubevit_fast.packing import cu_seqlens_from_lengths, known_bounds
 from tubevit_fast.reference.attention import attention_reference
 
@@ -68,16 +68,6 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       softmax_scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _impl(backend).attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             softmax_scale)
-
-
-def lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
-    """Shape of the saved log-sum-exp (see the module docstring); the same for every backend."""
-    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved log-sum-exp for inputs of `dtype`: fp32, fp64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @_attention_fwd_op.register_fake

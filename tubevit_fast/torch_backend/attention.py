@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tubevit_fast.ops.attention import lse_dtype
+from tubevit_fast.attention_layout import lse_dtype
 
 ROUTES = ("cpu_flash", "flash", "efficient", "math")
 _EFFICIENT_LSE_ROWS = 32  # memory-efficient attention pads each lse row to a multiple of this
