@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shlex
 
 import pytest
@@ -14,14 +15,18 @@ pytest.importorskip("tqdm")
 
 from tubevit_fast import data, evaluate, predict, train  # noqa: E402
 
-# The README's "End-to-end demo" section: keep the two in step.
-DEMO = """\
-python -m tubevit_fast.data --out demo/train --items 96 --frames 16 --size 40 --seed 0 --list train.txt
-python -m tubevit_fast.data --out demo/val --items 24 --frames 16 --size 40 --seed 1 --list val.txt
-python -m tubevit_fast.train --data demo/train/train.txt --val-data demo/val/val.txt --frames 8 --stride 2 --size 32 --scale 0.6,1 --no-flip --randaug 1,5 --mixup 0.2 --smoothing 0.1 --steps 60 --batch-size 16 --lr 3e-3 --warmup 5 --out demo/run
-python -m tubevit_fast.evaluate --data demo/val/val.txt --checkpoint demo/run/last.pt --clips 2 --crops 3 --out demo/eval
-python -m tubevit_fast.predict demo/val/move_left/*.mp4 --checkpoint demo/run/last.pt --clips 2 --crops 3 --top-k 2
-""".splitlines()
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+DEMO_HEADING = "### A demo on generated clips"
+
+
+def readme_demo() -> list[str]:
+    """The command lines of the README's demo: the first ```bash block after its heading."""
+    text = open(README).read()
+    block = text[text.index(DEMO_HEADING):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip()]
+
+
+DEMO = readme_demo()
 
 TOOLS = {"tubevit_fast.data": data.main, "tubevit_fast.train": train.main, "tubevit_fast.evaluate": evaluate.main,
          "tubevit_fast.predict": predict.main}

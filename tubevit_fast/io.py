@@ -24,7 +24,6 @@ MediaError, a ValueError naming the file.
 from __future__ import annotations
 
 import fractions
-import importlib
 import os
 from typing import Sequence
 
@@ -32,31 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tubevit_fast.media_errors import VIDEO_EXTRA, MediaError, MissingDependency, first_line, require  # noqa: F401
 from tubevit_fast.pixels import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_MEAN, DEFAULT_STD = IMAGENET_MEAN, IMAGENET_STD  # one home: tubevit_fast.pixels
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 RESIZE_MODES = ("crop", "stretch")
-VIDEO_EXTRA = 'pip install "tubevit_fast[video]"'
-
-
-class MediaError(ValueError):
-    """A video or image file that cannot be used: not media, corrupt, or too short."""
-
-
-class MissingDependency(ImportError):
-    """An optional package (PyAV, Pillow, Matplotlib: the `video` extra) is not installed."""
-
-
-def require(module: str, purpose: str):
-    """import_module(module), or MissingDependency telling the user how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        package = {"av": "av (PyAV)", "PIL": "pillow", "matplotlib": "matplotlib"}.get(module.split(".")[0], module)
-        raise MissingDependency(f"{purpose} needs the {package} package, which is not installed: "
-                                f"{VIDEO_EXTRA}") from err
 
 
 def _size2(size: int | Sequence[int]) -> tuple[int, int]:
@@ -127,10 +108,6 @@ def _check_file(path) -> str:
     return path
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def read_video(path, num_frames: int = 32, size: int | Sequence[int] | None = 224, stride: int | None = None,
                mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                resize: str = "crop") -> torch.Tensor:
@@ -142,7 +119,7 @@ def read_video(path, num_frames: int = 32, size: int | Sequence[int] | None = 22
     Raises FileNotFoundError for a missing file, ValueError for data that cannot be decoded
     and for a clip with fewer frames than asked for (the message gives both counts).
     """
-    from tubevit_fast.app.decode import probe, read_frames  # the app's decoder; it imports this module
+    from tubevit_fast.app.decode import probe, read_frames  # the app's decoder, above this module
 
     path = _check_file(path)
     if resize not in RESIZE_MODES:
@@ -168,7 +145,7 @@ def read_image(path, size: int | Sequence[int] | None = 224, mean: Sequence[floa
         with pil.open(path) as img:
             array = np.asarray(img.convert("RGB"))
     except OSError as err:  # PIL's UnidentifiedImageError is an OSError
-        raise MediaError(f"{path}: cannot be decoded as an image ({_first_line(err)})") from err
+        raise MediaError(f"{path}: cannot be decoded as an image ({first_line(err)})") from err
     x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)[None]
     x = resize_frames(x, size, resize)
     return normalize(x, mean, std, channel_dim=1)[0].contiguous()

@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 
 from tubevit_fast.app.sampling import ClipSampling, item_rng, torch_seed
 from tubevit_fast.app.transforms import eval_views
-from tubevit_fast.io import MediaError, _first_line
+from tubevit_fast.io import MediaError, first_line
 
 BAD_FILES = ("skip", "error")
 
@@ -41,7 +41,7 @@ def _check_bad_files(bad_files: str) -> None:
 def _failed(media, index: int, err: Exception, bad_files: str) -> None:
     """Skip (warn, return) or raise for item `index` whose file could not be used."""
     name = media.name(index)
-    reason = _first_line(err).replace(f"{name}: ", "")
+    reason = first_line(err).replace(f"{name}: ", "")
     if bad_files == "error":
         raise MediaError(f"{name}: {reason}") from err
     print(f"warning: skipped {name}: {reason}", file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import torch
 
-from tubevit_fast.io import MediaError, _first_line, require
+from tubevit_fast.media_errors import MediaError, first_line, require
 
 DECODERS = ("pyav", "torchcodec")
 INTERPOLATION = "BILINEAR"  # swscale's bilinear: antialiased when shrinking (its filter widens)
@@ -95,7 +95,7 @@ def available_cores() -> int:
 
 
 def _decode_error(path, err: Exception) -> MediaError:
-    return MediaError(f"{path}: cannot be decoded as a video ({_first_line(err)})")
+    return MediaError(f"{path}: cannot be decoded as a video ({first_line(err)})")
 
 
 def _open(path, threads: int | None = None):

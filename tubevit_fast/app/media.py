@@ -20,7 +20,7 @@ import torch
 from tubevit_fast.app import decode
 from tubevit_fast.app.clip_index import index_videos
 from tubevit_fast.app.sources import Annotations
-from tubevit_fast.io import IMAGE_EXTENSIONS, MediaError, _first_line, require
+from tubevit_fast.io import IMAGE_EXTENSIONS, MediaError, first_line, require
 
 
 def is_image_file(path: str) -> bool:
@@ -43,7 +43,7 @@ def read_image(path: str, short_side: int | None = None) -> torch.Tensor:
                 img = img.resize(size, pil.Resampling.BILINEAR)
             array = np.asarray(img)
     except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise MediaError(f"{path}: cannot be decoded as an image ({_first_line(err)})") from err
+        raise MediaError(f"{path}: cannot be decoded as an image ({first_line(err)})") from err
     return torch.from_numpy(array.copy())[None]
 
 
@@ -80,12 +80,12 @@ class FileMedia:
         if failed and bad_files == "error":
             path, err = next(iter(failed.items()))
             raise MediaError(f"{len(failed)} of {len(videos)} videos cannot be decoded, e.g. "
-                             f"{path}: {_first_line(err).replace(f'{path}: ', '')}")
+                             f"{path}: {first_line(err).replace(f'{path}: ', '')}")
         kept = [(p, label) for p, label in annotations.samples if os.path.abspath(p) not in failed]
         media = cls(Annotations(kept, list(annotations.classes)), infos, decoder)
         if failed:
             for path, err in failed.items():
-                reason = _first_line(err).replace(f"{path}: ", "")
+                reason = first_line(err).replace(f"{path}: ", "")
                 print(f"warning: skipped {path}: {reason}", file=sys.stderr)
             print(f"warning: skipped {len(failed)} of {len(videos)} videos that cannot be decoded",
                   file=sys.stderr, flush=True)
@@ -153,7 +153,7 @@ def _index_once(videos: list[str], cache_file, progress: bool, workers: int | No
     if dist.get_rank() == 0:
         try:
             infos, failed = index_videos(videos, cache_file, progress, workers)
-            outcome = [{path: _first_line(err) for path, err in failed.items()}]
+            outcome = [{path: first_line(err) for path, err in failed.items()}]
         except Exception as err:  # the other ranks raise it too, rather than wait forever
             outcome = [err]
             dist.broadcast_object_list(outcome, src=0)
