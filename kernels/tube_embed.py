@@ -440,7 +440,11 @@ def _tube_embed_bwd_weight_kernel(
                          other=0)
     for mt in range(pid_s, tl.cdiv(rows_total, BLOCK_M), SPLIT):
         m0 = mt * BLOCK_M
-        b0_next, x0 = _next_tile(b0, x0, b_step, x_step, per_sample)
+        if STAGE_PIXELS:  # no division in the uint8 loop (its budget needs the instructions)
+            b0_next, x0 = _next_tile(b0, x0, b_step, x_step, per_sample)
+        else:  # nor the two registers the stepping keeps live (the float 64x128 tile spills)
+            b0_next = (m0 + SPLIT * BLOCK_M) // per_sample
+            x0 = m0 + SPLIT * BLOCK_M - b0_next * per_sample
         xrow_next, dyrow_next = _row_entries(xrow_ptr, dyrow_ptr, rtab, x0, VEC, DY_VEC, BLOCK_M)
         mask_m = m0 + tl.arange(0, BLOCK_M) < rows_total
         # Offsets relative to sample b0's pointers: 32-bit sums when the host's tables are 32-bit.

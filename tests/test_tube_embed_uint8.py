@@ -99,12 +99,42 @@ def test_uint8_video_equals_reference_on_normalised_video(backend, dtype):
     _check(TUBES, 3, 20, SIZE, 2, *IMAGENET, backend, dtype, seed=1)
 
 
-def test_triton_uint8_tiles_copied_unconverted(monkeypatch):
+def _copy_tiles_unconverted(monkeypatch):
     """The other way a uint8 tile reaches the MMAs (the forward on sm_90, see _stage_pixels): copied
-    to shared memory as bytes and converted by each warp; forced here for forward and dW."""
+    to shared memory as bytes and converted by each warp; forced for forward and dW."""
     from tubevit_fast.kernels import tube_embed as te
     monkeypatch.setattr(te, "_stage_pixels", lambda video, forward: False)
+
+
+def test_triton_uint8_tiles_copied_unconverted(monkeypatch):
+    _copy_tiles_unconverted(monkeypatch)
     _check(TUBES, 3, 20, SIZE, 2, *IMAGENET, "triton", torch.float16, seed=3)
+
+
+def test_triton_uint8_weight_gradient_over_many_tiles():
+    """dW's M tiles step through the samples without dividing (_next_tile): 64 samples of 12
+    tokens in tiles of 16, two splits of 24 tiles, each step 2 samples and 8 tokens on (a lost
+    carry into the next sample runs past the row tables' padding)."""
+    _check((TubeSpec((1, 2, 2), (1, 2, 2), (0, 0, 0)),), 1, 8, (3, 4, 4), 64, (0.5,), (0.25,), "triton",
+           torch.float32, seed=7)
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "copied"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_every_pixel_value_reaches_the_tokens_exactly(staged, dtype, monkeypatch):
+    """A 1x1x1 tube whose folded kernel is 1 (mean 0, std 1/255): each token is its pixel's value,
+    for all 256 values (a conversion off by a magic offset, sign-extended or truncated fails)."""
+    if not staged:
+        _copy_tiles_unconverted(monkeypatch)
+    x = torch.randperm(256, generator=torch.Generator().manual_seed(5)).to(torch.uint8).view(1, 1, 1, 16, 16)
+    layer = TubeEmbed((TubeSpec((1, 1, 1), (1, 1, 1), (0, 0, 0)),), 1, 16, pos_embed=False, backend="triton",
+                      pixel_mean=(0.0,), pixel_std=(1 / 255,))
+    with torch.no_grad():
+        layer.weights[0].fill_(1.0)
+        layer.biases[0].zero_()
+    out = layer.to(TRITON_DEVICE, dtype)(x.to(TRITON_DEVICE))
+    expected = x.reshape(256, 1).double().expand(256, 16)
+    torch.testing.assert_close(out[0].double().cpu(), expected, rtol=0, atol=1e-3)
 
 
 @st.composite
