@@ -40,8 +40,13 @@ a helper's return value is lost), so A's runs load as 64/128-bit cp.async copies
 uint8 pixels. x may be a uint8 video (tubevit_fast.pixels: TubeEmbed folds the normalisation into
 W and b): forward and dW load A as uint8 and convert it to the weights' dtype in registers, which
 is also the dtype of the tokens, of dY and of the dots. The same VEC rule packs 4 pixels (the
-paper tubes' kw = 4 allows no more) into each 32-bit access: a quarter of fp32's bytes. The dX
-kernel never runs for such a video (it takes no gradient).
+paper tubes' kw = 4 allows no more) into each 32-bit access: a quarter of fp32's bytes. Where
+the conversion runs decides the loop's cost (_stage_pixels): a step's pixels are loaded one step
+ahead into registers and converted once per program before the compiler stages the tile in
+shared memory as 16-bit (dW; the forward on sm_80), or the uint8 tile is copied asynchronously
+and each warp converts the fragments it reads (the forward on sm_90, whose warpgroup MMAs share
+none). Either way the loops keep the float ones' budget (audit_targets). The dX kernel never
+runs for such a video (it takes no gradient).
 
 Kernels (one Triton program per output tile, fp32 accumulation everywhere):
   _tube_embed_fwd_kernel         grid: M tiles of all tubes x dim tiles (flat, dim tile
