@@ -29,3 +29,4 @@ class AuditTarget:
     matmul: bool = True          # a tl.dot kernel: the SASS must show HMMA/HGMMA
     attrs: dict = field(default_factory=dict)  # optional ASTSource attrs (e.g. divisibility hints)
     loop_budget: LoopBudget | None = None      # the main loop's static targets, if any
+    archs: tuple[str, ...] | None = None       # the archs whose launches compile this (None: all)

@@ -40,8 +40,13 @@ a helper's return value is lost), so A's runs load as 64/128-bit cp.async copies
 uint8 pixels. x may be a uint8 video (tubevit_fast.pixels: TubeEmbed folds the normalisation into
 W and b): forward and dW load A as uint8 and convert it to the weights' dtype in registers, which
 is also the dtype of the tokens, of dY and of the dots. The same VEC rule packs 4 pixels (the
-paper tubes' kw = 4 allows no more) into each 32-bit access: a quarter of fp32's bytes. The dX
-kernel never runs for such a video (it takes no gradient).
+paper tubes' kw = 4 allows no more) into each 32-bit access: a quarter of fp32's bytes. Where
+the conversion runs decides the loop's cost (_stage_pixels): a step's pixels are loaded one step
+ahead into registers and converted once per program before the compiler stages the tile in
+shared memory as 16-bit (dW; the forward on sm_80), or the uint8 tile is copied asynchronously
+and each warp converts the fragments it reads (the forward on sm_90, whose warpgroup MMAs share
+none). Either way the loops keep the float ones' budget (audit_targets). The dX kernel never
+runs for such a video (it takes no gradient).
 
 Kernels (one Triton program per output tile, fp32 accumulation everywhere):
   _tube_embed_fwd_kernel         grid: M tiles of all tubes x dim tiles (flat, dim tile
@@ -181,18 +186,23 @@ def _token_slot(it, ih, iw, nh, nw, width, ft, fh, fw, WIDTH_ALIGN: tl.constexpr
 
 
 @triton.jit
-def _row_entries(xrow_ptr, dyrow_ptr, rtab, m0, ntok, VEC: tl.constexpr, DY_VEC: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
-    """dW's rows m0 .. m0 + BLOCK_M of a tube: their first sample b0 and their row-table entries
-    (pixel and token-slot offsets relative to sample b0; see _row_tables), hinted as the host
-    guarantees (multiples of VEC and DY_VEC). A tube without tokens in this video has no rows to
-    reduce but is still read ahead: its entries 0 .. BLOCK_M (zeros), never a division by 0."""
-    per_sample = tl.maximum(ntok, 1)
-    b0 = m0 // per_sample
-    x = rtab + (m0 - b0 * per_sample) + tl.arange(0, BLOCK_M)
+def _row_entries(xrow_ptr, dyrow_ptr, rtab, x0, VEC: tl.constexpr, DY_VEC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dW's rows of a tile that starts at token x0 of its first sample: their row-table entries
+    (pixel and token-slot offsets relative to that sample; see _row_tables), hinted as the host
+    guarantees (multiples of VEC and DY_VEC)."""
+    x = rtab + x0 + tl.arange(0, BLOCK_M)
     xrow = tl.multiple_of(tl.load(xrow_ptr + x), VEC)
     dyrow = tl.multiple_of(tl.load(dyrow_ptr + x), DY_VEC)
-    return b0, xrow, dyrow
+    return xrow, dyrow
+
+
+@triton.jit
+def _next_tile(b0, x0, b_step, x_step, per_sample):
+    """(sample, token) where dW's next tile starts, SPLIT tiles on: the step split as b_step
+    samples plus x_step < per_sample tokens once, so the loop divides nothing."""
+    x0 += x_step
+    carry = x0 >= per_sample
+    return b0 + b_step + carry.to(tl.int32), tl.where(carry, x0 - per_sample, x0)
 
 
 @triton.jit
@@ -234,9 +244,13 @@ _BWD_W_CONFIGS = [
 # (VEC 1) or token rows without 8-byte runs (DY_VEC <= 2: odd dims, strided or stride-0 grads).
 # One address per element: the wide tiles above spill there.
 _BWD_W_CONFIGS_NARROW = [_cfg(64, 64, 64, 8, 3)]
-# ... and for a uint8 video: its pixel tile, converted in registers, needs more of them; the
-# 128x128x128 tile spills there on sm_80.
-_BWD_W_CONFIGS_PIXELS = [c for c in _BWD_W_CONFIGS if c.kwargs["BLOCK_K"] < 128]
+# ... and for a uint8 video: the widest output tile, over which the pixel tile's conversions
+# (once per pixel of the 64x64 step, _stage_pixels) spread to keep the loop budget (the
+# 128x128x128 tile spills with them; 64x128x64 misses the budget).
+_BWD_W_CONFIGS_PIXELS = [c for c in _BWD_W_CONFIGS if c.kwargs["BLOCK_N"] == 256]
+# The forward on a uint8 video: only the 128x128 tiles, whose conversions (once per pixel of the
+# 128x64 step, _stage_pixels) spread over enough MMAs to keep the loop budget.
+_FWD_CONFIGS_PIXELS = [c for c in _FWD_CONFIGS if c.kwargs["BLOCK_M"] == c.kwargs["BLOCK_N"] == 128]
 # Input gradient: BLOCK_N chunks the dim reduction, (BLOCK_M, BLOCK_K) the scattered tile.
 _BWD_X_CONFIGS = [
     _cfg(64, 64, 64, 8, 3),
@@ -253,12 +267,7 @@ _BWD_X_CONFIGS_FP32 = [_cfg(64, 64, 16, 4, 2), _cfg(32, 64, 32, 4, 2)]
 # the paper's setting: at most 4 non-MMA instructions per m16n8k16 MMA, no 8/16-bit global loads
 # (A's pixel runs load as vectors), and wgmma on Hopper.
 _FWD_BUDGET = _BWD_W_BUDGET = LoopBudget(max_non_mma_per_mma=4, min_load_bits=32, hgmma_archs=("sm_90",))
-# The same loops on a uint8 video: 4 pixels per 32-bit load and wgmma on Hopper hold; the
-# instruction count does not (issue 21; the audit reports it): every warp converts its own
-# operand fragments (uint8 -> 16-bit, PRMT/I2F), and dW, whose reduction axis is not the pixels'
-# contiguous one, reads its pixel tile from shared memory a byte at a time (no transposed
-# ldmatrix for 8-bit elements on sm_80).
-_PIXEL_BUDGET = LoopBudget(min_load_bits=32, hgmma_archs=("sm_90",))
+# A uint8 video's loops keep the same budget with the _PIXELS configs (_stage_pixels).
 
 
 def _configs(half, single):
@@ -301,7 +310,7 @@ _KEY = ["DIM", "KTOT", "ROWS_CLASS"]
 # ----------------------------------------------------------------------------------------
 
 @triton.autotune(configs=_configs(_FWD_CONFIGS, _FWD_CONFIGS_FP32), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune_for(_FWD_CONFIGS_FP32)})
+                 prune_configs_by={"early_config_prune": _prune_for(_FWD_CONFIGS_FP32, pixels=_FWD_CONFIGS_PIXELS)})
 @triton.jit
 def _tube_embed_fwd_kernel(
     x_ptr, w_ptr, b_ptr, pos_ptr, out_ptr, geo_ptr, col_ptr,
@@ -312,7 +321,7 @@ def _tube_embed_fwd_kernel(
     spn, spd,
     sob, son, sod,
     NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, WIDTH_ALIGN: tl.constexpr, HAS_POS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, VEC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, VEC: tl.constexpr, STAGE_PIXELS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Flat grid, dim tile fastest: the programs that share a gathered A tile run together and
@@ -349,11 +358,17 @@ def _tube_embed_fwd_kernel(
     # the same step, and the pipeliner buffers A and W like a plain GEMM's. (The table is padded
     # past every tube's columns, so the read ahead of the last step stays in bounds.)
     cols = tl.max_contiguous(tl.multiple_of(tl.load(col_ptr + kcol + tl.arange(0, BLOCK_K)), VEC), VEC)
+    if STAGE_PIXELS:  # see _stage_pixels: the first step's pixels, into registers
+        a_next = tl.load(a_rows[:, None] + cols[None, :], mask=(tl.arange(0, BLOCK_K) < K)[None, :], other=0)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         cols_next = tl.max_contiguous(tl.multiple_of(tl.load(col_ptr + kcol + BLOCK_K + offs_k), VEC), VEC)
+        if STAGE_PIXELS:  # this step's pixels were loaded one step ago; load the next step's
+            a = a_next
+            a_next = tl.load(a_rows[:, None] + cols_next[None, :], mask=(offs_k + BLOCK_K < K)[None, :], other=0)
+        else:
+            a = tl.load(a_rows[:, None] + cols[None, :], mask=(offs_k < K)[None, :], other=0.0)
         # uint8 pixels are converted here, in registers (a no-op for a floating-point video).
-        a = tl.load(a_rows[:, None] + cols[None, :], mask=(offs_k < K)[None, :], other=0.0)
         a = a.to(w_ptr.dtype.element_ty)
         # No K mask: columns past K_i are the tube's zero padding (_KCOL_ALIGN).
         wt = tl.load(w_ptr + (kcol + offs_k)[:, None] * swk + offs_d[None, :] * swd,
@@ -383,7 +398,7 @@ def _tube_embed_bwd_weight_kernel(
     sws, swd, swk,
     sbs, sbt, sbd,
     NUM_TUBES: tl.constexpr, SPACE_TO_DEPTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VEC: tl.constexpr, DY_VEC: tl.constexpr,
+    VEC: tl.constexpr, DY_VEC: tl.constexpr, STAGE_PIXELS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -416,15 +431,37 @@ def _tube_embed_bwd_weight_kernel(
     # row is decoded here. The next tile's entries are read one step ahead, into registers (A's
     # addresses then do not wait on a load of the same step; for a tile past the end they are
     # still inside the table, and unused).
-    b0, xrow, dyrow = _row_entries(xrow_ptr, dyrow_ptr, rtab, pid_s * BLOCK_M, ntok, VEC, DY_VEC, BLOCK_M)
+    # A tube without tokens in this video has no rows to reduce but is still read ahead: its
+    # entries 0 .. BLOCK_M (zeros), never a division by 0.
+    per_sample = tl.maximum(ntok, 1)
+    b0 = pid_s * BLOCK_M // per_sample
+    x0 = pid_s * BLOCK_M - b0 * per_sample
+    b_step = SPLIT * BLOCK_M // per_sample
+    x_step = SPLIT * BLOCK_M - b_step * per_sample
+    xrow, dyrow = _row_entries(xrow_ptr, dyrow_ptr, rtab, x0, VEC, DY_VEC, BLOCK_M)
+    if STAGE_PIXELS:  # see _stage_pixels: the first M tile's pixels, into registers
+        a_next = tl.load((x_ptr + b0.to(tl.int64) * sxb) + (xrow[:, None] + cols[None, :]),
+                         mask=(pid_s * BLOCK_M + tl.arange(0, BLOCK_M) < rows_total)[:, None] & mask_k[None, :],
+                         other=0)
     for mt in range(pid_s, tl.cdiv(rows_total, BLOCK_M), SPLIT):
         m0 = mt * BLOCK_M
-        b0_next, xrow_next, dyrow_next = _row_entries(xrow_ptr, dyrow_ptr, rtab, m0 + SPLIT * BLOCK_M, ntok, VEC,
-                                                      DY_VEC, BLOCK_M)
+        if STAGE_PIXELS:  # no division in the uint8 loop (its budget needs the instructions)
+            b0_next, x0 = _next_tile(b0, x0, b_step, x_step, per_sample)
+        else:  # nor the two registers the stepping keeps live (the float 64x128 tile spills)
+            b0_next = (m0 + SPLIT * BLOCK_M) // per_sample
+            x0 = m0 + SPLIT * BLOCK_M - b0_next * per_sample
+        xrow_next, dyrow_next = _row_entries(xrow_ptr, dyrow_ptr, rtab, x0, VEC, DY_VEC, BLOCK_M)
         mask_m = m0 + tl.arange(0, BLOCK_M) < rows_total
         # Offsets relative to sample b0's pointers: 32-bit sums when the host's tables are 32-bit.
-        a = tl.load((x_ptr + b0.to(tl.int64) * sxb) + (xrow[:, None] + cols[None, :]),
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(dy_ptr.dtype.element_ty)
+        if STAGE_PIXELS:  # this tile's pixels were loaded one tile ago; load the next tile's
+            a = a_next
+            a_next = tl.load((x_ptr + b0_next.to(tl.int64) * sxb) + (xrow_next[:, None] + cols[None, :]),
+                             mask=(m0 + SPLIT * BLOCK_M + tl.arange(0, BLOCK_M) < rows_total)[:, None]
+                             & mask_k[None, :], other=0)
+        else:
+            a = tl.load((x_ptr + b0.to(tl.int64) * sxb) + (xrow[:, None] + cols[None, :]),
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = a.to(dy_ptr.dtype.element_ty)
         # dY^T loaded as such (channels down, rows across): a dot operand straight from memory.
         dyt = tl.load((dy_ptr + b0.to(tl.int64) * syb) + (dyrow[None, :] + offs_d[:, None] * syd),
                       mask=mask_d[:, None] & mask_m[None, :], other=0.0)
@@ -610,6 +647,19 @@ def _token_vector(tokens: torch.Tensor, tubes) -> int:
     return _vector_width(tokens, [syb, syn, *(t.width(tokens.shape[-1]) for t in tubes)])
 
 
+def _stage_pixels(video: torch.Tensor, forward: bool) -> bool:
+    """STAGE_PIXELS of a launch: whether a uint8 video's pixels are loaded one step ahead into
+    registers and converted there, so that the tile goes to shared memory as 16-bit and every
+    warp reads its MMA operand with ldmatrix (each pixel converted once per program). Otherwise
+    the uint8 tile is copied to shared memory asynchronously (cp.async) and every warp converts
+    the fragments it reads: 4 (dW: 8) times the conversions on sm_80, with byte-wise shared reads.
+    On sm_90 the forward's warpgroup MMA reads a converted register operand that no other warp
+    shares, so there the cp.async path is the leaner one (see audit_targets)."""
+    if video.dtype != torch.uint8:
+        return False
+    return not forward or not (video.is_cuda and torch.cuda.get_device_capability(video.device)[0] >= 9)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # tf32 would miss the fp32 tolerance; for 16-bit inputs the setting is ignored.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -676,7 +726,8 @@ def _fwd_args(video, w, bias, pos, out, geo, cols, tubes, rows_class):
             sxb, sxt, sxh, sxw, *w.stride(), *bias.stride(),
             *(pos.stride() if has_pos else (0, 0)), *out.stride())
     flags = dict(NUM_TUBES=len(tubes), **_merge_flags(tubes, out.shape[-1]), HAS_POS=has_pos,
-                 DOT_PRECISION=_dot_precision(out.dtype), VEC=_gather_vector(video, tubes))
+                 DOT_PRECISION=_dot_precision(out.dtype), VEC=_gather_vector(video, tubes),
+                 STAGE_PIXELS=_stage_pixels(video, forward=True))
     return args, flags
 
 
@@ -687,7 +738,7 @@ def _bwd_weight_args(video, grad_out, dw_part, db_part, geo, cols, xrow, dyrow, 
             video.stride(0), syb, syd, *dw_part.stride(), *db_part.stride())
     return args, dict(NUM_TUBES=len(tubes), SPACE_TO_DEPTH=_merge_flags(tubes, grad_out.shape[-1])["SPACE_TO_DEPTH"],
                       DOT_PRECISION=_dot_precision(grad_out.dtype), VEC=_gather_vector(video, tubes),
-                      DY_VEC=_token_vector(grad_out, tubes))
+                      DY_VEC=_token_vector(grad_out, tubes), STAGE_PIXELS=_stage_pixels(video, forward=False))
 
 
 def _bwd_input_args(grad_out, w, dx, geo, cols, tubes, kmax, phase, period, atomic, rows_class):
@@ -846,7 +897,7 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
     also for a uint8 video ("-u8": `dtype` is then that of the weights, tokens and gradients).
 
     The 16-bit forward and dW carry their main loops' budgets (_FWD_BUDGET, _BWD_W_BUDGET; on
-    uint8 pixels _PIXEL_BUDGET). "fp32"
+    uint8 pixels too). "fp32"
     audits the exact-dot configs, which use FMAs: there matmul is False and no budget applies."""
     from tubevit_fast.geometry import PAPER_TUBES
 
@@ -907,21 +958,26 @@ def audit_targets(dtype: str) -> list[AuditTarget]:
                  ("-scalar", _tube_embed_bwd_weight_kernel, bwd_w if single else _BWD_W_CONFIGS_NARROW, None,
                   bwd_w_args)]
     # uint8 pixels (weights, tokens and gradients in `dtype`): forward and dW load 4 pixels per
-    # 32-bit access (VEC 4) and convert them in registers (_PIXEL_BUDGET).
+    # 32-bit access (VEC 4) and convert them in registers; the forward stages them converted on
+    # sm_80 and copies them as uint8 on sm_90 (_stage_pixels), each launch compiled for its arch.
     pixels = torch.empty(video.shape, dtype=torch.uint8, device=meta)
-    pixel_budget = None if single else _PIXEL_BUDGET
-    launches += [("-u8", _tube_embed_fwd_kernel, fwd, pixel_budget,
-                  _fwd_args(pixels, w, bias, pos, tokens, geo, cols, tubes, rows_class)),
-                 ("-u8", _tube_embed_bwd_weight_kernel, bwd_w if single else _BWD_W_CONFIGS_PIXELS, pixel_budget,
+    fwd_u8 = _fwd_args(pixels, w, bias, pos, tokens, geo, cols, tubes, rows_class)
+    assert fwd_u8[1]["STAGE_PIXELS"]   # a meta video: as on a pre-Hopper GPU
+    launches += [("-u8", _tube_embed_fwd_kernel, fwd if single else _FWD_CONFIGS_PIXELS, fwd_budget, fwd_u8,
+                  ("sm_80",)),
+                 ("-u8", _tube_embed_fwd_kernel, fwd if single else _FWD_CONFIGS_PIXELS, fwd_budget,
+                  (fwd_u8[0], {**fwd_u8[1], "STAGE_PIXELS": False}), ("sm_90",)),
+                 ("-u8", _tube_embed_bwd_weight_kernel, bwd_w if single else _BWD_W_CONFIGS_PIXELS,
+                  bwd_w_budget,
                   _bwd_weight_args(pixels, tokens, dw_part, db_part, geo, cols, rtab, rtab, tubes, rows_class))]
     targets = []
-    for suffix, autotuner, configs, budget, (args, flags) in launches:
+    for suffix, autotuner, configs, budget, (args, flags), *archs in launches:
         fn = autotuner.fn
         for cfg in configs:
             signature, constexprs, attrs = _specialise(fn, args, {**flags, **cfg.kwargs})
             targets.append(AuditTarget(
                 kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
                 config=_label(cfg) + suffix, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                matmul=not single, attrs=attrs, loop_budget=budget,
+                matmul=not single, attrs=attrs, loop_budget=budget, archs=archs[0] if archs else None,
             ))
     return targets

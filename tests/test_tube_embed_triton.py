@@ -405,10 +405,7 @@ def test_audit_targets_cover_every_kernel_and_config():
             budget = t.loop_budget
             if single or scalar or t.kernel == "_tube_embed_bwd_input_kernel":
                 assert budget is None
-            elif pixels:  # 32-bit pixel loads and wgmma; the instruction count is reported only
-                assert budget.max_non_mma_per_mma is None and budget.min_load_bits == 32
-                assert budget.hgmma_archs == ("sm_90",)
-            else:
+            else:  # on uint8 pixels too (issue 21)
                 assert budget.max_non_mma_per_mma == 4 and budget.min_load_bits == 32
                 assert budget.hgmma_archs == ("sm_90",)
         fwd, bwd_w, bwd_x = ((te._FWD_CONFIGS_FP32, te._BWD_W_CONFIGS_FP32, te._BWD_X_CONFIGS_FP32) if single
@@ -417,7 +414,16 @@ def test_audit_targets_cover_every_kernel_and_config():
         # and a uint8 video, with the configs the launch keeps there; dX also in deterministic mode.
         narrow = bwd_w if single else te._BWD_W_CONFIGS_NARROW
         pixel_w = bwd_w if single else te._BWD_W_CONFIGS_PIXELS
-        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 4 * len(fwd)
+        pixel_fwd = fwd if single else te._FWD_CONFIGS_PIXELS
+        # The uint8 forward twice, as each arch's launches specialise it (te._stage_pixels); every
+        # other target is the same on both archs.
+        assert len(per_kernel["_tube_embed_fwd_kernel"]) == 3 * len(fwd) + 2 * len(pixel_fwd)
+        for t in targets:
+            if t.kernel == "_tube_embed_fwd_kernel" and t.config.endswith("-u8"):
+                assert t.archs in (("sm_80",), ("sm_90",)) and t.constexprs["STAGE_PIXELS"] == (t.archs == ("sm_80",))
+            else:
+                assert t.archs is None
+                assert t.constexprs.get("STAGE_PIXELS", False) == t.config.endswith("-u8"), t.config
         assert len(per_kernel["_tube_embed_bwd_weight_kernel"]) == 2 * len(bwd_w) + len(narrow) + len(pixel_w)
         assert len(per_kernel["_tube_embed_bwd_input_kernel"]) == 3 * len(bwd_x)
         s2d = [t for t in targets if t.config.endswith("-s2d")]
@@ -433,9 +439,13 @@ def test_config_pruning_by_precision_vectors_and_shape():
     prune = te._prune_for(te._BWD_W_CONFIGS_FP32, te._BWD_W_CONFIGS_NARROW, te._BWD_W_CONFIGS_PIXELS)
     paper = {"DIM": 768, "ROWS_CLASS": 32768}
     assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS
-    # A uint8 video keeps the tiles that do not spill with its in-register conversion.
+    # A uint8 video keeps the tiles that meet the loop budget with its conversions.
     pixels = {**paper, "x_ptr": torch.empty(1, dtype=torch.uint8)}
     assert prune(configs, pixels, DOT_PRECISION="tf32", VEC=4, DY_VEC=8) == te._BWD_W_CONFIGS_PIXELS
+    prune_fwd = te._prune_for(te._FWD_CONFIGS_FP32, pixels=te._FWD_CONFIGS_PIXELS)
+    fwd = te._FWD_CONFIGS + te._FWD_CONFIGS_FP32
+    assert prune_fwd(fwd, pixels, DOT_PRECISION="tf32") == te._FWD_CONFIGS_PIXELS
+    assert prune_fwd(fwd, paper, DOT_PRECISION="tf32") == te._FWD_CONFIGS
     assert prune(configs, pixels, DOT_PRECISION="ieee", VEC=4, DY_VEC=4) == te._BWD_W_CONFIGS_FP32
     assert prune(configs, paper, DOT_PRECISION="tf32", VEC=1, DY_VEC=8) == te._BWD_W_CONFIGS_NARROW
     assert prune(configs, paper, DOT_PRECISION="tf32", VEC=4, DY_VEC=2) == te._BWD_W_CONFIGS_NARROW

@@ -141,6 +141,8 @@ def audit(kernels: Sequence[str] | str | None = None, archs: Iterable[str] = tup
                     if not _selected(target.kernel, patterns):
                         continue
                     for arch in archs:
+                        if getattr(target, "archs", None) and arch not in target.archs:
+                            continue   # a specialisation that no launch on this arch compiles
                         row = audit_target(target, dtype, arch, workdir)
                         row["details"]["module"] = mod_name
                         emit(row)
