@@ -177,8 +177,9 @@ def test_interpolated_kernels_are_folded_after_interpolation():
 
 
 def test_autocast_folds_and_embeds_in_the_autocast_dtype(monkeypatch):
-    """Under autocast the fold and the GEMM run in bf16, as Conv3d would; the parameters stay fp32
-    and their gradients reach them."""
+    """Under autocast the fold runs in fp32 (its gradient's two terms cancel: bf16 would keep few
+    bits of their difference) and the GEMM in bf16, as Conv3d's would; the parameters stay fp32 and
+    their gradients reach them."""
     folded_dtypes = []
     real_fold = fast_modules.fold_normalization
 
@@ -195,7 +196,7 @@ def test_autocast_folds_and_embeds_in_the_autocast_dtype(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
         same = base(_normalised(x, *IMAGENET, torch.float32))
-    assert out.dtype == torch.bfloat16 and set(folded_dtypes) == {torch.bfloat16}
+    assert out.dtype == torch.bfloat16 and set(folded_dtypes) == {torch.float32}
     golden = copy.deepcopy(base).double()(_normalised(x, *IMAGENET, torch.float64))
     assert_close_to_golden(out, golden.detach(), same.detach(), atol=dtype_atol(torch.bfloat16, 4.0),
                            reduction=max(t.patch_size(3) for t in TUBES))
@@ -380,3 +381,11 @@ def test_gpu_uint8_triton_equals_reference(dtype):
         atol = dtype_atol(dtype, max(1.0, g.abs().max().item()))
         assert_close_to_golden(f.cpu(), g, s, atol=atol, reduction=patch if i == 0 else 2 * n, dtype=dtype,
                                name="output" if i == 0 else f"grad {i - 1}")
+
+
+def test_fp16_weight_gradient_through_the_fold_is_precise():
+    """W's gradient through the fold is dW'/(255 std) - db' mean/std: two large terms that cancel.
+    Taken in fp16 it was 11x PyTorch's error on the normalised input (this case, found by
+    hypothesis); the fold runs in fp32."""
+    _check((TubeSpec((1, 1, 1), (1, 2, 1), (0, 1, 2)),), 2, 12, (1, 4, 7), 1, (0.5, 0.5), (1.0, 0.21875),
+           "triton", torch.float16, seed=0, image=True)

@@ -21,7 +21,7 @@ class TubeEmbed(reference.TubeEmbed):
     in each forward and fed to the same fused op; space-to-depth tubes reach the op as
     TubeSpec.space_to_depth and are merged where the kernels store their tokens.
     uint8 inputs: the normalisation is folded into the tube kernels and biases once per forward
-    (tubevit_fast.pixels.fold_normalization, in the autocast dtype under autocast) and the op
+    (tubevit_fast.pixels.fold_normalization, in float32, then cast to the autocast dtype) and the op
     reads the uint8 pixels themselves: no pass over the video.
     """
 
@@ -37,8 +37,8 @@ class TubeEmbed(reference.TubeEmbed):
         return tube_embed(video, weights, biases, tubes, pos, backend=self.backend)
 
     def _embed_pixels(self, video, weights, biases, tubes, pos):
-        weights, biases = amp.autocast_inputs(video.device.type, weights, biases)
         weights, biases = fold_normalization(weights, biases, self.pixel_mean, self.pixel_std)
+        weights, biases = amp.autocast_inputs(video.device.type, weights, biases)
         return self._embed(video, weights, biases, tubes, pos)
 
     def extra_repr(self) -> str:

@@ -52,16 +52,22 @@ def normalize_pixels(video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 def fold_normalization(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], mean: torch.Tensor,
                        std: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each tube's (W', b') of the module docstring, in the weights' dtype (mean and std are cast
-    to it: under autocast the fold runs in the autocast dtype, as the GEMM after it)."""
+    """Each tube's (W', b') of the module docstring, returned in the weights' dtype but computed in
+    float32 (float64 for float64 weights) with autocast off. Why: W's gradient through the fold is
+    dW'/(255 std) - db' mean/std, two terms of the size of the un-centred pixels that cancel down
+    to the size of the centred ones; taken in fp16 or bf16 that difference keeps few correct bits
+    (up to 10x PyTorch's error on the normalised input, seen in fp16). The caller casts the result
+    to the autocast dtype afterwards."""
     folded_w, folded_b = [], []
-    for w, b in zip(weights, biases):
-        m, s = mean.to(w.dtype), std.to(w.dtype)
-        shape = (1, -1) + (1,) * (w.dim() - 2)
-        folded_w.append(w * (1 / (255 * s)).view(shape))
-        # sum over the kernel first, then over channels: one small (width, C) product
-        per_channel = w.flatten(2).sum(-1)
-        folded_b.append(b - per_channel @ (m / s))
+    with torch.autocast(mean.device.type, enabled=False):
+        for w, b in zip(weights, biases):
+            acc = torch.promote_types(w.dtype, torch.float32)
+            w_acc, m, s = w.to(acc), mean.to(acc), std.to(acc)
+            shape = (1, -1) + (1,) * (w.dim() - 2)
+            folded_w.append((w_acc * (1 / (255 * s)).view(shape)).to(w.dtype))
+            # sum over the kernel first, then over channels: one small (width, C) product
+            per_channel = w_acc.flatten(2).sum(-1)
+            folded_b.append((b.to(acc) - per_channel @ (m / s)).to(b.dtype))
     return folded_w, folded_b
 
 
