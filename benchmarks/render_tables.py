@@ -127,7 +127,10 @@ def render_rows(results: dict) -> str:
 
 # The README's headline: per kind of run (CPU, GPU), the newest file's best row of each group.
 HEADLINE = (
-    ("tube embedding, forward", r"^tube_embed fwd B="),
+    ("tube embedding, forward", r"^tube_embed fwd B=\S+ \[(?!uint8)"),
+    ("tube embedding from uint8 pixels, forward", r"^tube_embed fwd B=\S+ \[uint8 in\]"),
+    ("reading a 32x2 clip (340x256 H.264, GOP 250)", r"^read 340x256-gop250 32x2"),
+    ("reading a 32x2 clip (3840x2160 H.264, GOP 250)", r"^read 3840x2160-gop250 32x2"),
     ("tube embedding, forward + backward", r"^tube_embed fwd\+bwd B="),
     ("attention dense, forward + backward", r"^attn dense-\S+ fwd\+bwd "),
     ("attention packed (varlen), forward + backward", r"^attn varlen-\S+ fwd\+bwd "),

@@ -278,12 +278,12 @@ def test_read_clip(benchmark, bench, clips, clip, request_):
         benchmark.extra_info["speedup_vs_torchcodec_interleaved"] = mixed["torchcodec"] / mixed["pyav"]
         notes += (f"; torchcodec {1 / mixed['torchcodec']:.1f} clips/s "
                   f"({mixed['torchcodec'] / mixed['pyav']:.2f}x)")
-    bench.add_row(f"read {clip} {request_}", "cpu", "uint8", mixed["pyav"], mixed["before"],
+    bench.add_row(f"read {clip} {request_} [pyav]", "cpu", "uint8", mixed["pyav"], mixed["before"],
                   "read_video before issue 21 (full decode, float resize)", floor=floor_frames / decode_fps,
                   notes=notes, peak=peaks["pyav"], baseline_peak=peaks["before"],
                   interleaved=mixed["before"] / mixed["pyav"])
     if "torchcodec" in mixed:
-        bench.add_row(f"read {clip} {request_}", "cpu", "uint8", mixed["pyav"], mixed["torchcodec"],
+        bench.add_row(f"read {clip} {request_} [pyav]", "cpu", "uint8", mixed["pyav"], mixed["torchcodec"],
                       "torchcodec with the index's frame mapping, same resize", peak=peaks["pyav"],
                       baseline_peak=peaks["torchcodec"], interleaved=mixed["torchcodec"] / mixed["pyav"])
     _LOADER[(clip, request_)] = 1 / mixed["pyav"]
