@@ -269,3 +269,17 @@ def test_datasets_pickle_for_spawned_workers(folder):
     for data, key in [(train, (1, 2)), (views, 1)]:
         copy = pickle.loads(pickle.dumps(data))
         assert torch.equal(copy[key][0], data[key][0])
+
+
+def test_the_index_serves_relative_and_dotted_paths(folder, tmp_path, monkeypatch):
+    """A list's `./run/a.mp4` or a relative predict input names the file the index was built for:
+    reading it never probes (decodes) the file again."""
+    from tubevit_fast.app import decode
+    from tubevit_fast.app.sources import Annotations
+
+    monkeypatch.chdir(folder)
+    ann = Annotations([("./run/a.mp4", 0), ("walk/b.mp4", 1)], ["run", "walk"])
+    media = FileMedia.indexed(ann, tmp_path / "index.json", progress=False)
+    monkeypatch.setattr(decode, "probe", lambda path: pytest.fail(f"probed {path} again"))
+    assert [media.num_frames(i) for i in range(2)] == [20, 20]
+    assert media.read(0, [0, 19]).shape[0] == 2

@@ -156,6 +156,22 @@ def test_a_seek_landing_late_falls_back_to_decoding_from_the_start(clips, monkey
         assert np.array_equal(read_frames(path, indices, info=info).numpy(), full[indices]), indices
 
 
+def test_a_window_that_drops_a_wanted_frame_is_decoded_again(clips, monkeypatch):
+    """A window pass that says it finished but never produced one wanted frame (a damaged or open
+    GOP): the output row would be unwritten memory; the frames are decoded from the start instead."""
+    path, full = clips["h264-gop12-bf3"]
+    info = probe(path)
+    real_window = decode._decode_window
+
+    def drops_frame_32(container, stream, info, timestamps, wanted, keep):
+        return real_window(container, stream, info, timestamps, wanted,
+                           lambda index, frame: None if index == 32 else keep(index, frame))
+
+    monkeypatch.setattr(decode, "_decode_window", drops_frame_32)
+    indices = [30, 32, 34]
+    assert np.array_equal(read_frames(path, indices, info=info).numpy(), full[indices])
+
+
 def test_bad_input_one_clear_error(clips, tmp_path):
     path, _ = clips["h264-gop12-bf3"]
     info = probe(path)

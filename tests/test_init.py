@@ -14,6 +14,7 @@ torchvision = pytest.importorskip("torchvision")
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT  # noqa: E402
 
+from tubevit_fast.app import checkpoint  # noqa: E402
 from tubevit_fast import train  # noqa: E402
 from tubevit_fast.convert import from_image_vit  # noqa: E402
 from tubevit_fast.data import SMALL_TUBES  # noqa: E402
@@ -141,9 +142,9 @@ def test_scale_from_builds_the_gated_model_and_freezes_its_first_blocks(tmp_path
     got, src = out["model"].state_dict(), large.state_dict()
     assert torch.equal(got["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])  # frozen: unchanged at lr 1e-2
     assert not torch.equal(got["blocks.1.attn.qkv.weight"], src["blocks.1.attn.qkv.weight"])  # trained
-    model, ckpt = train.load_checkpoint(out["checkpoint"])  # the scaled model rebuilds from its checkpoint
+    model, ckpt = checkpoint.load_checkpoint(out["checkpoint"])  # the scaled model rebuilds from its checkpoint
     assert type(model).__name__ == "GatedTubeViT" and "blocks.0.attn.qkv.weight" in ckpt["frozen"]
-    assert train.state_hash(model) == train.state_hash(out["model"])
+    assert checkpoint.state_hash(model) == checkpoint.state_hash(out["model"])
 
 
 @pytest.mark.parametrize("make", [_timm, _torchvision])

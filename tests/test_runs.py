@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("tqdm")
 pytest.importorskip("av")
 
+from tubevit_fast.app import checkpoint  # noqa: E402
 from tubevit_fast import cli, train  # noqa: E402
 from tubevit_fast.app.synthetic import SyntheticShapes  # noqa: E402
 
@@ -72,8 +73,8 @@ def test_resume_is_bitwise_exact_with_random_clips_and_augmentation(tmp_path, cl
     resumed = train.main(["--resume", half["checkpoint"], "--no-progress", "--threads", "1", "--workers", "2"])
     assert [r["step"] for r in resumed["history"]] == [3, 4]
     assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in straight["history"][2:]]
-    assert train.state_hash(resumed["model"]) == train.state_hash(straight["model"])
-    assert train.state_hash(resumed["ema"]) == train.state_hash(straight["ema"])
+    assert checkpoint.state_hash(resumed["model"]) == checkpoint.state_hash(straight["model"])
+    assert checkpoint.state_hash(resumed["ema"]) == checkpoint.state_hash(straight["ema"])
     # The draws differ from one seed to another: the equality above is not a constant.
     other = train.main([*run, "--out", str(tmp_path / "c"), "--seed", "6", "--steps", "1"])
     assert other["history"][0]["loss"] != straight["history"][0]["loss"]
@@ -161,3 +162,51 @@ def test_joint_training_with_image_data(tmp_path, clips):
     classes = torch.load(out["checkpoint"], weights_only=True)["model_config"]["classes"]
     assert sorted(classes[:4]) == ["move_down", "move_left", "move_right", "move_up"]  # the list's, then the images'
     assert sorted(classes[4:]) == sorted({os.path.basename(os.path.dirname(p)) for p in images})
+
+
+def test_joint_training_whose_videos_are_all_unreadable_fails_in_one_line(tmp_path, clips, capsys):
+    """Images alone cannot fill a batch's video part: one line, not the sampler's traceback."""
+    SyntheticShapes(6, size=32, seed=4, image_every=1).export(tmp_path / "images")
+    good = open(clips / (clips / "train.txt").read_text().split()[0], "rb").read()
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(good[:64] + bytes(reversed(good[64:])))
+    (tmp_path / "videos.txt").write_text(f"{damaged} 0\n")
+    argv = ["--data", tmp_path / "videos.txt", "--image-data", tmp_path / "images", "--frames", "8", "--size", "32",
+            "--steps", "2", "--batch-size", "4", *TINY[:6], "--no-progress", "--out", tmp_path / "run"]
+    capsys.readouterr()
+    assert cli.run(train.main, [str(a) for a in argv]) == cli.EXIT_ERROR
+    lines = capsys.readouterr().err.strip().splitlines()  # the skipped file's warning lines, then the error
+    assert lines[-1].startswith("error: no readable video in --data"), lines
+    assert all(line.startswith("warning: ") for line in lines[:-1]), lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_val_root_is_where_the_validation_paths_are(tmp_path, clips):
+    """--val-data's paths are relative to --val-root (Kinetics keeps train/ and val/ apart)."""
+    (tmp_path / "val.txt").write_text((clips / "train.txt").read_text())  # paths relative to the clips' folder
+    out = train.main(["--data", str(clips / "train.txt"), "--val-data", str(tmp_path / "val.txt"), "--val-root",
+                      str(clips), "--frames", "8", "--size", "32", "--steps", "1", "--batch-size", "4", *TINY[:6],
+                      "--no-progress", "--out", str(tmp_path / "run")])
+    assert out["val_acc"] is not None
+
+
+def test_the_resume_command_keeps_the_per_run_options():
+    """Options a checkpoint does not carry (train.PER_RUN) come back in the printed command."""
+    import argparse
+    import shlex
+
+    from tubevit_fast.app import runs
+
+    args = argparse.Namespace(out="runs/x", device="cuda:1", threads=None, workers=4, decoder="torchcodec",
+                              clip_index="/data/my index.json", compile=True, no_progress=True)
+    assert shlex.split(runs.resume_command(args, 1)) == [
+        "python", "-m", "tubevit_fast.train", "--resume", "runs/x/last.pt", "--device", "cuda:1", "--workers", "4",
+        "--decoder", "torchcodec", "--clip-index", "/data/my index.json", "--compile", "--no-progress"]
+
+
+def test_resume_refuses_options_that_built_the_model(tmp_path, capsys):
+    """--num-classes (like --init, --scale-from, --gate-layer) made the checkpoint's model: a resumed
+    run cannot change it, so it is refused rather than warned about and ignored."""
+    first = train.main([*TINY, "--out", str(tmp_path / "run"), "--steps", "1"])
+    err = _one_line_error(["--resume", first["checkpoint"], "--steps", "2", "--num-classes", "9"], capsys)
+    assert "--num-classes 9 differs from the checkpoint's" in err, err

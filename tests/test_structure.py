@@ -105,3 +105,28 @@ def test_no_modules_import_one_another_in_a_circle():
                  ("tubevit_fast.extension", "tubevit_fast.ops.attention")):
         assert all(name in graph for name in ring)
     assert _cycles(graph) == []
+
+
+# The library: what a user imports to build and run a model. The training application
+# (tubevit_fast.app, and the command lines above it) sits on top and is never imported from here.
+LIBRARY = ("tubevit_fast.model", "tubevit_fast.modules", "tubevit_fast.reference", "tubevit_fast.ops",
+           "tubevit_fast.kernels", "tubevit_fast.torch_backend", "tubevit_fast.backends", "tubevit_fast.geometry",
+           "tubevit_fast.posembed", "tubevit_fast.convert", "tubevit_fast.extension", "tubevit_fast.audit",
+           "tubevit_fast.pixels", "tubevit_fast.packing", "tubevit_fast.amp", "tubevit_fast.numerics",
+           "tubevit_fast.attention_layout")
+
+
+def test_the_library_never_imports_the_application():
+    modules = package_modules()
+    graph = {name: imported_modules(path) for name, path in modules.items()}
+    library = [name for name in modules if name == "tubevit_fast" or name.startswith(LIBRARY)]
+    assert "tubevit_fast.modules" in library and "tubevit_fast.ops.tube_embed" in library
+    for start in library:
+        seen, todo = set(), [start]
+        while todo:  # everything `start` imports, directly or through other modules
+            for name in graph.get(todo.pop(), ()):
+                if name not in seen:
+                    seen.add(name)
+                    todo.append(name)
+        app = sorted(m for m in seen if m.startswith("tubevit_fast.app"))
+        assert app == [], f"{start} imports the application: {app}"

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("tqdm")
 
+from tubevit_fast.app import checkpoint  # noqa: E402
 from tubevit_fast import train as T  # noqa: E402
 
 # Tiny runs: dim 64, heads 2 (head dim 32), one block, 8x32x32 clips, one thread.
@@ -96,9 +97,9 @@ def test_ddp_two_cpu_ranks_agree(tmp_path):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["args"]["batch_size"] == 4 and len(ckpt["rng"]) == 2
     # The model moved away from its initialisation, and rank 0's checkpoint is what both hold.
-    model = T.build_model(ckpt["model_config"], "torch")
+    model = checkpoint.build_model(ckpt["model_config"], "torch")
     model.load_state_dict(ckpt["model"])
-    assert T.state_hash(model) == hashes[0]
+    assert checkpoint.state_hash(model) == hashes[0]
 
 
 def test_predict_prints_top_k(tmp_path, capsys):

@@ -2,7 +2,6 @@
 state_dict compatibility, torch.library/compile integration and bad input."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tubevit_fast
 from tubevit_fast import PAPER_TUBES, TubeEmbed, TubeSpec, tube_position_embedding

@@ -226,7 +226,7 @@ def test_cli_from_a_checkpoint_with_clips_and_compare_init(run, tmp_path):
 
 
 def test_compare_puts_the_other_checkpoints_kernels_left_of_the_trained_ones(run, tmp_path):
-    from tubevit_fast.train import read_checkpoint
+    from tubevit_fast.app.checkpoint import read_checkpoint
 
     paths = {}
     for name, seed in (("trained", 0), ("other", 2)):
@@ -245,7 +245,7 @@ def test_compare_puts_the_other_checkpoints_kernels_left_of_the_trained_ones(run
 
 
 def test_compare_init_rebuilds_the_runs_initial_weights(run):
-    from tubevit_fast.train import load_checkpoint, read_checkpoint
+    from tubevit_fast.app.checkpoint import load_checkpoint, read_checkpoint
 
     trained, _ = load_checkpoint(run, backend="reference")
     initial = viz._initial_model(read_checkpoint(run))
@@ -265,7 +265,7 @@ def test_random_init_writes_every_picture(tmp_path):
 def test_bad_inputs_are_one_line(case, run, tmp_path, capsys):
     other = tmp_path / "other.pt"
     if case == "compare with other kernels":
-        from tubevit_fast.train import read_checkpoint
+        from tubevit_fast.app.checkpoint import read_checkpoint
 
         ckpt = read_checkpoint(run)
         ckpt["model_config"] = {**ckpt["model_config"], "dim": 12}
@@ -286,3 +286,26 @@ def test_bad_inputs_are_one_line(case, run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == cli.EXIT_ERROR and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_clips_are_read_with_the_checkpoints_sampling(run, tmp_path, monkeypatch):
+    """--clip shows the frames the model was trained on: the checkpoint's window of frames `stride`
+    apart (here 2), centred in the clip, not frames spread over the whole clip."""
+    pytest.importorskip("av")
+    from tubevit_fast.app import decode
+    from tubevit_fast.app.checkpoint import read_checkpoint
+    from tubevit_fast.data import SyntheticShapes
+
+    ckpt = read_checkpoint(run)
+    frames = ckpt["model_config"]["frames"]
+    ckpt["sampling"] = {"frames": frames, "stride": 2, "mode": "window"}
+    torch.save(ckpt, tmp_path / "strided.pt")
+    clip = SyntheticShapes(1, num_frames=40, seed=3, image_every=0).export(tmp_path / "clips")[0]
+    requested = []
+    real = decode.read_frames
+    monkeypatch.setattr(decode, "read_frames", lambda path, indices, *a, **k: requested.append(list(indices))
+                        or real(path, indices, *a, **k))
+    viz.main(["--checkpoint", str(tmp_path / "strided.pt"), "--clip", clip, "--out", str(tmp_path / "v")])
+    span = 2 * (frames - 1) + 1
+    assert requested and requested[0][0] in ((40 - span) // 2, (40 - span + 1) // 2)
+    assert requested[0] == list(range(requested[0][0], requested[0][0] + span, 2))

@@ -89,3 +89,15 @@ def check_positive(**values) -> None:
     for name, value in values.items():
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def add_video_reading_args(parser) -> None:
+    """--decoder and --clip-index, the same for every tool that reads videos (train, evaluate,
+    predict); `parser` may be an argument group."""
+    from tubevit_fast.app.decode import DECODERS
+
+    parser.add_argument("--decoder", choices=DECODERS, default="pyav",
+                        help="video decoder (torchcodec: pip install torchcodec; the same frames)")
+    parser.add_argument("--clip-index", default=None,
+                        help="clip index cache file (frame counts and keyframes, probed once per file; default: "
+                             "tubevit_fast/clip_index.json in $XDG_CACHE_HOME or ~/.cache)")

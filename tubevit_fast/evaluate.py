@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from tubevit_fast.cli import UsageError, check_positive, one_line, resolve_backends, resolve_device, run
+from tubevit_fast.cli import (UsageError, add_video_reading_args, check_positive, one_line, resolve_backends,
+                              resolve_device, run)
 
 CROP_CHOICES = (1, 3)
 
@@ -30,7 +31,6 @@ CROP_CHOICES = (1, 3)
 def build_parser() -> argparse.ArgumentParser:
     from tubevit_fast.app.sources import FORMATS
     from tubevit_fast.app.checkpoint import BACKEND_CHOICES
-    from tubevit_fast.app.decode import DECODERS
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.evaluate",
                                 description="Multi-view top-1, top-5 and mean class accuracy of a checkpoint.")
@@ -50,11 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file that fails to decode: stop with its name (default), or skip it and count it")
     p.add_argument("--ema", action="store_true",
                    help="score the checkpoint's EMA weights (train --ema) instead of its raw weights")
-    p.add_argument("--decoder", choices=DECODERS, default="pyav",
-                   help="video decoder (default pyav; torchcodec gives the same frames)")
-    p.add_argument("--clip-index", default=None,
-                   help="clip index cache file (default: tubevit_fast/clip_index.json in $XDG_CACHE_HOME "
-                        "or ~/.cache)")
+    add_video_reading_args(p)
     p.add_argument("--out", default=None, help="folder for the report files (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace the report of another evaluation in --out")
     return p

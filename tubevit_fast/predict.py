@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from tubevit_fast.cli import UsageError, check_positive, resolve_backends, resolve_device, run
+from tubevit_fast.cli import (UsageError, add_video_reading_args, check_positive, resolve_backends, resolve_device,
+                              run)
 
 
 def folder_labels(paths: Sequence[str], classes: Sequence[str]) -> list[int] | None:
@@ -84,7 +85,6 @@ def predict(paths, checkpoint, top_k: int = 5, backend: str = "auto", frames: in
 
 def main(argv=None):
     from tubevit_fast.app.checkpoint import BACKEND_CHOICES, check_input_size, load_checkpoint
-    from tubevit_fast.app.decode import DECODERS
     from tubevit_fast.app.evaluate import MultiViewMeter
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.predict", description="Top-k classes of videos/images.")
@@ -102,11 +102,7 @@ def main(argv=None):
     p.add_argument("--stride", type=int, default=None, help="default: the checkpoint's sampling")
     p.add_argument("--ema", action="store_true",
                    help="the checkpoint's EMA weights (train --ema) instead of its raw weights")
-    p.add_argument("--decoder", choices=DECODERS, default="pyav",
-                   help="video decoder (torchcodec: the same frames)")
-    p.add_argument("--clip-index", default=None,
-                   help="clip index cache file (default: tubevit_fast/clip_index.json in $XDG_CACHE_HOME "
-                        "or ~/.cache)")
+    add_video_reading_args(p)
     args = p.parse_args(argv)
     check_positive(top_k=args.top_k, frames=args.frames, size=args.size, stride=args.stride, clips=args.clips,
                    batch_size=args.batch_size)

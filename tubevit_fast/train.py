@@ -49,15 +49,14 @@ import os
 import sys
 
 from tubevit_fast.app import runs
-# Re-exported for predict / viz / evaluate and older code, until they import tubevit_fast.app.
-from tubevit_fast.app.checkpoint import (  # noqa: F401
-    BACKEND_CHOICES, TUBE_SETS, build_model, check_input_size, load_checkpoint, read_checkpoint, state_hash)
+from tubevit_fast.app.checkpoint import BACKEND_CHOICES, TUBE_SETS, read_checkpoint
 from tubevit_fast.app.loop import train
-from tubevit_fast.app.runs import setup_distributed  # noqa: F401
-from tubevit_fast.cli import UsageError, run
+from tubevit_fast.cli import UsageError, add_video_reading_args, run
 
 # Options a resumed run cannot change (the model's shape and the input size it was trained on).
-FIXED_ON_RESUME = ("tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size")
+# (--init, --scale-from, --gate-layer, --num-classes built the model the checkpoint holds.)
+FIXED_ON_RESUME = ("tubes", "dim", "depth", "heads", "mlp_ratio", "frames", "size", "num_classes", "init", "scale_from",
+                   "gate_layer")
 # Options that belong to one invocation: never taken from a checkpoint.
 PER_RUN = ("resume", "device", "no_progress", "threads", "workers", "stop_after", "overwrite", "compile",
            "decoder", "clip_index")
@@ -81,7 +80,6 @@ def _randaug(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from tubevit_fast.app.datasets import BAD_FILES
-    from tubevit_fast.app.decode import DECODERS
     from tubevit_fast.app.sampling import MODES
     from tubevit_fast.app.sources import FORMATS
 
@@ -109,11 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=32, help="frame / image side the model sees")
     d.add_argument("--bad-files", choices=BAD_FILES, default="skip",
                    help="a file that fails to decode: skip it (one warning, counted) or stop with its name")
-    d.add_argument("--decoder", choices=DECODERS, default="pyav",
-                   help="video decoder (torchcodec: pip install torchcodec; the same frames)")
-    d.add_argument("--clip-index", default=None,
-                   help="clip index cache file (frame counts and keyframes, probed once per file; default: "
-                        "tubevit_fast/clip_index.json in $XDG_CACHE_HOME or ~/.cache)")
+    add_video_reading_args(d)
     d.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding videos (0: in this process)")
     a = p.add_argument_group("augmentation (training; one draw per clip, applied to every frame)")
     a.add_argument("--scale", type=_pair, default=None,

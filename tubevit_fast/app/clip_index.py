@@ -26,7 +26,7 @@ from tubevit_fast.app.decode import VideoInfo, available_cores, probe
 from tubevit_fast.io import MediaError
 
 CACHE_VERSION = 1
-BAD_FILES = ("raise", "skip")
+BAD_FILES = ("skip", "error")  # what to do with a file that cannot be decoded, here and in the datasets
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -104,10 +104,10 @@ def index_videos(paths: Iterable, cache_file=None, progress: bool = True, worker
 
 
 def build_clip_index(paths: Iterable, cache_file=None, progress: bool = True, workers: int | None = None,
-                     bad_files: str = "raise") -> dict[str, VideoInfo]:
+                     bad_files: str = "error") -> dict[str, VideoInfo]:
     """{absolute path: VideoInfo} for `paths`, from the cache where the file is unchanged (index_videos).
 
-    bad_files: "raise" (MediaError naming the first file that cannot be decoded and how many
+    bad_files: "error" (MediaError naming the first file that cannot be decoded and how many
     cannot) or "skip" (left out of the index, one warning naming the first and how many)."""
     if bad_files not in BAD_FILES:
         raise ValueError(f"bad_files must be one of {BAD_FILES}, got {bad_files!r}")
@@ -115,7 +115,7 @@ def build_clip_index(paths: Iterable, cache_file=None, progress: bool = True, wo
     index, failed = index_videos(paths, cache_file, progress, workers)
     if failed:
         first, total = next(iter(failed.values())), len(index) + len(failed)
-        if bad_files == "raise":
+        if bad_files == "error":
             raise MediaError(f"{len(failed)} of {total} videos cannot be decoded, e.g. {first}")
         warnings.warn(f"clip index: skipping {len(failed)} of {total} videos that cannot be decoded, "
                       f"e.g. {first}", stacklevel=2)

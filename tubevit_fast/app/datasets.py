@@ -26,11 +26,11 @@ from typing import Callable, Sequence
 import torch
 from torchvision import tv_tensors
 
+from tubevit_fast.app.clip_index import BAD_FILES
 from tubevit_fast.app.sampling import ClipSampling, item_rng, torch_seed
 from tubevit_fast.app.transforms import eval_views
 from tubevit_fast.io import MediaError, first_line
 
-BAD_FILES = ("skip", "error")
 
 
 def _check_bad_files(bad_files: str) -> None:

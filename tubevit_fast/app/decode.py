@@ -216,11 +216,14 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
         if timestamps is not None:
             with _Opened(path, threads) as (container, stream):
                 complete = _decode_window(container, stream, info, timestamps, wanted, keep)
+            complete = complete and kept == wanted  # an output row left unwritten would be garbage
         if not complete:  # no timestamps, or a seek landed past the frame it was for
             kept.clear()
             count = _decode_from_start(path, threads, wanted, keep)
             if last not in kept:
                 raise MediaError(f"{path}: has {count} frames, frame {last} was asked for")
+            if kept != wanted:
+                raise MediaError(f"{path}: frames {sorted(wanted - kept)[:5]} could not be decoded")
     except av.FFmpegError as err:
         raise _decode_error(path, err) from err
     return out

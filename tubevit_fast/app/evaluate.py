@@ -191,6 +191,7 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device, precision
     one is initialised); ranks other than 0 return None. The model is left in the train/eval mode it
     came in."""
     from tubevit_fast.app.datasets import collate_eval
+    from tubevit_fast.app.runs import ignore_sigint
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -201,8 +202,10 @@ def evaluate(model: torch.nn.Module, dataset, batch_size: int, device, precision
     device = torch.device(device)
     rank, world = _world(distributed)
     mine = torch.utils.data.Subset(dataset, shard(len(dataset), rank, world))
+    # Workers ignore Ctrl-C: the main process decides (training's --eval-every finishes, saves, resumes).
     loader = torch.utils.data.DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate_eval, pin_memory=device.type == "cuda")
+                                         collate_fn=collate_eval, pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_sigint if workers else None)
     meter = MultiViewMeter()
     was_training = model.training
     model.eval()

@@ -81,7 +81,7 @@ def make_data(args, classes: list[str] | None = None) -> Data:
                 raise ValueError(f"the classes {videos.classes} differ from the checkpoint's {classes}")
         val = None
         if args.val_data:
-            val = load_annotations(args.val_data, args.format, args.root, classes=videos.classes)
+            val = load_annotations(args.val_data, args.format, args.val_root or args.root, classes=videos.classes)
             check_files(val, "--val-data")
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(one_line(err)) from None
@@ -205,6 +205,9 @@ def prepare(args, ckpt) -> Prepared:
     ops = resolve_backends(args.backend, device, cfg["dim"] // cfg["heads"])
     check_input_size(cfg["tubes"], args.frames, args.size)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if data.num_images and not data.num_videos and args.image_ratio < 1:
+        raise UsageError("no readable video in --data: every one was left out (see the warnings above), so "
+                         "nothing fills the video part of a batch")
     if not data.num_images and math.ceil(data.num_videos / world) < args.batch_size:
         raise UsageError(f"{data.num_videos} training items over {world} rank(s) is less than one batch of "
                          f"{args.batch_size}: lower --batch-size")

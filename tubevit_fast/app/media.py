@@ -10,6 +10,7 @@ renders its items instead):
 """
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from typing import Mapping, Sequence
@@ -21,6 +22,9 @@ from tubevit_fast.app import decode
 from tubevit_fast.app.clip_index import index_videos
 from tubevit_fast.app.sources import Annotations
 from tubevit_fast.io import IMAGE_EXTENSIONS, MediaError, first_line, require
+
+# How long ranks other than 0 wait for rank 0 to index the videos (a first run on a large dataset).
+INDEX_WAIT = datetime.timedelta(hours=24)
 
 
 def is_image_file(path: str) -> bool:
@@ -58,7 +62,8 @@ class FileMedia:
                  decoder: str = "pyav"):
         if decoder not in decode.DECODERS:
             raise ValueError(f"decoder must be one of {decode.DECODERS}, got {decoder!r}")
-        self.samples = list(annotations.samples)
+        # absolute paths: the clip index is keyed by them (a relative or ./-path must not miss it)
+        self.samples = [(os.path.abspath(path), label) for path, label in annotations.samples]
         self.classes = list(annotations.classes)
         self.infos = dict(infos or {})
         self.decoder = decoder
@@ -149,6 +154,9 @@ def _index_once(videos: list[str], cache_file, progress: bool, workers: int | No
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return index_videos(videos, cache_file, progress, workers)
+    # Indexing a large dataset the first time takes hours: the other ranks wait on a CPU group of
+    # their own with a timeout to match, not on the default group's (NCCL's is 10 minutes).
+    wait = dist.new_group(backend="gloo", timeout=INDEX_WAIT)
     outcome: list = [None]
     if dist.get_rank() == 0:
         try:
@@ -156,11 +164,11 @@ def _index_once(videos: list[str], cache_file, progress: bool, workers: int | No
             outcome = [{path: first_line(err) for path, err in failed.items()}]
         except Exception as err:  # the other ranks raise it too, rather than wait forever
             outcome = [err]
-            dist.broadcast_object_list(outcome, src=0)
+            dist.broadcast_object_list(outcome, src=0, group=wait)
             raise
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list(outcome, src=0, group=wait)
         return infos, failed
-    dist.broadcast_object_list(outcome, src=0)
+    dist.broadcast_object_list(outcome, src=0, group=wait)
     if isinstance(outcome[0], Exception):
         raise outcome[0]
     failed = {path: MediaError(message) for path, message in outcome[0].items()}

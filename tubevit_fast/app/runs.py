@@ -110,12 +110,15 @@ def resume_command(args, world: int) -> str:
     launcher = (f"torchrun --nproc_per_node {world} -m tubevit_fast.train" if world > 1
                 else "python -m tubevit_fast.train")
     parts = [launcher, "--resume", shlex.quote(os.path.join(args.out, CHECKPOINT))]
-    for key in ("device", "threads", "workers"):
-        value = getattr(args, key)
-        if value is not None and (key != "workers" or value != 0):
+    # The per-run options (train.PER_RUN) a resumed run does not take from the checkpoint.
+    defaults = {"workers": 0, "decoder": "pyav"}
+    for key in ("device", "threads", "workers", "decoder", "clip_index"):
+        value = getattr(args, key, None)
+        if value is not None and value != defaults.get(key):
             parts += [flag(key), shlex.quote(str(value))]
-    if args.no_progress:
-        parts.append("--no-progress")
+    for key in ("compile", "no_progress"):
+        if getattr(args, key, False):
+            parts.append(flag(key))
     return " ".join(parts)
 
 

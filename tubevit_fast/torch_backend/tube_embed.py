@@ -222,7 +222,6 @@ def tube_embed_backward(grad_out: torch.Tensor, video: torch.Tensor, weights: Se
     """(grad_video or None, grad_weights, grad_biases) for grad_out (B, N, dim), any strides.
     `route`: the gather of the recomputed patches (`patches`), by default the device's."""
     route = _check_route(route, video.device)
-    B = video.shape[0]
     dtype = compute_dtype(video, weights[0])
     starts = token_offsets(tubes, video.shape[2:])
     acc_dtype = torch.promote_types(dtype, torch.float32)

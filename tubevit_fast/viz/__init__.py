@@ -36,34 +36,46 @@ def _display_clip(x: torch.Tensor, mean, std) -> np.ndarray:
 def _initial_model(ckpt: dict):
     """The weights the checkpoint's run started from: train.py seeds torch with --seed, then builds
     the model (test_viz checks this against a run that did not move its weights)."""
-    from tubevit_fast.train import build_model
+    from tubevit_fast.app.checkpoint import build_model
 
     torch.manual_seed(ckpt["args"]["seed"])
     return build_model(ckpt["model_config"], backend="reference")
 
 
-def _read_clip(path: str, cfg: dict) -> torch.Tensor:
-    from tubevit_fast.io import read_video
+def _read_clip(path: str, cfg: dict, sampling) -> torch.Tensor:
+    """The clip as evaluation reads it (the checkpoint's sampling, one centre crop), normalised
+    float (C, T, H, W) for the reference model and the pictures."""
+    from tubevit_fast.app.datasets import EvalViews
+    from tubevit_fast.app.media import FileMedia
+    from tubevit_fast.app.sources import Annotations
+    from tubevit_fast.io import normalize
 
-    return read_video(path, cfg["frames"], cfg["size"], mean=cfg["mean"], std=cfg["std"])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such video or image file: {path}")
+    views, _, _ = EvalViews(FileMedia(Annotations([(path, 0)], ["clip"])), sampling, cfg["size"])[0]
+    return normalize(views[0].float() / 255, cfg["mean"], cfg["std"], channel_dim=0)
 
 
 def visualize(model, cfg: dict, out: str, video: str | None = None, max_filters: int = 32, compare=None,
-              compare_name: str = "compare", clips=()) -> list[str]:
+              compare_name: str = "compare", clips=(), sampling=None) -> list[str]:
     """Write the pictures (see the module docstring) into `out`; returns their paths. compare: a
-    model whose kernels go left of `model`'s; clips: paths for the attention pictures. Every clip is
-    read before the folder is created, so a bad one leaves nothing behind."""
+    model whose kernels go left of `model`'s; clips: paths for the attention pictures, read with
+    `sampling` (a ClipSampling; default one frame per segment). Every clip is read before the folder
+    is created, so a bad one leaves nothing behind."""
+    from tubevit_fast.app.sampling import ClipSampling
     from tubevit_fast.io import require
+
+    sampling = sampling or ClipSampling(cfg["frames"], 1, "segments")
 
     require("PIL.Image", "drawing the pictures")
     if video is not None:
-        sample = _read_clip(video, cfg)
+        sample = _read_clip(video, cfg, sampling)
     else:
         from tubevit_fast.data import SyntheticShapes
 
         sample = SyntheticShapes(4, cfg["frames"], cfg["size"], seed=0, image_every=0, mean=cfg["mean"],
                                  std=cfg["std"])[0][0]
-    read = {path: _read_clip(path, cfg) for path in clips}
+    read = {path: _read_clip(path, cfg, sampling) for path in clips}
     os.makedirs(out, exist_ok=True)
     embed, written = model.tube_embed, []
     for i, (tube, weight) in enumerate(zip(embed.tubes, embed.tube_kernels())):
@@ -86,7 +98,7 @@ def _load_compare(source: str, ckpt: dict | None, model):
     """(model, name) for --compare: "init" (the run's initial weights) or a checkpoint with the same
     kernel shapes."""
     from tubevit_fast.cli import UsageError
-    from tubevit_fast.train import load_checkpoint
+    from tubevit_fast.app.checkpoint import load_checkpoint
 
     if ckpt is None:
         raise UsageError("--compare needs --checkpoint (the trained weights to compare with)")
@@ -102,7 +114,8 @@ def _load_compare(source: str, ckpt: dict | None, model):
 def main(argv=None) -> list[str]:
     from tubevit_fast.cli import UsageError, check_positive
     from tubevit_fast.io import DEFAULT_MEAN, DEFAULT_STD
-    from tubevit_fast.train import TUBE_SETS, build_model, check_input_size, load_checkpoint
+    from tubevit_fast.app.checkpoint import (TUBE_SETS, build_model, check_input_size, checkpoint_sampling,
+                                             load_checkpoint)
 
     p = argparse.ArgumentParser(prog="python -m tubevit_fast.viz",
                                 description="Pictures of a TubeViT's tubes and of where it looks.")
@@ -149,7 +162,9 @@ def main(argv=None) -> list[str]:
         except ValueError as err:  # e.g. a --dim the tube embedding refuses
             raise UsageError(str(err)) from None
     compare, compare_name = _load_compare(args.compare, ckpt, model) if args.compare else (None, "")
-    written = visualize(model, cfg, args.out, args.video, args.max_filters, compare, compare_name, args.clip)
+    sampling = checkpoint_sampling(ckpt) if ckpt is not None else None  # the clips as the model was trained
+    written = visualize(model, cfg, args.out, args.video, args.max_filters, compare, compare_name, args.clip,
+                        sampling)
     for path in written:
         print(path)
     return written
