@@ -55,6 +55,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synchronized(fn, device: torch.device):
+    """fn wrapped to wait for the device before returning: what a benchmark times."""
+    def timed():
+        result = fn()
+        synchronize(device)
+        return result
+    return timed
+
+
 # ---- work counts --------------------------------------------------------------------------
 
 def tube_embed_flops(tubes: Sequence[TubeSpec], size: Sequence[int], batch: int, channels: int, dim: int,
@@ -179,6 +188,7 @@ class BenchTools:
     flops = staticmethod(tube_embed_flops)
     min_bytes = staticmethod(tube_embed_min_bytes)
     synchronize = staticmethod(synchronize)
+    synchronized = staticmethod(synchronized)
     median_seconds = staticmethod(median_seconds)
     evict_caches = staticmethod(evict_caches)
 

@@ -226,10 +226,7 @@ def test_attention(benchmark, bench, config, pass_, impl):
     p = problem(shape, device, dtype)
     p.check(impl, backward)  # once, untimed
 
-    def timed():
-        result = p.run(impl, backward)
-        bench.synchronize(device)
-        return result
+    timed = bench.synchronized(lambda: p.run(impl, backward), device)
 
     rounds, warmup = ROUNDS[device.type]
     described = (f"B={p.batch} N={p.max_len}" if layout == "dense" else f"segments={p.lengths}") + \

@@ -232,10 +232,7 @@ def test_model_step(benchmark, bench, config, step, impl):
     p.check()
     fn = functools.partial(getattr(p, step), impl)
 
-    def timed():
-        result = fn()
-        bench.synchronize(device)
-        return result
+    timed = bench.synchronized(fn, device)
 
     kwargs = p.kwargs
     rounds, warmup = ROUNDS[device.type]
@@ -387,10 +384,7 @@ def test_mixed_batch(benchmark, bench, device, step, impl):
     p.check()
     fn = functools.partial(getattr(p, step), impl)
 
-    def timed():
-        result = fn()
-        bench.synchronize(device)
-        return result
+    timed = bench.synchronized(fn, device)
 
     kwargs = p.kwargs
     batch, longest, packed_tokens = len(p.lengths), max(p.lengths), sum(p.lengths)

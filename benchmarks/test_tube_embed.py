@@ -200,10 +200,7 @@ def test_tube_embed(benchmark, bench, config, pass_, impl):
 
     fn = getattr(p, f"{impl}_{pass_.replace('+', '_')}")
 
-    def timed():
-        result = fn()
-        bench.synchronize(device)
-        return result
+    timed = bench.synchronized(fn, device)
 
     rounds, warmup = ROUNDS[device.type]
     benchmark.group = f"tube_embed {pass_} {device.type} {_dtype_name(dtype)} B={batch}"
@@ -334,10 +331,7 @@ def test_tube_embed_pixels(benchmark, bench, config, impl):
     p.check()
     fn = {"uint8": p.uint8, "float+normalize": p.float_normalize}[impl]
 
-    def timed():
-        result = fn()
-        bench.synchronize(device)
-        return result
+    timed = bench.synchronized(fn, device)
 
     rounds, warmup = ROUNDS[device.type]
     benchmark.group = f"tube_embed pixels fwd {device.type} {_dtype_name(dtype)} B={batch}"
