@@ -21,6 +21,11 @@ How a request is decoded (PyAV, the default):
 - Without `info`, the file is decoded from its start (still stopping after the last wanted frame).
 - Only wanted frames are converted to RGB, by FFmpeg's scaler (swscale, bilinear, which widens its
   filter when shrinking) straight to the output size, so no full-size RGB or float frame exists.
+  The scaler writes planar RGB (FFmpeg's gbrp), copied plane by plane into a (T, 3, H, W) buffer:
+  for planar output swscale interpolates the chroma at full resolution (its packed rgb24 output
+  repeats each chroma sample over two pixels), and it is the faster of the two. The result is that
+  buffer seen as (T, H, W, 3), so `frames.permute(0, 3, 1, 2)`, the layout the datasets and the
+  model use, is contiguous and costs no copy.
 
 `threads`: FFmpeg threads for this call (None: `decoder_threads()`, which shares the CPU cores
 between the DataLoader workers when called inside one). `decoder="torchcodec"` decodes with
@@ -167,7 +172,8 @@ def _check_indices(indices: Sequence[int]) -> list[int]:
 def read_frames(path, indices: Sequence[int], short_side: int | None = None, *, info: VideoInfo | None = None,
                 size: tuple[int, int] | None = None, threads: int | None = None, decoder: str = "pyav",
                 device: str = "cpu") -> torch.Tensor:
-    """uint8 (len(indices), H, W, 3): the decoded frames at `indices` (see the module docstring).
+    """uint8 (len(indices), H, W, 3): the decoded frames at `indices` (see the module docstring; the
+    pyav decoder's result is a view of channel-planar memory: call .contiguous() for packed RGB).
 
     info: the file's VideoInfo (probe or the clip index): decode only from the keyframe before the
     first wanted frame. size: exact output (H, W) instead of `short_side`."""
@@ -195,7 +201,7 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
     positions: dict[int, list[int]] = {}  # frame -> where it goes in the output (repeats allowed)
     for position, index in enumerate(indices):
         positions.setdefault(index, []).append(position)
-    out: np.ndarray | None = None         # allocated once the decoded size is known
+    out: np.ndarray | None = None         # (T, 3, H, W), allocated once the decoded size is known
     kept: set[int] = set()
     scaler_threads = decoder_threads() if threads is None else threads  # swscale's default: every core
     # One scaler for the request: frame.to_ndarray(width=...) would set up a new one for every frame.
@@ -205,11 +211,11 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
         nonlocal out
         if out is None:
             height, width = size or _scaled_size(frame.height, frame.width, short_side)
-            out = np.empty((len(indices), height, width, 3), dtype=np.uint8)
+            out = np.empty((len(indices), 3, height, width), dtype=np.uint8)
         first, *repeats = positions[index]
-        # numpy, not torch, copies each frame in: a torch item assignment costs 3x more per frame.
-        out[first] = scaler.reformat(frame, format="rgb24", height=out.shape[1], width=out.shape[2],
-                                     interpolation=INTERPOLATION, threads=scaler_threads).to_ndarray()
+        planar = scaler.reformat(frame, format="gbrp", height=out.shape[2], width=out.shape[3],
+                                 interpolation=INTERPOLATION, threads=scaler_threads)
+        _copy_rgb_planes(planar, out[first])
         for position in repeats:
             out[position] = out[first]
         kept.add(index)
@@ -229,7 +235,20 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
                 raise MediaError(f"{path}: frames {sorted(wanted - kept)[:5]} could not be decoded")
     except av.FFmpegError as err:
         raise _decode_error(path, err) from err
-    return torch.from_numpy(out)
+    return torch.from_numpy(out).permute(0, 2, 3, 1)
+
+
+GBRP_PLANES_RGB = (2, 0, 1)  # FFmpeg's planar RGB stores its planes G, B, R
+
+
+def _copy_rgb_planes(frame, dest: np.ndarray) -> None:
+    """Copy a gbrp frame's planes into dest, uint8 (3, H, W) in R, G, B order (numpy copies each
+    plane's rows straight out of FFmpeg's buffer, skipping the row padding)."""
+    height, width = dest.shape[1:]
+    for channel, plane_index in enumerate(GBRP_PLANES_RGB):
+        plane = frame.planes[plane_index]
+        rows = np.frombuffer(plane, dtype=np.uint8).reshape(-1, plane.line_size)
+        dest[channel] = rows[:height, :width]
 
 
 def _decode_from_start(path: str, threads: int | None, wanted: set[int], keep) -> int:
