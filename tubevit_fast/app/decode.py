@@ -155,11 +155,18 @@ def probe(path, threads: int | None = None) -> VideoInfo:
                      pts_step=steps.pop() if steps else 1)
 
 
-def _scaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+def short_side_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """(H, W) of a frame scaled, aspect kept, so that its shorter side is `short_side` (None: as
+    it is); for images too (tubevit_fast.app.media.read_image)."""
     if short_side is None:
         return height, width
     scale = short_side / min(height, width)
     return max(short_side, round(height * scale)), max(short_side, round(width * scale))
+
+
+def _output_size(height: int, width: int, short_side: int | None, size) -> tuple[int, int]:
+    """(H, W) of read_frames' frames: `size`, else the decoded size scaled to `short_side`."""
+    return tuple(size) if size is not None else short_side_size(height, width, short_side)
 
 
 def _check_indices(indices: Sequence[int]) -> list[int]:
@@ -210,7 +217,7 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
     def keep(index: int, frame) -> None:
         nonlocal out
         if out is None:
-            height, width = size or _scaled_size(frame.height, frame.width, short_side)
+            height, width = _output_size(frame.height, frame.width, short_side, size)
             out = np.empty((len(indices), 3, height, width), dtype=np.uint8)
         first, *repeats = positions[index]
         planar = scaler.reformat(frame, format="gbrp", height=out.shape[2], width=out.shape[3],
@@ -368,7 +375,7 @@ def _read_torchcodec(path: str, indices: list[int], short_side, info, size, thre
 
     try:
         height, width = (info.height, info.width) if info is not None else _metadata_size(open_decoder())
-        out_hw = tuple(size) if size is not None else _scaled_size(height, width, short_side)
+        out_hw = _output_size(height, width, short_side, size)
         resize = [transforms.Resize(size=out_hw)] if out_hw != (height, width) else None
         decoder = open_decoder(transforms=resize)
         num_frames = decoder.metadata.num_frames

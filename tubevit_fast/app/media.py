@@ -41,10 +41,8 @@ def read_image(path: str, short_side: int | None = None) -> torch.Tensor:
         with pil.open(path) as img:
             img = img.convert("RGB")
             if short_side is not None and min(img.size) != short_side:
-                w, h = img.size
-                scale = short_side / min(w, h)
-                size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
-                img = img.resize(size, pil.Resampling.BILINEAR)
+                height, width = decode.short_side_size(img.height, img.width, short_side)
+                img = img.resize((width, height), pil.Resampling.BILINEAR)
             array = np.asarray(img)
     except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
         raise MediaError(f"{path}: cannot be decoded as an image ({first_line(err)})") from err
