@@ -164,6 +164,19 @@ def test_joint_training_with_image_data(tmp_path, clips):
     assert sorted(classes[4:]) == sorted({os.path.basename(os.path.dirname(p)) for p in images})
 
 
+def test_joint_training_with_padded_classes_resumes(tmp_path, clips):
+    """A joint run whose --num-classes pads the label space resumes: the checkpoint's padded class
+    list is the data's (videos', then images') followed by its padding."""
+    SyntheticShapes(6, size=32, seed=4, image_every=1).export(tmp_path / "images")
+    first = train.main(["--data", str(clips / "train.txt"), "--image-data", str(tmp_path / "images"),
+                        "--num-classes", "12", "--frames", "8", "--size", "32", "--steps", "1", "--batch-size", "4",
+                        *TINY[:6], "--no-progress", "--threads", "1", "--out", str(tmp_path / "run")])
+    classes = torch.load(first["checkpoint"], weights_only=True)["model_config"]["classes"]
+    assert len(classes) == 12 and classes[-1] == "class_11"
+    resumed = train.main(["--resume", first["checkpoint"], "--steps", "2", "--no-progress", "--threads", "1"])
+    assert [r["step"] for r in resumed["history"]][-1] == 2
+
+
 def test_joint_training_whose_videos_are_all_unreadable_fails_in_one_line(tmp_path, clips, capsys):
     """Images alone cannot fill a batch's video part: one line, not the sampler's traceback."""
     SyntheticShapes(6, size=32, seed=4, image_every=1).export(tmp_path / "images")

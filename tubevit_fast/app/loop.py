@@ -44,6 +44,12 @@ class Data:
     description: str
 
 
+def padded_classes(classes: list[str], num_classes: int) -> list[str]:
+    """The label space of a model with `num_classes` outputs (--num-classes) trained on `classes`:
+    those, then placeholder names for the outputs no data class uses yet."""
+    return list(classes) + [f"class_{i}" for i in range(len(classes), num_classes)]
+
+
 def _data_error(what: str, err: Exception) -> UsageError:
     return UsageError(f"{what}: {one_line(err)}")
 
@@ -77,7 +83,7 @@ def make_data(args, classes: list[str] | None = None) -> Data:
             images = load_images(args.image_data)
             check_files(images, "--image-data")
             videos, images = merge_label_spaces(videos, images)
-            if classes is not None and videos.classes != classes:
+            if classes is not None and padded_classes(videos.classes, len(classes)) != list(classes):
                 raise ValueError(f"the classes {videos.classes} differ from the checkpoint's {classes}")
         val = None
         if args.val_data:
@@ -180,7 +186,7 @@ def prepare(args, ckpt) -> Prepared:
         num_classes = args.num_classes or len(data.classes)
         if num_classes < len(data.classes):
             raise UsageError(f"--num-classes {num_classes} is fewer than the data's {len(data.classes)} classes")
-        classes = data.classes + [f"class_{i}" for i in range(len(data.classes), num_classes)]
+        classes = padded_classes(data.classes, num_classes)
         shape = {k: getattr(args, k) for k in SHAPE_DEFAULTS}
         if args.init:
             given = [runs.flag(k) for k in ("dim", "depth", "mlp_ratio") if shape[k] is not None]
