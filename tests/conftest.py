@@ -16,7 +16,9 @@ DEFAULT_REDUCTION, is the largest in the suite.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -29,8 +31,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Inductor's on-disk cache keys do not cover a custom op's Python implementation: a graph
-# compiled against an older version of an op could be replayed. Compile afresh every run.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tubevit_fast_inductor_"))
+# compiled against an older version of an op could be replayed. Compile afresh every run, in a
+# folder removed when the run ends.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tubevit_fast_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import tubevit_fast.backends as backends  # noqa: E402
 from tubevit_fast import numerics  # noqa: E402
