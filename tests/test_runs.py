@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,9 +165,10 @@ def test_joint_training_with_image_data(tmp_path, clips):
     assert sorted(classes[4:]) == sorted({os.path.basename(os.path.dirname(p)) for p in images})
 
 
-def test_joint_training_with_padded_classes_resumes(tmp_path, clips):
+def test_joint_training_with_padded_classes_resumes(tmp_path, clips, capsys):
     """A joint run whose --num-classes pads the label space resumes: the checkpoint's padded class
-    list is the data's (videos', then images') followed by its padding."""
+    list is the data's (videos', then images') followed by its padding; data whose classes changed
+    since are still refused."""
     SyntheticShapes(6, size=32, seed=4, image_every=1).export(tmp_path / "images")
     first = train.main(["--data", str(clips / "train.txt"), "--image-data", str(tmp_path / "images"),
                         "--num-classes", "12", "--frames", "8", "--size", "32", "--steps", "1", "--batch-size", "4",
@@ -175,6 +177,10 @@ def test_joint_training_with_padded_classes_resumes(tmp_path, clips):
     assert len(classes) == 12 and classes[-1] == "class_11"
     resumed = train.main(["--resume", first["checkpoint"], "--steps", "2", "--no-progress", "--threads", "1"])
     assert [r["step"] for r in resumed["history"]][-1] == 2
+    # A new image class since: the label space differs from the checkpoint's, refused in one line.
+    shutil.copytree(tmp_path / "images" / "image_disk", tmp_path / "images" / "image_star")
+    err = _one_line_error(["--resume", resumed["checkpoint"], "--steps", "3", "--no-progress"], capsys)
+    assert "differ from the checkpoint's" in err and "image_star" in err, err
 
 
 def test_joint_training_whose_videos_are_all_unreadable_fails_in_one_line(tmp_path, clips, capsys):
