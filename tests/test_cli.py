@@ -9,7 +9,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import traceback
 
 import pytest
@@ -17,10 +16,8 @@ import torch
 
 from tubevit_fast import cli, data, predict, profile, train, viz
 from tubevit_fast.io import MediaError
+from _training_runs import ROOT, TINY, start_training
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim", "64", "--heads", "2", "--depth", "1", "--no-progress", "--threads", "1", "--val-items", "0",
-        "--train-items", "16", "--batch-size", "4", "--warmup", "1"]
 
 
 def run_cli(main, argv, capsys):
@@ -204,15 +201,7 @@ def test_log_drops_records_past_the_resumed_step(tmp_path, capsys):
 
 
 def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path):
-    cmd = [sys.executable, "-m", "tubevit_fast.train", *TINY, "--out", str(tmp_path), "--steps", "2000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = tmp_path / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
+    proc, log = start_training(tmp_path, 3), tmp_path / "log.jsonl"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == cli.EXIT_INTERRUPTED, err[-2000:]

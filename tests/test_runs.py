@@ -7,9 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -20,10 +17,8 @@ pytest.importorskip("av")
 from tubevit_fast.app import checkpoint  # noqa: E402
 from tubevit_fast import cli, train  # noqa: E402
 from tubevit_fast.app.synthetic import SyntheticShapes  # noqa: E402
+from _training_runs import TINY, start_training  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim", "64", "--heads", "2", "--depth", "1", "--no-progress", "--threads", "1", "--val-items", "0",
-        "--train-items", "16", "--batch-size", "4", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +103,7 @@ def test_a_damaged_file_is_skipped_and_counted(tmp_path, clips, capsys):
 
 
 def test_ctrl_c_message_is_printed_once_with_workers(tmp_path):
-    cmd = [sys.executable, "-m", "tubevit_fast.train", *TINY, "--out", str(tmp_path), "--steps", "2000",
-           "--workers", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = tmp_path / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
+    proc = start_training(tmp_path, 2, "--workers", "2")
     proc.send_signal(signal.SIGINT)
     for child in _children(proc.pid):  # a terminal sends Ctrl-C to the whole process group
         os.kill(child, signal.SIGINT)
