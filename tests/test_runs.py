@@ -139,6 +139,17 @@ def test_new_flag_mistakes_fail_before_any_output(tmp_path, clips, capsys, argv,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--scale", "0.5"], "argument --scale: expected two numbers MIN,MAX, got '0.5'"),
+    (["--ratio", "a,b"], "argument --ratio: expected two numbers MIN,MAX, got 'a,b'"),
+    (["--randaug", "2,9.5"], "argument --randaug: expected N,M (ops, magnitude), e.g. 2,9; got '2,9.5'"),
+])
+def test_pair_options_that_are_not_two_values_are_refused_by_name(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_joint_training_with_image_data(tmp_path, clips):
     images = SyntheticShapes(6, size=32, seed=4, image_every=1).export(tmp_path / "images")  # still shapes
     assert all(p.endswith(".png") for p in images)

@@ -62,20 +62,20 @@ PER_RUN = ("resume", "device", "no_progress", "threads", "workers", "stop_after"
            "decoder", "clip_index")
 
 
-def _pair(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers MIN,MAX, got {text!r}") from None
-    return low, high
+def _two(kind, expected: str):
+    """An argparse type for "A,B" options: two values of `kind`; `expected` (with its closing
+    punctuation) names the form in the error."""
+    def parse(text: str) -> tuple:
+        try:
+            first, second = (kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected} got {text!r}") from None
+        return first, second
+    return parse
 
 
-def _randaug(text: str) -> tuple[int, int]:
-    try:
-        ops, magnitude = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N,M (ops, magnitude), e.g. 2,9; got {text!r}") from None
-    return ops, magnitude
+_pair = _two(float, "two numbers MIN,MAX,")
+_randaug = _two(int, "N,M (ops, magnitude), e.g. 2,9;")
 
 
 def build_parser() -> argparse.ArgumentParser:
