@@ -8,6 +8,7 @@ header claims 1000 frames, a raw H.264 stream (no timestamps). The reference is 
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -183,8 +184,8 @@ def test_a_window_that_drops_a_wanted_frame_is_decoded_again(clips, monkeypatch)
     info = probe(path)
     real_window = decode._decode_window
 
-    def drops_frame_32(container, stream, info, timestamps, wanted, keep):
-        return real_window(container, stream, info, timestamps, wanted,
+    def drops_frame_32(container, stream, info, wanted, keep):
+        return real_window(container, stream, info, wanted,
                            lambda index, frame: None if index == 32 else keep(index, frame))
 
     monkeypatch.setattr(decode, "_decode_window", drops_frame_32)
@@ -321,3 +322,16 @@ def test_video_info_round_trips():
     regular = VideoInfo(4, 30.0, 48, 64, pts_start=-2, pts_step=512)
     assert regular.timestamps() == [-2, 510, 1022, 1534]
     assert VideoInfo(4, 30.0, 48, 64).timestamps() is None
+
+
+@pytest.mark.parametrize("info", [VideoInfo(5, 29.97, 48, 64, pts=(0, 3, 5, 9, 11)),
+                                  VideoInfo(4, 30.0, 48, 64, pts_start=-2, pts_step=512)])
+def test_frame_at_inverts_pts_of(info):
+    """How a decoded frame is matched to its index, without a per-request table of every frame."""
+    pts = info.timestamps()
+    assert [info.pts_of(i) for i in range(info.num_frames)] == pts
+    assert [info.frame_at(p) for p in pts] == list(range(info.num_frames))
+    strays = [None, pts[0] - 1, pts[-1] + 1, pts[1] - 1, pts[-1] + (pts[-1] - pts[-2])]
+    assert [info.frame_at(p) for p in strays] == [None] * len(strays)
+    assert pickle.loads(pickle.dumps(info)).frame_at(pts[2]) == 2 and info == VideoInfo.from_dict(info.to_dict())
+    assert VideoInfo(4, 30.0, 48, 64).frame_at(0) is None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 import os
 from typing import Sequence
@@ -67,13 +68,35 @@ class VideoInfo:
     pts_step: int = 0
     pts: tuple[int, ...] = ()
 
+    @property
+    def has_timestamps(self) -> bool:
+        """Whether frames can be found by timestamp (and so seeked to)."""
+        return bool(self.pts) or self.pts_step > 0
+
     def timestamps(self) -> list[int] | None:
         """Every frame's presentation timestamp, or None when the file has no usable ones."""
+        if not self.has_timestamps:
+            return None
+        return list(self.pts) if self.pts else [self.pts_of(i) for i in range(self.num_frames)]
+
+    def pts_of(self, index: int) -> int:
+        """Frame `index`'s timestamp (has_timestamps must hold)."""
+        return self.pts[index] if self.pts else self.pts_start + index * self.pts_step
+
+    def frame_at(self, pts: int | None) -> int | None:
+        """The index of the frame whose timestamp is `pts`, None when no frame has it. Per decoded
+        frame of a request: arithmetic for evenly spaced frames, a lookup table built once per
+        VideoInfo otherwise (not a table of every frame per request: long videos have many)."""
+        if pts is None or not self.has_timestamps:
+            return None
         if self.pts:
-            return list(self.pts)
-        if self.pts_step > 0:
-            return [self.pts_start + i * self.pts_step for i in range(self.num_frames)]
-        return None
+            return self._frame_by_pts.get(pts)
+        index, offset = divmod(pts - self.pts_start, self.pts_step)
+        return index if offset == 0 and 0 <= index < self.num_frames else None
+
+    @functools.cached_property
+    def _frame_by_pts(self) -> dict[int, int]:
+        return {p: i for i, p in enumerate(self.pts)}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -204,7 +227,6 @@ def read_frames(path, indices: Sequence[int], short_side: int | None = None, *, 
 def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -> torch.Tensor:
     av = require("av", "reading videos")
     wanted, last = set(indices), max(indices)
-    timestamps = info.timestamps() if info is not None else None
     positions: dict[int, list[int]] = {}  # frame -> where it goes in the output (repeats allowed)
     for position, index in enumerate(indices):
         positions.setdefault(index, []).append(position)
@@ -229,9 +251,9 @@ def _read_pyav(path: str, indices: list[int], short_side, info, size, threads) -
 
     try:
         complete = False
-        if timestamps is not None:
+        if info is not None and info.has_timestamps:
             with _Opened(path, threads) as (container, stream):
-                complete = _decode_window(container, stream, info, timestamps, wanted, keep)
+                complete = _decode_window(container, stream, info, wanted, keep)
             complete = complete and kept == wanted  # an output row left unwritten would be garbage
         if not complete:  # no timestamps, or a seek landed past the frame it was for
             kept.clear()
@@ -307,19 +329,18 @@ def window_runs(keyframes: Sequence[int], indices: Sequence[int]) -> list[tuple[
     return runs
 
 
-def _decode_window(container, stream, info: VideoInfo, timestamps: list[int], wanted: set[int], keep) -> bool:
+def _decode_window(container, stream, info: VideoInfo, wanted: set[int], keep) -> bool:
     """Decode each of window_runs' runs: seek to its keyframe, decode to its last wanted frame, keep
     the wanted frames by their timestamps. False when a seek landed after the run's first wanted
     frame (the caller then decodes from the file's start)."""
-    index_of = {p: i for i, p in enumerate(timestamps)}
-    wanted_pts = {timestamps[i] for i in wanted}
+    wanted_pts = {info.pts_of(i) for i in wanted}
     context, skipping = stream.codec_context, False
     for number, (start, run) in enumerate(window_runs(info.keyframes, wanted)):
         if number > 0 or start > 0:
             # FFmpeg's MP4 and Matroska demuxers seek by presentation time: to the last keyframe at
             # or before it. One that compares decoding times instead may land a keyframe later
             # (found below: the run's first frame is not decoded) or earlier (only slower).
-            container.seek(timestamps[start], backward=True, stream=stream)
+            container.seek(info.pts_of(start), backward=True, stream=stream)
         first, last, landed, done = run[0], run[-1], False, False
         for packet in container.demux(stream):
             # Unwanted frames are skipped when nothing references them; wanted ones always decode.
@@ -328,7 +349,7 @@ def _decode_window(container, stream, info: VideoInfo, timestamps: list[int], wa
                 context.skip_frame = "NONREF" if skip else "DEFAULT"
                 skipping = skip
             for frame in packet.decode():
-                index = index_of.get(frame.pts)
+                index = info.frame_at(frame.pts)
                 if index is None:
                     continue
                 if not landed:
@@ -365,7 +386,7 @@ def _read_torchcodec(path: str, indices: list[int], short_side, info, size, thre
         raise ValueError(f"device={device!r} decodes with NVDEC and needs a CUDA GPU; none is visible")
     # With the index, torchcodec maps frame numbers exactly as the PyAV path does (variable frame
     # rates and wrong headers included); without it, it estimates them from the header.
-    where = ({"custom_frame_mappings": _frame_mappings(info)} if info is not None and info.timestamps()
+    where = ({"custom_frame_mappings": _frame_mappings(info)} if info is not None and info.has_timestamps
              else {"seek_mode": "approximate"})
     threads = decoder_threads() if threads is None else threads
 
